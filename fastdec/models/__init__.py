@@ -1,0 +1,1 @@
+"""Decoder families, one module each, built from fastdec.ops only."""

@@ -1,0 +1,89 @@
+"""What every fastdec decoder shares: the latent convention, decode() to [0, 1] images, strict save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class Decoder(nn.Module):
+    """A latent-to-image decoder built from fastdec ops.
+
+    Subclasses set ``latent_channels``, ``scaling_factor``, ``shift_factor`` (diffusion latents are mapped to the
+    decoder's own space by ``latents / scaling_factor + shift_factor``), ``output_range`` ("-1,1" or "0,1": what
+    ``forward`` returns) and ``config`` (the constructor's keyword arguments, so that ``from_pretrained`` can rebuild
+    the module), and implement ``forward(z)`` on latents in the decoder's own space.
+    """
+
+    latent_channels: int
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    output_range: str = "-1,1"
+    config: dict
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], in the decoder's dtype."""
+        z = latents / self.scaling_factor + self.shift_factor
+        image = self(z)
+        if self.output_range == "-1,1":
+            image = image * 0.5 + 0.5
+        return image.clamp(0, 1)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes config.json (class and constructor arguments) and model.safetensors."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"class": type(self).__name__, **self.config}
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None, dtype=None) -> Decoder:
+        """Rebuilds the module from config.json and loads model.safetensors strictly (every key, no extras)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: save_pretrained() writes config.json and model.safetensors")
+        config = json.loads(config_path.read_text())
+        name = config.pop("class", cls.__name__)
+        if name != cls.__name__:
+            raise ValueError(
+                f"{config_path} describes a {name}, not a {cls.__name__}; load it with {name}.from_pretrained"
+            )
+        model = cls(**config)
+        load_state_dict_strict(model, load_file(str(weights_path)), source=str(weights_path))
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped key and what to do about it."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"weights in {source} do not match {type(module).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_first(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+        if shapes:
+            lines.append(f"  shape mismatches: {shapes[:8]}")
+        lines.append("  check that the file belongs to this decoder and its config (latent channels, widths).")
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        module.load_state_dict(state, strict=True)
+
+
+def _first(keys: list[str], count: int = 8) -> str:
+    return ", ".join(keys[:count]) + (f" ... and {len(keys) - count} more" if len(keys) > count else "")

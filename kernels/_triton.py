@@ -1,0 +1,62 @@
+"""Import triton if it is installed; otherwise stand-ins that let kernel modules import (their references still work).
+
+``TRITON_IMPORT_ERROR`` is None when triton imported, else the reason it did not. ``fastdec.ops`` never calls a
+launcher when it is set. When FASTDEC_TRITON_INTERPRET=1 and triton is not imported yet, TRITON_INTERPRET=1 is set
+here, because triton reads it when a kernel is decorated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("FASTDEC_TRITON_INTERPRET") == "1" and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as error:  # triton is optional: CPU-only installs and platforms without it
+    TRITON_IMPORT_ERROR = f"triton not installed ({error})"
+
+    class _MissingTriton:
+        """Decorators that keep kernel definitions importable; launching one raises."""
+
+        class Config:
+            def __init__(self, *args, **kwargs):
+                pass
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            def wrap(kernel):
+                def missing(*args, **kw):
+                    raise RuntimeError(f"{kernel.__name__} needs triton: {TRITON_IMPORT_ERROR}")
+
+                return missing
+
+            return wrap(fn) if fn is not None else wrap
+
+        @staticmethod
+        def autotune(*args, **kwargs):
+            return lambda fn: fn
+
+        heuristics = autotune
+
+    class _MissingLanguage:
+        constexpr = object
+
+        def __getattr__(self, name):
+            return object
+
+    triton = _MissingTriton()
+    tl = _MissingLanguage()
+
+
+def triton_interpreting() -> bool:
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 seen at import)."""
+    return TRITON_IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+__all__ = ["TRITON_IMPORT_ERROR", "tl", "triton", "triton_interpreting"]

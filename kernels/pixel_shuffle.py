@@ -1,0 +1,73 @@
+"""Pixel-shuffle upsampling: the eager reference and shape rules. The kernels are C++/CUDA, in csrc/pixel_shuffle.*.
+
+    out[n, c, i*f + a, j*f + b] = x[n, c*f*f + a*f + b, i + a*phase_offset, j + b*phase_offset]
+
+phase_offset=0 is ``torch.nn.functional.pixel_shuffle``. phase_offset=1 interleaves the f*f phase outputs of a conv
+run over a padded input, where phase (a, b) sits at offset (a, b) of the conv result; the output then has
+(H - (f-1)) * f rows and (W - (f-1)) * f columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a channels_last tensor that is not also plain contiguous (the layout the kernels keep)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def pixel_shuffle_shape(x: torch.Tensor, factor: int, phase_offset: int = 0) -> tuple[int, int, int, int]:
+    """Validates the arguments and returns the output shape; the messages match csrc/pixel_shuffle.h."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"fastdec.pixel_shuffle: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}"
+        )
+    if factor < 1:
+        raise ValueError(f"fastdec.pixel_shuffle: factor must be >= 1, got {factor}")
+    if phase_offset not in (0, 1):
+        raise ValueError(f"fastdec.pixel_shuffle: phase_offset must be 0 or 1, got {phase_offset}")
+    n, c, h, w = x.shape
+    if c % (factor * factor):
+        raise ValueError(
+            f"fastdec.pixel_shuffle: channels ({c}) must be divisible by factor^2 ({factor * factor})"
+        )
+    shrink = phase_offset * (factor - 1)
+    if h < shrink or w < shrink:
+        raise ValueError(
+            "fastdec.pixel_shuffle: with phase_offset=1 the input must be at least factor-1 = "
+            f"{shrink} in H and W, got {tuple(x.shape)}"
+        )
+    return n, c // (factor * factor), (h - shrink) * factor, (w - shrink) * factor
+
+
+def pixel_shuffle_empty(x: torch.Tensor, factor: int, phase_offset: int = 0) -> torch.Tensor:
+    """An uninitialised output with the shape and layout the kernels produce (channels_last stays channels_last)."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    shape = pixel_shuffle_shape(x, factor, phase_offset)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _phase_views(x: torch.Tensor, out: torch.Tensor, factor: int, phase_offset: int):
+    """Yields (input view, output view) for each phase (a, b): the two sides of one strided copy."""
+    h, w = out.shape[2] // factor, out.shape[3] // factor
+    for a in range(factor):
+        for b in range(factor):
+            ra, rb = a * phase_offset, b * phase_offset
+            yield x[:, a * factor + b :: factor * factor, ra : ra + h, rb : rb + w], out[:, :, a::factor, b::factor]
+
+
+def pixel_shuffle_reference(x: torch.Tensor, factor: int, phase_offset: int = 0) -> torch.Tensor:
+    """Eager reference: one strided copy per phase."""
+    out = pixel_shuffle_empty(x, factor, phase_offset)
+    for src, dst in _phase_views(x, out, factor, phase_offset):
+        dst.copy_(src)
+    return out
+
+
+def pixel_shuffle_backward(grad_out: torch.Tensor, x: torch.Tensor, factor: int, phase_offset: int) -> torch.Tensor:
+    """Gradient w.r.t. x: the inverse permutation; with phase_offset=1 the unused border rows/cols get zeros."""
+    grad_x = (torch.empty_like if phase_offset == 0 else torch.zeros_like)(x)
+    for src, dst in _phase_views(grad_x, grad_out, factor, phase_offset):
+        src.copy_(dst)
+    return grad_x

@@ -1,0 +1,70 @@
+"""Builds fastdec and its extension fastdec._C (C++ CPU kernels always, CUDA kernels when possible).
+
+FASTDEC_BUILD_CUDA=0|1 forces the CUDA part off/on; by default it is built when torch has CUDA and nvcc is found.
+The Triton kernels in kernels/ ship as the subpackage fastdec.kernels.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _guess_cuda_home() -> None:
+    # torch guesses CUDA_HOME as two folders above `which nvcc`; a symlinked nvcc (/usr/local/bin/nvcc) would give
+    # /usr/local, which has no libcudart. Follow the link instead, unless the user set CUDA_HOME.
+    nvcc = shutil.which("nvcc")
+    if nvcc and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _want_cuda() -> bool:
+    _guess_cuda_home()
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    flag = os.environ.get("FASTDEC_BUILD_CUDA")
+    if flag not in (None, "", "0", "1"):
+        raise SystemExit(f"FASTDEC_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    import torch
+
+    found = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
+    if flag == "1" and not found:
+        raise SystemExit("FASTDEC_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
+    return found if flag in (None, "") else flag == "1"
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cxx = ["-O3"]  # torch adds the C++ standard its headers need (17 or 20)
+    if not _want_cuda():
+        return [CppExtension("fastdec._C", sources, extra_compile_args={"cxx": cxx})]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to detect: build for Ampere and Hopper rather than torch's long default list.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    nvcc = ["-O3", "-lineinfo"]
+    return [
+        CUDAExtension(
+            "fastdec._C",
+            sources + sorted(glob.glob("csrc/*.cu")),
+            define_macros=[("FASTDEC_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    packages=["fastdec", "fastdec.models", "fastdec.kernels"],
+    package_dir={"fastdec": "fastdec", "fastdec.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)
