@@ -1,0 +1,314 @@
+"""The decoder of diffusers' AutoencoderKL (SD 1/2, SDXL, SD3, FLUX.1 VAEs), exact, built from fastdec ops.
+
+Same parameters and state-dict keys as ``diffusers.AutoencoderKL`` (``post_quant_conv.*``, ``decoder.*``) and
+the same math; what changes is how each step runs:
+
+* every GroupNorm + SiLU is one fused ``ops.group_norm_act`` (the attention's GroupNorm too, with act="none");
+* the mid-block self-attention (one head as wide as the channels) is ``ops.attention``;
+* each "nearest x2 upsample + 3x3 conv" runs as a 2x2 conv with 4x the output channels on the low-resolution
+  input, interleaved by ``ops.pixel_shuffle(., 2, phase_offset=1)``: 4/9 of the FLOPs, no upsampled copy.
+
+channels_last is the preferred layout: ``model.to(memory_format=torch.channels_last)`` keeps it throughout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdec import ops
+from fastdec.models.base import Decoder, load_state_dict_strict
+
+NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
+
+PRESETS: dict[str, dict] = {
+    "sd": dict(latent_channels=4, scaling_factor=0.18215, shift_factor=0.0, use_post_quant_conv=True),
+    "sdxl": dict(latent_channels=4, scaling_factor=0.13025, shift_factor=0.0, use_post_quant_conv=True,
+                 force_upcast=True),
+    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_post_quant_conv=False),
+    "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_post_quant_conv=False),
+}
+
+# Attention parameter names of checkpoints saved before diffusers 0.14; diffusers renames them on load.
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def norm_act(norm: nn.GroupNorm, x: Tensor, act: str = "silu") -> Tensor:
+    return ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=NORM_EPS)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=NORM_EPS)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(norm_act(self.norm2, self.conv1(norm_act(self.norm1, x))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class SelfAttention(nn.Module):
+    """diffusers' mid-block Attention(_from_deprecated_attn_block=True): one head over all H*W positions."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = norm_act(self.group_norm, x, "none").flatten(2).transpose(1, 2)  # (B, HW, C), a view if NHWC
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.to_out[0](ops.attention(q, k, v).squeeze(1))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([SelfAttention(channels, groups)] if add_attention else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+def fold_taps(weight: Tensor, dim: int) -> Tensor:
+    """3 taps along dim -> 4 (phase, tap) pairs: phase 0 reads (k0, k1 + k2), phase 1 reads (k0 + k1, k2)."""
+    k0, k1, k2 = weight.unbind(dim)
+    return torch.stack([k0, k1 + k2, k0 + k1, k2], dim)
+
+
+def fold_upsample_conv(weight: Tensor) -> Tensor:
+    """Weight of a 3x3 conv run after nearest-x2 upsampling -> the equivalent 2x2 conv on the low-res input.
+
+    Output channel o becomes channels o*4 + a*2 + b, one per output phase (a, b): the order that
+    ops.pixel_shuffle(., 2, phase_offset=1) reads. Taps are summed in (at least) fp32, so bf16/fp16 weights
+    are rounded once rather than after every addition.
+    """
+    out_channels, in_channels = weight.shape[:2]
+    folded = fold_taps(fold_taps(weight.to(torch.promote_types(weight.dtype, torch.float32)), 2), 3)
+    folded = folded.view(out_channels, in_channels, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)  # o,a,b,i,dy,dx
+    return folded.reshape(out_channels * 4, in_channels, 2, 2).to(weight.dtype)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 + 3x3 conv, run as a pad-1 2x2 conv with 4 phases + ops.pixel_shuffle(., 2, phase_offset=1).
+
+    The parameter stays the 3x3 conv (diffusers' keys, trainable as is) and the 2x2 weight is folded from it
+    on every call. That costs a few weight-sized additions, negligible next to the conv, and can never go
+    stale (optimizer steps, load_state_dict, .to()), which a cached folded weight would need invalidating for.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.conv.bias.repeat_interleave(4)
+        phases = F.conv2d(x, fold_upsample_conv(self.conv.weight), bias, padding=1)  # (B, 4C, h+1, w+1)
+        return ops.pixel_shuffle(phases, 2, phase_offset=1)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        widths_in = [in_channels] + [out_channels] * (num_layers - 1)
+        self.resnets = nn.ModuleList([ResnetBlock(width, out_channels, groups) for width in widths_in])
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class VAEDecoder(nn.Module):
+    """diffusers.models.autoencoders.vae.Decoder with norm_type="group" and UpDecoderBlock2D up blocks."""
+
+    def __init__(
+        self,
+        latent_channels: int,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        groups: int,
+        mid_block_add_attention: bool,
+    ):
+        super().__init__()
+        widths = list(reversed(block_out_channels))
+        self.conv_in = nn.Conv2d(latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups, mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(widths[max(i - 1, 0)], width, layers_per_block + 1, groups, upsample=i < len(widths) - 1)
+            for i, width in enumerate(widths)
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, block_out_channels[0], eps=NORM_EPS)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for up_block in self.up_blocks:
+            x = up_block(x)
+        return self.conv_out(norm_act(self.conv_norm_out, x))
+
+
+class AutoencoderKLDecoder(Decoder):
+    """AutoencoderKL's decode path: post_quant_conv (SD 1/2, SDXL only), then the decoder; images in [-1, 1].
+
+    ``force_upcast`` is diffusers' flag for VAEs that overflow in fp16 (SDXL's). It is kept as information:
+    the module runs in whatever dtype it is given.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        out_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        use_post_quant_conv: bool = True,
+        mid_block_add_attention: bool = True,
+        scaling_factor: float = 0.18215,
+        shift_factor: float = 0.0,
+        force_upcast: bool = False,
+    ):
+        super().__init__()
+        self.config = dict(
+            latent_channels=latent_channels,
+            out_channels=out_channels,
+            block_out_channels=list(block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            use_post_quant_conv=use_post_quant_conv,
+            mid_block_add_attention=mid_block_add_attention,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            force_upcast=force_upcast,
+        )
+        self.latent_channels = latent_channels
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+        self.force_upcast = force_upcast
+        self.output_range = "-1,1"
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.decoder = VAEDecoder(
+            latent_channels, out_channels, tuple(block_out_channels), layers_per_block, norm_num_groups,
+            mid_block_add_attention,
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Latents in the VAE's own space (B, latent_channels, h, w) -> images (B, 3, 8h, 8w) in ~[-1, 1]."""
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"expected latents of shape (B, {self.latent_channels}, h, w), got {tuple(z.shape)}; "
+                "check that the latents come from this VAE (SD/SDXL: 4 channels, SD3/FLUX: 16)"
+            )
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> AutoencoderKLDecoder:
+        """A randomly initialised decoder with the architecture and latent convention of PRESETS[name]."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_diffusers(cls, vae_or_folder, device=None, dtype=None) -> AutoencoderKLDecoder:
+        """From a ``diffusers.AutoencoderKL`` or its saved folder (config.json, diffusion_pytorch_model.*).
+
+        A pipeline folder works too (its ``vae/`` subfolder is read). Only the decoder's weights are kept
+        (``decoder.*``, ``post_quant_conv.*``): the encoder's are dropped, any other key is an error.
+        """
+        if isinstance(vae_or_folder, (str, Path)):
+            config, state, source = _read_diffusers_folder(Path(vae_or_folder))
+        else:
+            from diffusers import AutoencoderKL
+
+            if not isinstance(vae_or_folder, AutoencoderKL):
+                raise ValueError(
+                    "from_diffusers takes a diffusers.AutoencoderKL or a folder, "
+                    f"got a {type(vae_or_folder).__name__}"
+                )
+            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
+            source = "the given diffusers.AutoencoderKL"
+        model = cls(**_config_from_diffusers(config, source))
+        load_state_dict_strict(model, _decoder_state(state), source=source)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor], str]:
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected an AutoencoderKL.save_pretrained folder")
+    safetensors_path = folder / "diffusion_pytorch_model.safetensors"
+    bin_path = folder / "diffusion_pytorch_model.bin"
+    if safetensors_path.is_file():
+        from safetensors.torch import load_file
+
+        state, source = load_file(str(safetensors_path)), str(safetensors_path)
+    elif bin_path.is_file():
+        state, source = torch.load(bin_path, map_location="cpu", weights_only=True), str(bin_path)
+    else:
+        raise FileNotFoundError(
+            f"no diffusion_pytorch_model.safetensors or .bin in {folder} (sharded/variant files: unsupported)"
+        )
+    return json.loads(config_path.read_text()), state, source
+
+
+def _config_from_diffusers(config: dict, source: str) -> dict:
+    """diffusers AutoencoderKL config -> our kwargs; refuses what this decoder does not implement."""
+    name = config.get("_class_name", "AutoencoderKL")
+    if name != "AutoencoderKL":
+        raise ValueError(f"{source} is a {name}, not an AutoencoderKL")
+    block_out_channels = list(config.get("block_out_channels", [64]))
+    up_blocks = list(config.get("up_block_types", ["UpDecoderBlock2D"]))
+    problems = []
+    if set(up_blocks) != {"UpDecoderBlock2D"} or len(up_blocks) != len(block_out_channels):
+        problems.append(f"up_block_types={up_blocks} (only UpDecoderBlock2D, one per block_out_channels)")
+    if config.get("act_fn", "silu") != "silu":
+        problems.append(f"act_fn={config['act_fn']!r} (only 'silu')")
+    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
+        problems.append("latents_mean/latents_std (decode() applies scalar scaling_factor, shift_factor)")
+    if problems:
+        raise ValueError(f"{source}: AutoencoderKLDecoder does not implement " + "; ".join(problems))
+    return dict(
+        latent_channels=config.get("latent_channels", 4),
+        out_channels=config.get("out_channels", 3),
+        block_out_channels=block_out_channels,
+        layers_per_block=config.get("layers_per_block", 1),
+        norm_num_groups=config.get("norm_num_groups", 32),
+        use_post_quant_conv=config.get("use_post_quant_conv", True),
+        mid_block_add_attention=config.get("mid_block_add_attention", True),
+        scaling_factor=config.get("scaling_factor", 0.18215),
+        shift_factor=config.get("shift_factor") or 0.0,
+        force_upcast=config.get("force_upcast", True),
+    )
+
+
+def _decoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The decoder's part of a full AutoencoderKL state dict, legacy attention names renamed."""
+    kept = {}
+    for key, value in state.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            continue  # the encoder half of the VAE
+        parts = key.split(".")
+        if len(parts) >= 3 and "attentions" in parts[:-2] and parts[-2] in LEGACY_ATTENTION_NAMES:
+            key = ".".join([*parts[:-2], LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+        kept[key] = value
+    return kept
