@@ -8,18 +8,15 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from tolerances import DECODER_FP32_REL, DECODER_LOW_PRECISION_VS_DIFFUSERS, UPSAMPLE_FOLD
+from tolerances import DECODER_FP32_REL, DECODER_LOW_PRECISION_VS_DIFFUSERS
 from torch import nn
 
 from fastdec import ops
 from fastdec.kernels import attention as attention_kernels
 from fastdec.kernels import group_norm_act as group_norm_kernels
-from fastdec.models.autoencoder_kl import PRESETS, AutoencoderKLDecoder, SelfAttention, Upsample
+from fastdec.models.autoencoder_kl import PRESETS, AutoencoderKLDecoder, SelfAttention
 
 FUSED_ON_CPU = all(ops.backends()[op]["cpu"] == "triton (interpreter)" for op in ("group_norm_act", "attention"))
 NOT_FUSED_REASON = "the Triton kernels do not run on CPU here; set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1"
@@ -135,38 +132,6 @@ def test_gradients_match_diffusers():
             assert param.grad.abs().max() <= 1e-6 * largest
             continue
         assert relative_error(param.grad, reference[name].grad) <= DECODER_FP32_REL, name
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    batch=st.integers(1, 2), in_channels=st.integers(1, 6), height=st.integers(1, 7), width=st.integers(1, 7),
-    dtype=st.sampled_from([torch.float32, torch.float64]), channels_last=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_upsample_fold_equals_nearest_upsample_then_conv(batch, in_channels, height, width, dtype, channels_last,
-                                                         seed):
-    torch.manual_seed(seed)
-    upsample = Upsample(in_channels).to(dtype)
-    x = torch.randn(batch, in_channels, height, width, dtype=dtype)
-    if channels_last:
-        x, upsample = x.to(memory_format=torch.channels_last), upsample.to(memory_format=torch.channels_last)
-    expected = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    out = upsample(x)
-    torch.testing.assert_close(out, expected, **UPSAMPLE_FOLD[dtype])
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def test_upsample_fold_trains_the_3x3_weight():
-    """The parameter is the 3x3 conv: its gradient through the folded path equals the unfolded one."""
-    torch.manual_seed(6)
-    upsample = Upsample(3).double()
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    grad_out = torch.randn(2, 3, 10, 8, dtype=torch.float64)
-    folded = torch.autograd.grad((upsample(x) * grad_out).sum(), list(upsample.parameters()))
-    unfolded = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    expected = torch.autograd.grad((unfolded * grad_out).sum(), list(upsample.parameters()))
-    for got, want in zip(folded, expected, strict=True):
-        torch.testing.assert_close(got, want, **UPSAMPLE_FOLD[torch.float64])
 
 
 @pytest.fixture

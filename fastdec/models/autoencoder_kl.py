@@ -17,11 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict
+from fastdec.models.layers import UpsampleConv
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
 
@@ -85,41 +85,15 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-def fold_taps(weight: Tensor, dim: int) -> Tensor:
-    """3 taps along dim -> 4 (phase, tap) pairs: phase 0 reads (k0, k1 + k2), phase 1 reads (k0 + k1, k2)."""
-    k0, k1, k2 = weight.unbind(dim)
-    return torch.stack([k0, k1 + k2, k0 + k1, k2], dim)
-
-
-def fold_upsample_conv(weight: Tensor) -> Tensor:
-    """Weight of a 3x3 conv run after nearest-x2 upsampling -> the equivalent 2x2 conv on the low-res input.
-
-    Output channel o becomes channels o*4 + a*2 + b, one per output phase (a, b): the order that
-    ops.pixel_shuffle(., 2, phase_offset=1) reads. Taps are summed in (at least) fp32, so bf16/fp16 weights
-    are rounded once rather than after every addition.
-    """
-    out_channels, in_channels = weight.shape[:2]
-    folded = fold_taps(fold_taps(weight.to(torch.promote_types(weight.dtype, torch.float32)), 2), 3)
-    folded = folded.view(out_channels, in_channels, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)  # o,a,b,i,dy,dx
-    return folded.reshape(out_channels * 4, in_channels, 2, 2).to(weight.dtype)
-
-
 class Upsample(nn.Module):
-    """Nearest x2 + 3x3 conv, run as a pad-1 2x2 conv with 4 phases + ops.pixel_shuffle(., 2, phase_offset=1).
-
-    The parameter stays the 3x3 conv (diffusers' keys, trainable as is) and the 2x2 weight is folded from it
-    on every call. That costs a few weight-sized additions, negligible next to the conv, and can never go
-    stale (optimizer steps, load_state_dict, .to()), which a cached folded weight would need invalidating for.
-    """
+    """Nearest x2 + 3x3 conv (diffusers' Upsample2D), folded into one 2x2 conv + pixel shuffle by UpsampleConv."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = UpsampleConv(channels, channels)  # keys: upsamplers.0.conv.{weight,bias}, as in diffusers
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = self.conv.bias.repeat_interleave(4)
-        phases = F.conv2d(x, fold_upsample_conv(self.conv.weight), bias, padding=1)  # (B, 4C, h+1, w+1)
-        return ops.pixel_shuffle(phases, 2, phase_offset=1)
+        return self.conv(x)
 
 
 class UpBlock(nn.Module):
