@@ -35,3 +35,15 @@ GROUP_NORM_ACT = {
 }
 # Its fp32 backward (torch ops, fp32 group sums) against float64 autograd of F.group_norm + act.
 GROUP_NORM_ACT_GRAD = {"rtol": 1e-4, "atol": 1e-5}
+
+# attention: fp32 statistics and accumulator; exp2 with the scale applied in fp32 and a different summation order
+# than SDPA's math path (fp32 error ~ |logit| * 2^-24 per probability, outputs are O(|v|)). fp16/bf16 are compared
+# with the fp32 reference of the same inputs: one output rounding (rtol), plus on GPU p is rounded to the input
+# dtype before p @ v, which moves an output by at most half an ulp of max|v| (tests keep |v| <= ~4: atol).
+ATTENTION = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2**-10, "atol": 2**-10},
+    torch.bfloat16: {"rtol": 2**-7, "atol": 2**-7},
+}
+# Its gradients (fp32 autograd through the reference) against float64 autograd of F.scaled_dot_product_attention.
+ATTENTION_GRAD = {"rtol": 1e-4, "atol": 1e-5}

@@ -1,0 +1,77 @@
+"""group_norm_act: fastdec's Triton kernels vs eager PyTorch (F.group_norm then the activation) vs torch.compile
+of that eager code, plus a plain device copy of the same bytes (the bandwidth ceiling), at SD-VAE decoder sizes
+on CUDA (fp16, NCHW and channels_last); one small fp32 case on CPU.
+
+GB/s counts the bytes that must move once per call: x read once plus the output written once. fastdec reads x
+twice (statistics, then normalize), eager PyTorch reads it twice and writes twice more for the activation.
+On CPU, "fastdec" is the eager reference path (triton's interpreter is far too slow to time), and it is skipped
+when the interpreter is on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdec import ops
+from fastdec.kernels import group_norm_act as gna
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
+NUM_GROUPS, EPS, ACT = 32, 1e-6, "silu"  # SD-VAE's ResNet-block norm
+
+
+def case(device, shape, dtype, layout):
+    name = f"{device}-{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}-{layout}"
+    return pytest.param(device, shape, dtype, layout, id=name, marks=needs_cuda if device == "cuda" else ())
+
+
+CASES = [
+    case("cuda", shape, torch.float16, layout)
+    for shape in [(1, 512, 64, 64), (1, 512, 128, 128), (1, 128, 512, 512), (8, 128, 512, 512)]
+    for layout in ("contiguous", "channels_last")
+] + [case("cpu", (1, 64, 32, 32), torch.float32, "contiguous")]
+IMPLS = ["fastdec", "eager", "compiled", "device_copy"]
+
+
+def eager_group_norm_silu(x, weight, bias):
+    return F.silu(F.group_norm(x, NUM_GROUPS, weight, bias, EPS))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("device", "shape", "dtype", "layout"), CASES)
+def test_group_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
+    if impl == "compiled" and device == "cpu":
+        pytest.skip("torch.compile (inductor) is benchmarked on CUDA only: CPU compiles are slow in CI")
+    if impl == "fastdec" and device == "cpu" and ops.backends()["group_norm_act"]["cpu"] != "eager reference":
+        pytest.skip("fastdec on CPU runs triton's interpreter here, which is far too slow to benchmark")
+    x = torch.randn(shape, device=device).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(shape[1], device=device).to(dtype)
+    bias = torch.randn(shape[1], device=device).to(dtype)
+    nbytes = 2 * x.numel() * x.element_size()
+    size, dtype_name = "x".join(map(str, shape)), str(dtype).removeprefix("torch.")
+    benchmark.group = f"group_norm_act {device} {size} {dtype_name} {layout}"
+    benchmark.extra_info["impl"] = impl
+
+    if impl == "device_copy":
+        target = torch.empty_like(x)
+        measure(lambda: target.copy_(x), nbytes=nbytes)
+        return
+    if impl == "compiled":
+        torch._dynamo.reset()  # one compiled graph per case: stay under dynamo's recompile limit
+        fn = torch.compile(eager_group_norm_silu, fullgraph=True, dynamic=False)
+    elif impl == "eager":
+        fn = eager_group_norm_silu
+    else:
+
+        def fn(x, weight, bias):
+            return ops.group_norm_act(x, NUM_GROUPS, weight, bias, EPS, ACT)
+
+    out = measure(lambda: fn(x, weight, bias), nbytes=nbytes)
+
+    expected = gna.group_norm_act_reference(x.float(), NUM_GROUPS, weight.float(), bias.float(), EPS, ACT)
+    tolerance = {torch.float16: 2**-9, torch.float32: 1e-5}[dtype]  # eager fp16 rounds the norm before the act
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)

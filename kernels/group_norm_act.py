@@ -1,0 +1,532 @@
+"""GroupNorm + activation, act(group_norm(x, num_groups, weight, bias, eps)) with act in {none, silu, relu}:
+Triton kernels, the launcher, the eager reference and the backward.
+
+Input: 4-D (N, C, H, W) or 5-D (N, C, T, H, W), any C divisible by num_groups, any spatial size, float16/bfloat16/
+float32/float64, contiguous, channels_last / channels_last_3d or strided. 3-D (N, C, L) is rejected (add a unit
+dim); the output is ``torch.empty_like(x)``, so the memory layout is kept.
+
+Kernel design (statistics in fp32, fp64 for fp64 input):
+
+* Every tensor is viewed as (N, C, S), S the flattened spatial dims, with one stride per axis: NCHW has
+  stride_s = 1, channels_last has stride_c = 1, and both run natively (no layout conversion). Only a view whose
+  spatial dims do not flatten to one stride (e.g. a transposed H/W) is copied first.
+* Tiles are [BLOCK_G groups, BLOCK_CG channels per group, BLOCK_S positions], about 2048 lanes, long along the
+  axis that is contiguous in memory: NCHW tiles cover up to 512 positions of a few channels, channels_last tiles
+  cover whole rows of up to 1024 channels (many groups at once) for a few positions. Group sizes that are not a
+  power of two (C = 96, 192, 320 with 32 groups) leave padding lanes that are masked.
+* Batch 1 gives only N * num_groups = 32 groups for 132 SMs, so each group's positions are split into chunks
+  (``plan_launch``: about 4 programs per SM, at least 4096 elements each, whole tiles):
+  pass 1 (``_group_norm_stats_kernel``) writes every chunk's (mean, M2) to a small fp32 buffer with plain stores
+  (no atomics: deterministic); a tiny pass (``_group_norm_combine_kernel``) merges each group's partials with
+  Chan's parallel formula into (mean, rstd); pass 2 (``_group_norm_act_kernel``) normalizes + activates each
+  chunk in one read and one write. Traffic: 2 reads + 1 write of x, versus 3 reads + 2 writes for eager
+  group_norm followed by the activation. (Merging the partials inside pass 2 instead would make every program
+  re-read all partials of its groups: with channels_last chunks of a few positions that outweighs the data.)
+* Small problems (one chunk per group) take a single launch: the program computes its groups' statistics and
+  then normalizes them; the second read hits cache.
+* Inside a program, moments are merged tile by tile: tile mean, tile sum of squared deviations from it, then
+  Chan's update, so offset data (mean >> std) does not cancel the way E[x^2] - E[x]^2 does.
+* Loads are converted to fp32 at once (bf16 arithmetic is wrong in triton's CPU interpreter, and fp32 is what the
+  statistics need anyway); the result is cast to x's dtype on store.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastdec.kernels._triton import tl, triton
+
+ACTIVATIONS = ("none", "silu", "relu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_group_norm_act(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+) -> None:
+    """Raises ValueError naming the first problem with the arguments of group_norm_act."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            "fastdec.group_norm_act: x must be a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) tensor, "
+            f"got {shape}; add a spatial dim of size 1 for (N, C, L) input"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"fastdec.group_norm_act: x must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"fastdec.group_norm_act: num_groups must be a positive int, got {num_groups!r}")
+    channels = x.shape[1]
+    if channels % num_groups:
+        raise ValueError(
+            f"fastdec.group_norm_act: channels ({channels}) must be divisible by num_groups ({num_groups})"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if param.shape != (channels,):
+            raise ValueError(
+                f"fastdec.group_norm_act: {name} must have shape ({channels},), got {tuple(param.shape)}"
+            )
+        if param.device != x.device:
+            raise ValueError(f"fastdec.group_norm_act: {name} is on {param.device} but x is on {x.device}")
+        if param.dtype not in (x.dtype, torch.float32):
+            raise ValueError(
+                f"fastdec.group_norm_act: {name} must be {x.dtype} (like x) or float32, got {param.dtype}"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"fastdec.group_norm_act: eps must be a finite number > 0, got {eps!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fastdec.group_norm_act: act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics and arithmetic run in fp32 (fp64 for fp64 input)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(y)
+    if act == "relu":
+        return F.relu(y)
+    return y
+
+
+def group_norm_act_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+) -> torch.Tensor:
+    """Eager reference: F.group_norm in fp32 (fp64 for fp64 x), then act, cast back; keeps x's layout."""
+    check_group_norm_act(x, num_groups, weight, bias, eps, act)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    compute = _compute_dtype(x)
+    w = weight.to(compute) if weight is not None else None
+    b = bias.to(compute) if bias is not None else None
+    # contiguous(): torch's CPU channels_last GroupNorm computes E[x^2] - E[x]^2 and cancels for offset data.
+    # torch.group_norm (not F.group_norm, which rejects one value per group in "training") is the plain aten op.
+    out.copy_(_activate(torch.group_norm(x.to(compute).contiguous(), num_groups, w, b, eps), act))
+    return out
+
+
+def group_norm_act_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Exact gradients of act(group_norm(x) * weight + bias), computed in fp32 (fp64 for fp64 x).
+
+    With xhat the normalized input and dy the gradient at the pre-activation output:
+    grad_x = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * weight,
+    where mean_g averages over each (sample, group).
+    """
+    compute = _compute_dtype(x)
+    n, channels = x.shape[:2]
+    grouped = x.to(compute).reshape(n, num_groups, -1)
+    mean = grouped.mean(-1, keepdim=True)
+    centered = grouped - mean
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    xhat = (centered * rstd).reshape(n, channels, -1)
+    w = weight.to(compute).view(1, channels, 1) if weight is not None else None
+    b = bias.to(compute).view(1, channels, 1) if bias is not None else None
+    grad_y = grad_out.to(compute).reshape(n, channels, -1)
+    if act != "none":
+        y = xhat * w if w is not None else xhat
+        y = y + b if b is not None else y
+        if act == "silu":
+            sig = torch.sigmoid(y)
+            grad_y = grad_y * sig * (1 + y * (1 - sig))
+        else:
+            grad_y = grad_y * (y > 0)
+    grad_weight = (grad_y * xhat).sum((0, 2)).to(weight.dtype) if weight is not None else None
+    grad_bias = grad_y.sum((0, 2)).to(bias.dtype) if bias is not None else None
+    grad_xhat = (grad_y * w if w is not None else grad_y).reshape(n, num_groups, -1)
+    xhat = xhat.reshape(n, num_groups, -1)
+    grad_grouped = rstd * (
+        grad_xhat - grad_xhat.mean(-1, keepdim=True) - xhat * (grad_xhat * xhat).mean(-1, keepdim=True)
+    )
+    grad_x = torch.empty_like(x)
+    grad_x.copy_(grad_grouped.reshape(x.shape))
+    return grad_x, grad_weight, grad_bias
+
+
+# --- Triton kernels --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_moments(
+    x_ptr,
+    x_sample,
+    g0,
+    G,
+    Cg,
+    s_begin,
+    s_end,
+    stride_c,
+    stride_s,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INDEX: tl.constexpr,
+):
+    """(count, mean, M2) of each group's elements at spatial positions [s_begin, s_end).
+
+    Each tile gets its own mean and sum of squared deviations (two passes over registers), then merges into
+    the running moments with Chan's formula, so no sum of squares is ever subtracted from a squared sum.
+    """
+    groups = g0 + tl.arange(0, BLOCK_G)
+    count = tl.zeros([BLOCK_G], dtype=COMPUTE)
+    mean = tl.zeros([BLOCK_G], dtype=COMPUTE)
+    m2 = tl.zeros([BLOCK_G], dtype=COMPUTE)
+    for c0 in range(0, Cg, BLOCK_CG):
+        in_group = c0 + tl.arange(0, BLOCK_CG)
+        channel_mask = (groups[:, None] < G) & (in_group[None, :] < Cg)
+        channel_offset = (groups[:, None] * Cg + in_group[None, :]).to(INDEX) * stride_c
+        valid_channels = tl.minimum(Cg - c0, BLOCK_CG)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            positions = s0 + tl.arange(0, BLOCK_S)
+            mask = channel_mask[:, :, None] & (positions < s_end)[None, None, :]
+            offsets = channel_offset[:, :, None] + (positions.to(INDEX) * stride_s)[None, None, :]
+            x = tl.load(x_ptr + x_sample + offsets, mask=mask, other=0.0).to(COMPUTE)
+            tile_count = (valid_channels * tl.minimum(s_end - s0, BLOCK_S)).to(COMPUTE)
+            tile_mean = tl.sum(tl.sum(x, axis=2), axis=1) / tile_count
+            deviation = tl.where(mask, x - tile_mean[:, None, None], 0.0)
+            tile_m2 = tl.sum(tl.sum(deviation * deviation, axis=2), axis=1)
+            merged = count + tile_count
+            delta = tile_mean - mean
+            mean += delta * (tile_count / merged)
+            m2 += tile_m2 + delta * delta * (count * tile_count / merged)
+            count = merged
+    return count, mean, m2
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    x_ptr,
+    partials_ptr,
+    G,
+    Cg,
+    S,
+    chunk_size,
+    num_chunks,
+    num_group_blocks,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INDEX: tl.constexpr,
+):
+    """Pass 1 of the split path: one program per (sample, block of groups, spatial chunk) writes its
+    chunk's (mean, M2) per group to partials[n, g, chunk]; plain stores, no atomics: deterministic."""
+    pid = tl.program_id(0)
+    chunk = pid % num_chunks
+    group_block = (pid // num_chunks) % num_group_blocks
+    n = pid // (num_chunks * num_group_blocks)
+    g0 = group_block * BLOCK_G
+    s_begin = chunk * chunk_size
+    s_end = tl.minimum(s_begin + chunk_size, S)
+    _, mean, m2 = _chunk_moments(
+        x_ptr, n.to(tl.int64) * stride_xn, g0, G, Cg, s_begin, s_end, stride_xc, stride_xs,
+        BLOCK_G, BLOCK_CG, BLOCK_S, COMPUTE, INDEX,
+    )  # fmt: skip
+    groups = g0 + tl.arange(0, BLOCK_G)
+    slots = ((n * G + groups).to(tl.int64) * num_chunks + chunk) * 2
+    tl.store(partials_ptr + slots, mean, mask=groups < G)
+    tl.store(partials_ptr + slots + 1, m2, mask=groups < G)
+
+
+@triton.jit
+def _group_norm_combine_kernel(
+    partials_ptr,
+    stats_ptr,
+    G,
+    Cg,
+    S,
+    chunk_size,
+    num_chunks,
+    eps,
+    BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """Split path, between the passes: stats[n, g] = (mean, rstd) from the chunks' (mean, M2) partials: the
+    group mean first, then M2 = sum(M2_i + count_i * (mean_i - mean)^2) (Chan). Counts follow from the chunk bounds."""
+    n = tl.program_id(0) // tl.cdiv(G, BLOCK_G)
+    groups = (tl.program_id(0) % tl.cdiv(G, BLOCK_G)) * BLOCK_G + tl.arange(0, BLOCK_G)
+    rows = (n * G + groups).to(tl.int64) * num_chunks * 2
+    group_mask = groups < G
+    weighted_sum = tl.zeros([BLOCK_G, BLOCK_P], dtype=COMPUTE)
+    count_sum = tl.zeros([BLOCK_P], dtype=COMPUTE)
+    for p0 in range(0, num_chunks, BLOCK_P):
+        chunks = p0 + tl.arange(0, BLOCK_P)
+        mask = group_mask[:, None] & (chunks < num_chunks)[None, :]
+        counts = (Cg * tl.minimum(tl.maximum(S - chunks * chunk_size, 0), chunk_size)).to(COMPUTE)
+        means = tl.load(partials_ptr + rows[:, None] + chunks[None, :] * 2, mask=mask, other=0.0)
+        weighted_sum += means * counts[None, :]
+        count_sum += counts
+    total = tl.sum(count_sum, axis=0)
+    mean = tl.sum(weighted_sum, axis=1) / total
+    m2 = tl.zeros([BLOCK_G, BLOCK_P], dtype=COMPUTE)
+    for p0 in range(0, num_chunks, BLOCK_P):
+        chunks = p0 + tl.arange(0, BLOCK_P)
+        mask = group_mask[:, None] & (chunks < num_chunks)[None, :]
+        counts = (Cg * tl.minimum(tl.maximum(S - chunks * chunk_size, 0), chunk_size)).to(COMPUTE)
+        means = tl.load(partials_ptr + rows[:, None] + chunks[None, :] * 2, mask=mask, other=0.0)
+        chunk_m2 = tl.load(partials_ptr + rows[:, None] + chunks[None, :] * 2 + 1, mask=mask, other=0.0)
+        delta = tl.where(mask, means - mean[:, None], 0.0)
+        m2 += chunk_m2 + counts[None, :] * delta * delta
+    rstd = 1.0 / tl.sqrt(tl.sum(m2, axis=1) / total + eps)
+    slots = (n * G + groups).to(tl.int64) * 2
+    tl.store(stats_ptr + slots, mean, mask=group_mask)
+    tl.store(stats_ptr + slots + 1, rstd, mask=group_mask)
+
+
+@triton.jit
+def _group_norm_act_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    stats_ptr,
+    G,
+    Cg,
+    S,
+    chunk_size,
+    num_chunks,
+    num_group_blocks,
+    eps,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_on,
+    stride_oc,
+    stride_os,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INDEX: tl.constexpr,
+):
+    """Normalize + affine + activation of one (sample, block of groups, spatial chunk). With SINGLE_CHUNK the
+    program owns whole groups and computes their statistics itself (a second read of data it just touched);
+    otherwise it reads the (mean, rstd) that the combine pass wrote."""
+    pid = tl.program_id(0)
+    chunk = pid % num_chunks
+    group_block = (pid // num_chunks) % num_group_blocks
+    n = pid // (num_chunks * num_group_blocks)
+    g0 = group_block * BLOCK_G
+    x_sample = n.to(tl.int64) * stride_xn
+    out_sample = n.to(tl.int64) * stride_on
+    if SINGLE_CHUNK:
+        count, mean, m2 = _chunk_moments(
+            x_ptr, x_sample, g0, G, Cg, 0, S, stride_xc, stride_xs, BLOCK_G, BLOCK_CG, BLOCK_S, COMPUTE, INDEX
+        )
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    else:
+        slots = (n * G + g0 + tl.arange(0, BLOCK_G)).to(tl.int64) * 2
+        in_range = g0 + tl.arange(0, BLOCK_G) < G
+        mean = tl.load(stats_ptr + slots, mask=in_range, other=0.0)
+        rstd = tl.load(stats_ptr + slots + 1, mask=in_range, other=0.0)
+    s_begin = chunk * chunk_size
+    s_end = tl.minimum(s_begin + chunk_size, S)
+    groups = g0 + tl.arange(0, BLOCK_G)
+    for c0 in range(0, Cg, BLOCK_CG):
+        in_group = c0 + tl.arange(0, BLOCK_CG)
+        channel_mask = (groups[:, None] < G) & (in_group[None, :] < Cg)
+        channel = (groups[:, None] * Cg + in_group[None, :]).to(INDEX)
+        # y = (x - mean) * scale + bias, scale = rstd * weight. Not x * scale + (bias - mean * scale): that
+        # cancels when |mean| * rstd is large (offset data, or eps-sized variance).
+        scale = tl.zeros([BLOCK_G, BLOCK_CG], dtype=COMPUTE) + rstd[:, None]
+        if HAS_WEIGHT:
+            scale *= tl.load(weight_ptr + channel, mask=channel_mask, other=0.0).to(COMPUTE)
+        shift = tl.zeros([BLOCK_G, BLOCK_CG], dtype=COMPUTE)
+        if HAS_BIAS:
+            shift += tl.load(bias_ptr + channel, mask=channel_mask, other=0.0).to(COMPUTE)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            positions = s0 + tl.arange(0, BLOCK_S).to(INDEX)
+            mask = channel_mask[:, :, None] & (positions < s_end)[None, None, :]
+            x_offsets = (channel * stride_xc)[:, :, None] + (positions * stride_xs)[None, None, :]
+            x = tl.load(x_ptr + x_sample + x_offsets, mask=mask, other=0.0).to(COMPUTE)
+            y = (x - mean[:, None, None]) * scale[:, :, None] + shift[:, :, None]
+            if ACT == "silu":  # y * sigmoid(y) with exp(-|y|), which never overflows
+                decay = tl.exp(-tl.abs(y))
+                y = y * tl.where(y >= 0, 1.0, decay) / (1.0 + decay)
+            elif ACT == "relu":  # where, not maximum: NaN stays NaN as in torch.relu
+                y = tl.where(y < 0.0, 0.0, y)
+            out_offsets = (channel * stride_oc)[:, :, None] + (positions * stride_os)[None, None, :]
+            tl.store(out_ptr + out_sample + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launcher --------------------------------------------------------------------------------------------------
+
+TILE_ELEMENTS = 2048  # elements per loaded tile: 16 values per thread at 4 warps
+MIN_CHUNK_ELEMENTS = 4096  # a split-path program handles at least this many elements (amortizes the combine)
+COMBINE_GROUPS, COMBINE_CHUNKS = 16, 64  # combine pass: groups per program, partials per step
+_CPU_PROGRAM_TARGET = 4  # the interpreter runs programs one after another: a few large ones are fastest
+
+
+class LaunchPlan(NamedTuple):
+    """Tile shape and split of one call: programs = batch * num_group_blocks * num_chunks per pass."""
+
+    block_g: int
+    block_cg: int
+    block_s: int
+    num_group_blocks: int
+    chunk_size: int  # spatial positions per program
+    num_chunks: int
+
+
+def _tile_shape(groups: int, group_channels: int, positions: int, channels_contiguous: bool) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_CG, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory:
+    channels_last tiles span whole groups (rows of up to 1024 channels), NCHW tiles up to 512 positions."""
+    pow2 = triton.next_power_of_2
+    if channels_contiguous:
+        block_cg = min(pow2(group_channels), TILE_ELEMENTS)
+        block_g = min(pow2(groups), max(1, 1024 // block_cg))
+        block_s = min(pow2(positions), max(1, TILE_ELEMENTS // (block_g * block_cg)))
+    else:
+        block_s = min(pow2(positions), 512)
+        block_cg = min(pow2(group_channels), max(1, TILE_ELEMENTS // block_s))
+        block_g = min(pow2(groups), max(1, TILE_ELEMENTS // (block_s * block_cg)))
+    return block_g, block_cg, block_s
+
+
+def plan_launch(
+    batch: int,
+    groups: int,
+    group_channels: int,
+    spatial: int,
+    channels_contiguous: bool,
+    target_programs: int,
+    chunk_size: int | None = None,
+) -> LaunchPlan:
+    """Splits each group's positions into chunks until about `target_programs` programs exist (batch 1 has only
+    32 groups), keeping at least MIN_CHUNK_ELEMENTS per program; chunks are whole tiles where possible."""
+    block_g, block_cg, block_s = _tile_shape(groups, group_channels, spatial, channels_contiguous)
+    num_group_blocks = triton.cdiv(groups, block_g)
+    if chunk_size is None:
+        wanted = triton.cdiv(target_programs, batch * num_group_blocks)
+        most = max(1, spatial * block_g * group_channels // MIN_CHUNK_ELEMENTS)
+        chunk_size = triton.cdiv(spatial, min(wanted, most))
+        if chunk_size < block_s:
+            chunk_size = triton.next_power_of_2(chunk_size)
+        else:
+            chunk_size = triton.cdiv(chunk_size, block_s) * block_s
+    chunk_size = min(chunk_size, spatial)
+    if chunk_size < block_s:  # short chunks: narrower, taller tiles over the same groups
+        _, block_cg, block_s = _tile_shape(block_g, group_channels, chunk_size, channels_contiguous)
+    return LaunchPlan(block_g, block_cg, block_s, num_group_blocks, chunk_size, triton.cdiv(spatial, chunk_size))
+
+
+def _program_target(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_PROGRAM_TARGET
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None."""
+    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True) if size != 1]
+    for (_, outer_stride), (inner_size, inner_stride) in zip(spatial[:-1], spatial[1:], strict=True):
+        if outer_stride != inner_size * inner_stride:
+            return None
+    return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
+
+
+def group_norm_act_triton(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Triton launcher. `chunk_size` (spatial positions per program) overrides the automatic split. When one
+    chunk covers all positions a single launch does statistics and normalization; otherwise a stats pass writes
+    per-chunk partials, a combine pass turns them into (mean, rstd) and the normalize pass applies them."""
+    check_group_norm_act(x, num_groups, weight, bias, eps, act)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"fastdec.group_norm_act: chunk_size must be a positive int, got {chunk_size!r}")
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    # Layouts whose spatial dims do not flatten to one stride (e.g. a transposed H/W view) run on a copy.
+    source = x if _flat_strides(x) is not None else x.contiguous()
+    target = out if _flat_strides(out) is not None else torch.empty_like(source)
+    x_strides, out_strides = _flat_strides(source), _flat_strides(target)
+
+    batch, channels = x.shape[:2]
+    spatial = math.prod(x.shape[2:])
+    group_channels = channels // num_groups
+    plan = plan_launch(
+        batch, num_groups, group_channels, spatial, x_strides[1] == 1, _program_target(x.device), chunk_size
+    )
+    compute = _compute_dtype(x)
+    # int32 offsets inside one sample unless they can pass 2^31 (e.g. 128 x 4096 x 4096)
+    span = (channels - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
+    meta = {
+        "BLOCK_G": plan.block_g,
+        "BLOCK_CG": plan.block_cg,
+        "BLOCK_S": plan.block_s,
+        "COMPUTE": tl.float64 if compute == torch.float64 else tl.float32,
+        "INDEX": tl.int64 if span >= 2**31 else tl.int32,
+        "num_warps": 4,
+    }
+    sizes = (num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks, plan.num_group_blocks)
+    grid = (batch * plan.num_group_blocks * plan.num_chunks,)
+    stats = torch.empty((batch, num_groups, 2), dtype=compute, device=x.device)  # (mean, rstd) per group
+    if plan.num_chunks > 1:
+        partials = torch.empty((batch, num_groups, plan.num_chunks, 2), dtype=compute, device=x.device)
+        _group_norm_stats_kernel[grid](source, partials, *sizes, *x_strides, **meta)
+        _group_norm_combine_kernel[(batch * triton.cdiv(num_groups, COMBINE_GROUPS),)](
+            partials, stats, *sizes[:5], float(eps), BLOCK_G=COMBINE_GROUPS, BLOCK_P=COMBINE_CHUNKS,
+            COMPUTE=meta["COMPUTE"], num_warps=4,
+        )  # fmt: skip
+    _group_norm_act_kernel[grid](
+        source,
+        target,
+        weight.contiguous() if weight is not None else source,  # unused pointer when there is no weight
+        bias.contiguous() if bias is not None else source,
+        stats,
+        *sizes,
+        float(eps),
+        *x_strides,
+        *out_strides,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        ACT=act,
+        SINGLE_CHUNK=plan.num_chunks == 1,
+        **meta,
+    )
+    if target is not out:
+        out.copy_(target)
+    return out
