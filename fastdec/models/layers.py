@@ -1,0 +1,70 @@
+"""Layers more than one decoder family shares.
+
+``UpsampleConv`` is "nearest x2 upsample, then a 3x3 conv (padding 1)" computed without materialising the upsampled
+input: each of the four output phases (a, b) = (row parity, column parity) of the upsampled conv only ever reads a
+2x2 neighbourhood of the low-resolution input, so the 3x3 taps that land on the same input pixel are summed into
+one 2x2 kernel per phase. One 2x2 conv with 4x the output channels over the input (padding 1) then yields all
+phases, and ``ops.pixel_shuffle(., 2, phase_offset=1)`` interleaves them: 4x fewer multiply-adds than the conv at
+full resolution, and no upsampled tensor in memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdec import ops
+
+
+def _fold_taps(weight: Tensor, dim: int) -> Tensor:
+    """3 taps along ``dim`` -> 2 taps per phase, phases stacked in a new leading dim.
+
+    Output row 2i + a of the upsampled conv reads input rows i - 1 + a + dy (dy in {0, 1}); tap k reads upsampled
+    row 2i + a + k - 1, which is input row i - 1 for (a=0, k=0), row i for (a=0, k=1..2) and (a=1, k=0..1), and
+    row i + 1 for (a=1, k=2).
+    """
+    k0, k1, k2 = weight.unbind(dim)
+    return torch.stack([torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)])
+
+
+def fold_upsample_conv3x3(weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(O, C, 3, 3) conv weight after a nearest x2 upsample -> the (4*O, C, 2, 2) phase kernels and their bias.
+
+    Output channel o*4 + a*2 + b holds phase (a, b) of channel o, the order ``ops.pixel_shuffle(., 2, 1)`` reads.
+    Taps are summed in fp32 (fp64 stays fp64) and cast back to the weight's dtype once.
+    """
+    if weight.dim() != 4 or weight.shape[-2:] != (3, 3):
+        raise ValueError(f"fold_upsample_conv3x3 needs a (O, C, 3, 3) conv weight, got shape {tuple(weight.shape)}")
+    out_channels, in_channels = weight.shape[:2]
+    rows = _fold_taps(weight.to(torch.promote_types(weight.dtype, torch.float32)), 2)  # (a, O, C, dy, kx)
+    phases = _fold_taps(rows, 4)  # (b, a, O, C, dy, dx)
+    folded = phases.permute(2, 1, 0, 3, 4, 5).reshape(out_channels * 4, in_channels, 2, 2).to(weight.dtype)
+    return folded, None if bias is None else bias.repeat_interleave(4)
+
+
+class UpsampleConv(nn.Module):
+    """nn.Upsample(scale_factor=2) followed by nn.Conv2d(in, out, 3, padding=1), run as one folded 2x2 conv.
+
+    Holds the original 3x3 ``weight`` and ``bias`` (state-dict keys as nn.Conv2d's), so checkpoints load unchanged.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        # nn.Conv2d's default initialisation, so a freshly built model matches one built from nn.Conv2d.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_channels * 9)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = fold_upsample_conv3x3(self.weight, self.bias)
+        return ops.pixel_shuffle(F.conv2d(x, weight, bias, padding=1), 2, phase_offset=1)
+
+    def extra_repr(self) -> str:
+        out_channels, in_channels = self.weight.shape[:2]
+        return f"{in_channels}, {out_channels}, bias={self.bias is not None}"

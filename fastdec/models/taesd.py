@@ -1,0 +1,338 @@
+"""TAESD family: madebyollin's tiny conv autoencoders for SD, SDXL, SD3, FLUX.1 and FLUX.2 latents.
+
+Layer for layer the design of madebyollin/taesd's taesd.py, with two exact rewrites:
+
+* every "nearest x2 upsample + 3x3 conv" runs as one folded 2x2 conv + ``ops.pixel_shuffle`` (layers.UpsampleConv);
+* TAEF2's GroupNorm(4) + ReLU branch runs as one ``ops.group_norm_act``.
+
+Encoder and decoder are nn.Sequential with madebyollin's indices (an nn.Identity keeps the index of each op that a
+fused layer absorbs), so his .pth files load key for key; diffusers' AutoencoderTiny keys map by an index shift.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from fastdec import ops
+from fastdec.models.base import Decoder, load_state_dict_strict
+from fastdec.models.layers import UpsampleConv
+
+Device = torch.device | str | None
+DType = torch.dtype | None
+Model = TypeVar("Model", bound=nn.Module)
+
+
+@dataclass(frozen=True)
+class TAESDVariant:
+    latent_channels: int | None  # None: an architecture, not tied to one latent space (pass latent_channels)
+    decoder_width: int = 64
+    midblock_gn: bool = False  # TAEF2's GroupNorm branch in the low-resolution blocks
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+
+# Every TAESD decoder consumes the latents the diffusion model produces, as they are: diffusers' AutoencoderTiny
+# uses scaling_factor 1.0 ("no such scaling factor was used") and ComfyUI's loader maps raw VAE latents z to the
+# TAESD input by (z - shift) * scale with the SD/SDXL/SD3/FLUX.1 VAE's own factors, i.e. to the diffusion latents.
+# taef2 decodes what the TAEF2 encoder writes, scale 1, shift 0 (shared/README.md): FLUX.2's 32-channel latents
+# before a pipeline packs them 2x2 into 128 channels.
+VARIANTS: dict[str, TAESDVariant] = {
+    "taesd": TAESDVariant(4),
+    "taesdxl": TAESDVariant(4),
+    "taesd3": TAESDVariant(16),
+    "taef1": TAESDVariant(16),
+    "taef2": TAESDVariant(32, midblock_gn=True),
+    "tae-192": TAESDVariant(None, decoder_width=192),  # the paper's TAE-192: the TAESD decoder at width 192
+}
+DECODER_BLOCKS = (3, 3, 3, 1)  # Blocks per resolution, low to high; an upsample between stages
+ENCODER_BLOCKS = (1, 3, 3, 3)  # Blocks per resolution, high to low; a stride-2 conv between stages
+ENCODER_WIDTH = 64
+
+
+def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of the latents to (-3, 3)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class GroupNormReLU(nn.GroupNorm):
+    """nn.GroupNorm followed by ReLU, in one fused op (same parameters and state-dict keys as nn.GroupNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, "relu")
+
+
+class Block(nn.Module):
+    """relu(conv3(relu(conv2(relu(conv1(x))))) + skip(x)); TAEF2 first adds a 1x1 -> GroupNorm -> 1x1 branch to x."""
+
+    def __init__(self, n_in: int, n_out: int, midblock_gn: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(
+            conv(n_in, n_out), nn.ReLU(inplace=True), conv(n_out, n_out), nn.ReLU(inplace=True), conv(n_out, n_out)
+        )
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU(inplace=True)
+        self.pool = None
+        if midblock_gn:
+            hidden = n_in * 4
+            # nn.Identity at index 2: madebyollin's ReLU there is fused into GroupNormReLU.
+            self.pool = nn.Sequential(
+                nn.Conv2d(n_in, hidden, 1, bias=False), GroupNormReLU(4, hidden), nn.Identity(),
+                nn.Conv2d(hidden, n_in, 1, bias=False),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def _variant(name: str) -> TAESDVariant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown TAESD variant {name!r}: choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _latent_channels(variant: str, latent_channels: int | None, source: str | None = None) -> int:
+    """The variant's latent channel count, checked against one given explicitly or found in weights (source)."""
+    expected = _variant(variant).latent_channels
+    if latent_channels is None:
+        if expected is None:
+            raise ValueError(f"variant {variant!r} fits any latent space: pass latent_channels")
+        return expected
+    if expected is not None and latent_channels != expected:
+        fits = [name for name, v in VARIANTS.items() if v.latent_channels in (latent_channels, None)]
+        found = f"{source} holds weights for" if source else "asked for"
+        raise ValueError(
+            f"variant {variant!r} has {expected} latent channels but {found} {latent_channels}: "
+            f"pass one of the variants for {latent_channels} channels, {fits}"
+        )
+    return latent_channels
+
+
+def _blocks(blocks: Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    blocks = tuple(default if blocks is None else blocks)
+    if not blocks or any(not isinstance(n, int) or n < 0 for n in blocks):
+        raise ValueError(f"blocks must be a non-empty sequence of block counts >= 0 per stage, got {blocks}")
+    return blocks
+
+
+class TAESDDecoder(Decoder, nn.Sequential):
+    """Latents (B, C, h, w) -> RGB (B, 3, h * 2**(stages-1), ...) in about [0, 1] (madebyollin's Decoder)."""
+
+    output_range = "0,1"
+
+    def __init__(
+        self,
+        variant: str = "taesd",
+        latent_channels: int | None = None,
+        width: int | None = None,
+        blocks: Sequence[int] | None = None,
+        midblock_gn: bool | None = None,
+    ):
+        preset = _variant(variant)
+        latent_channels = _latent_channels(variant, latent_channels)
+        width = preset.decoder_width if width is None else width
+        blocks = _blocks(blocks, DECODER_BLOCKS)
+        midblock_gn = preset.midblock_gn if midblock_gn is None else midblock_gn
+        layers = [Clamp(), conv(latent_channels, width), nn.ReLU(inplace=True)]
+        for stage, count in enumerate(blocks):
+            layers += [Block(width, width, midblock_gn and stage == 0) for _ in range(count)]
+            if stage < len(blocks) - 1:
+                # nn.Identity at madebyollin's nn.Upsample index: UpsampleConv folds the upsample into its conv.
+                layers += [nn.Identity(), UpsampleConv(width, width, bias=False)]
+        layers.append(conv(width, 3))
+        super().__init__(*layers)
+        self.latent_channels = latent_channels
+        self.scaling_factor, self.shift_factor = preset.scaling_factor, preset.shift_factor
+        self.config = {
+            "variant": variant, "latent_channels": latent_channels, "width": width, "blocks": list(blocks),
+            "midblock_gn": midblock_gn,
+        }
+
+    @classmethod
+    def from_pth(cls, path: str | Path, variant: str, device: Device = None, dtype: DType = None) -> TAESDDecoder:
+        """madebyollin's <name>_decoder.pth (keys like ``1.weight``, ``3.conv.0.weight``); dtype None: float32."""
+        state = _read_pth(path, "decoder")
+        if "1.weight" not in state or "0.weight" in state:
+            raise ValueError(
+                f"{path} is not a TAESD decoder state dict (a decoder has '1.weight', its first conv, and no "
+                "'0.weight'): for an encoder file use TAESDEncoder.from_pth"
+            )
+        latent_channels = _latent_channels(variant, state["1.weight"].shape[1], str(path))
+        return _load(cls(variant, latent_channels), state, str(path), device, dtype)
+
+    @classmethod
+    def from_diffusers(
+        cls, vae_or_folder: nn.Module | str | Path, variant: str, device: Device = None, dtype: DType = None
+    ) -> TAESDDecoder:
+        """A diffusers AutoencoderTiny (instance, or a folder saved by save_pretrained): its ``decoder.*`` weights."""
+        config, state, source = _diffusers_part(vae_or_folder, "decoder")
+        preset = _variant(variant)
+        widths = config.get("decoder_block_out_channels", (64,) * 4)
+        expected = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2, "out_channels": 3}
+        _check_diffusers_config(config, expected, widths, source)
+        factors = (config.get("scaling_factor", 1.0), config.get("shift_factor", 0.0) or 0.0)
+        if factors != (preset.scaling_factor, preset.shift_factor):
+            raise ValueError(
+                f"{source} scales latents by (scaling_factor, shift_factor) = {factors}, variant {variant!r} by "
+                f"{(preset.scaling_factor, preset.shift_factor)}: pick the variant of this latent space"
+            )
+        latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
+        model = cls(variant, latent_channels, widths[0], config.get("num_decoder_blocks", DECODER_BLOCKS))
+        return _load(model, state, source, device, dtype)
+
+
+class TAESDEncoder(nn.Sequential):
+    """RGB (B, 3, H, W) in [0, 1] -> latents (madebyollin's Encoder); ``encode`` applies the decoder's convention."""
+
+    def __init__(
+        self,
+        variant: str = "taesd",
+        latent_channels: int | None = None,
+        width: int = ENCODER_WIDTH,
+        blocks: Sequence[int] | None = None,
+        midblock_gn: bool | None = None,
+    ):
+        preset = _variant(variant)
+        latent_channels = _latent_channels(variant, latent_channels)
+        blocks = _blocks(blocks, ENCODER_BLOCKS)
+        midblock_gn = preset.midblock_gn if midblock_gn is None else midblock_gn
+        layers = [conv(3, width)]
+        for stage, count in enumerate(blocks):
+            if stage > 0:
+                layers.append(conv(width, width, stride=2, bias=False))
+            layers += [Block(width, width, midblock_gn and stage == len(blocks) - 1) for _ in range(count)]
+        layers.append(conv(width, latent_channels))
+        super().__init__(*layers)
+        self.latent_channels = latent_channels
+        self.scaling_factor, self.shift_factor = preset.scaling_factor, preset.shift_factor
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> diffusion latents, which TAESDDecoder.decode maps back to images."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode expects RGB images (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+        return (self(images) - self.shift_factor) * self.scaling_factor
+
+    @classmethod
+    def from_pth(cls, path: str | Path, variant: str, device: Device = None, dtype: DType = None) -> TAESDEncoder:
+        """madebyollin's <name>_encoder.pth (keys like ``0.weight``, ``1.conv.0.weight``); dtype None: float32."""
+        state = _read_pth(path, "encoder")
+        if "0.weight" not in state or state["0.weight"].shape[1] != 3:
+            raise ValueError(
+                f"{path} is not a TAESD encoder state dict (an encoder starts with '0.weight', a conv from 3 "
+                "channels): for a decoder file use TAESDDecoder.from_pth"
+            )
+        last = max(int(index) for index, _, _ in (key.partition(".") for key in state) if index.isdigit())
+        latent_channels = _latent_channels(variant, state[f"{last}.weight"].shape[0], str(path))  # conv to latents
+        return _load(cls(variant, latent_channels), state, str(path), device, dtype)
+
+    @classmethod
+    def from_diffusers(
+        cls, vae_or_folder: nn.Module | str | Path, variant: str, device: Device = None, dtype: DType = None
+    ) -> TAESDEncoder:
+        """A diffusers AutoencoderTiny (instance, or a folder saved by save_pretrained): its ``encoder.*`` weights."""
+        config, state, source = _diffusers_part(vae_or_folder, "encoder")
+        widths = config.get("encoder_block_out_channels", (ENCODER_WIDTH,) * 4)
+        _check_diffusers_config(config, {"act_fn": "relu", "in_channels": 3}, widths, source)
+        latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
+        model = cls(variant, latent_channels, widths[0], config.get("num_encoder_blocks", ENCODER_BLOCKS))
+        return _load(model, state, source, device, dtype)
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+# diffusers' DecoderTiny has no Clamp module (it clamps in forward), so its layers.N is madebyollin's N + 1.
+_DIFFUSERS_INDEX_SHIFT = {"decoder": 1, "encoder": 0}
+
+
+def _read_pth(path: str | Path, part: str) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"TAESD {part} weights {path} not found: download <variant>_{part}.pth from "
+            "https://github.com/madebyollin/taesd and pass its path"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
+        reason = str(error).splitlines()[0]
+        raise ValueError(
+            f"could not read {path} as a torch state dict ({type(error).__name__}: {reason}): the file is truncated "
+            f"or not a TAESD {part} checkpoint; download it again"
+        ) from error
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors (madebyollin's .pth)")
+    return state
+
+
+def _diffusers_part(vae_or_folder: nn.Module | str | Path, part: str) -> tuple[dict, dict[str, Tensor], str]:
+    """(config, state keyed by madebyollin's indices, source name) of an AutoencoderTiny's encoder or decoder.
+
+    Every ``<part>.*`` key must be a ``<part>.layers.N.*`` key; the strict load then checks none is missing.
+    """
+    if isinstance(vae_or_folder, (str, Path)):
+        config, state, source = _read_diffusers_folder(Path(vae_or_folder))
+    elif any(cls.__name__ == "AutoencoderTiny" for cls in type(vae_or_folder).__mro__):  # no diffusers import
+        config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
+        source = f"diffusers AutoencoderTiny {part}"
+    else:
+        raise ValueError(f"expected a diffusers AutoencoderTiny or its folder, got {type(vae_or_folder).__name__}")
+    prefix, shift, mapped = f"{part}.layers.", _DIFFUSERS_INDEX_SHIFT[part], {}
+    for key, value in state.items():
+        if not key.startswith(f"{part}."):
+            continue
+        index, dot, rest = key.removeprefix(prefix).partition(".")
+        if not key.startswith(prefix) or not index.isdigit() or not dot:
+            raise ValueError(f"{source}: key {key!r} is not an AutoencoderTiny {part} key ({prefix}N.<param>)")
+        mapped[f"{int(index) + shift}.{rest}"] = value
+    return config, mapped, source
+
+
+def _check_diffusers_config(config: dict, expected: dict, widths: Sequence[int], source: str) -> None:
+    """AutoencoderTiny options outside the TAESD design (other activations, upsampling, per-stage widths) raise."""
+    differs = {key: config[key] for key, value in expected.items() if config.get(key, value) != value}
+    if differs or len(set(widths)) != 1:
+        raise ValueError(
+            f"{source}: TAESD layers need {expected} and one block width for all stages; this AutoencoderTiny has "
+            f"{differs or 'those'}, widths {list(widths)}"
+        )
+
+
+def _read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor], str]:
+    config_path = folder / "config.json"
+    weights = [folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"]
+    if not config_path.is_file() or not any(path.is_file() for path in weights):
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers AutoencoderTiny folder: it needs config.json and "
+            "diffusion_pytorch_model.safetensors (AutoencoderTiny.save_pretrained writes both)"
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("_class_name", "AutoencoderTiny") != "AutoencoderTiny":
+        raise ValueError(f"{config_path} describes a {config['_class_name']}, not an AutoencoderTiny")
+    path = next(path for path in weights if path.is_file())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = _read_pth(path, "AutoencoderTiny")
+    return config, state, str(path)
+
+
+def _load(model: Model, state: dict[str, Tensor], source: str, device: Device, dtype: DType) -> Model:
+    """Strict load (every key, no extras, same shapes; fp16 files are cast), then move to device / dtype."""
+    load_state_dict_strict(model, state, source)
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,79 @@
+"""fastdec.models.layers: the folded "nearest x2 upsample + 3x3 conv" equals the two ops it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tolerances import UPSAMPLE_FOLD
+
+from fastdec.models.layers import UpsampleConv, fold_upsample_conv3x3
+
+
+def upsample_then_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 2), c_in=st.integers(1, 6), c_out=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
+    bias=st.booleans(), channels_last=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_upsample_conv_equals_nearest_upsample_then_conv(n, c_in, c_out, h, w, bias, channels_last, dtype, seed):
+    torch.manual_seed(seed)
+    layer = UpsampleConv(c_in, c_out, bias=bias).to(dtype)
+    x = torch.randn(n, c_in, h, w, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = layer(x)
+    expected = upsample_then_conv(x, layer.weight, layer.bias)
+    assert out.shape == (n, c_out, 2 * h, 2 * w) and out.dtype == dtype
+    torch.testing.assert_close(out, expected, **UPSAMPLE_FOLD[dtype])
+
+
+def test_folded_kernel_layout():
+    """Phase (a, b) of output channel o sits at folded channel o*4 + a*2 + b and sums the taps it reads."""
+    weight = torch.arange(2 * 1 * 9, dtype=torch.float64).reshape(2, 1, 3, 3)
+    folded, bias = fold_upsample_conv3x3(weight, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert folded.shape == (8, 1, 2, 2)
+    assert bias.tolist() == [1.0] * 4 + [2.0] * 4
+    rows = {0: [[0], [1, 2]], 1: [[0, 1], [2]]}  # phase -> taps folded into dy = 0, 1 (same for columns)
+    for o in range(2):
+        for a in range(2):
+            for b in range(2):
+                for dy in range(2):
+                    for dx in range(2):
+                        expected = sum(weight[o, 0, ky, kx] for ky in rows[a][dy] for kx in rows[b][dx])
+                        assert folded[o * 4 + a * 2 + b, 0, dy, dx] == expected
+
+
+def test_fp16_weights_fold_in_fp32():
+    """Taps are summed in fp32 and rounded once, so the folded fp16 kernel is the fp32 fold rounded."""
+    weight = torch.randn(4, 3, 3, 3).half()
+    folded, _ = fold_upsample_conv3x3(weight)
+    expected, _ = fold_upsample_conv3x3(weight.float())
+    assert folded.dtype == torch.float16
+    assert torch.equal(folded, expected.half())
+
+
+def test_state_dict_is_nn_conv2d_and_gradients_match():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    layer = UpsampleConv(3, 5)
+    layer.load_state_dict(conv.state_dict(), strict=True)
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    layer(x).square().sum().backward()
+    grads = [x.grad, layer.weight.grad, layer.bias.grad]
+    x.grad = None
+    conv(F.interpolate(x, scale_factor=2, mode="nearest")).square().sum().backward()
+    for got, expected in zip(grads, [x.grad, conv.weight.grad, conv.bias.grad], strict=True):
+        torch.testing.assert_close(got, expected, **UPSAMPLE_FOLD[torch.float32])
+
+
+def test_fold_rejects_non_3x3_weights():
+    with pytest.raises(ValueError, match=r"\(O, C, 3, 3\)"):
+        fold_upsample_conv3x3(torch.zeros(4, 4, 1, 1))
