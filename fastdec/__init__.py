@@ -1,6 +1,7 @@
 """fastdec: diffusion latents to pixels, as fast as the hardware allows."""
 
 from fastdec import ops
+from fastdec.api import decode, load
 
 __version__ = "0.1.0"
-__all__ = ["ops"]
+__all__ = ["decode", "load", "ops"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,7 @@ def _check(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(0)
     failures = 0
     for device in devices:
-        def r(*shape):
+        def r(*shape, device=device):
             return torch.randn(*shape, generator=g).to(device)
 
         cases = {
@@ -40,11 +41,112 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _read_latents(path: Path, key: str | None) -> torch.Tensor:
+    """A latent tensor from .safetensors, .pt/.pth (torch.load, weights only), .npy or .npz; ``key`` picks one
+    tensor of a file holding several."""
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file {path} not found")
+    import pickle
+
+    from safetensors import SafetensorError
+
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth", ".npy", ".npz"):
+        raise ValueError(f"{path}: unsupported latents file type {suffix!r}; use .safetensors, .pt, .npy or .npz")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            content = load_file(str(path))
+        elif suffix in (".pt", ".pth"):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            import numpy as np
+
+            content = np.load(path, allow_pickle=False)
+            content = {name: content[name] for name in content.files} if suffix == ".npz" else content
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"could not read latents from {path} ({type(error).__name__}: {reason})") from error
+    if isinstance(content, dict):
+        tensors = {name: value for name, value in content.items() if hasattr(value, "shape")}
+        if key is not None:
+            if key not in tensors:
+                raise ValueError(f"{path} has no tensor {key!r}; its tensors: {sorted(tensors)}")
+            content = tensors[key]
+        elif len(tensors) == 1:
+            content = next(iter(tensors.values()))
+        else:
+            raise ValueError(f"{path} holds {len(tensors)} tensors {sorted(tensors)}: pick one with --key")
+    elif key is not None:
+        raise ValueError(f"{path} holds a single tensor, not a dict: drop --key")
+    if not isinstance(content, torch.Tensor):
+        import numpy as np
+
+        if not isinstance(content, np.ndarray):
+            raise ValueError(f"{path} holds a {type(content).__name__}, not a tensor")
+        content = torch.from_numpy(content)
+    return content
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device ({error}); use cpu, cuda or cuda:<index>") from error
+
+
+def _decode(args: argparse.Namespace) -> int:
+    """Decode a latents file to PNGs: one per batch item, <stem>_000.png, <stem>_001.png, ..."""
+    import fastdec
+    from fastdec.api import default_decoder_name, default_dtype
+
+    try:
+        latents = _read_latents(Path(args.latents), args.key)
+        device = _device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+        if latents.dim() not in (3, 4):
+            raise ValueError(f"{args.latents}: latents must be (C, h, w) or (B, C, h, w), got {tuple(latents.shape)}")
+        batch = latents.unsqueeze(0) if latents.dim() == 3 else latents
+        decoder = fastdec.load(args.decoder or default_decoder_name(batch.shape[1]), device=device, dtype=dtype)
+        images = fastdec.decode(batch.to(device), decoder, output="pil")
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        digits = max(3, len(str(len(images) - 1)))
+        for index, image in enumerate(images):
+            path = output_dir / f"{Path(args.latents).stem}_{index:0{digits}d}.png"
+            image.save(path)
+            print(path)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"fastdec decode: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="show which backend runs each op and check each against its reference")
     check.set_defaults(run=_check)
+    decode = commands.add_parser(
+        "decode", help="decode a latents file (.safetensors, .pt, .npy, .npz) to PNG images, one per batch item"
+    )
+    decode.add_argument("latents", help="latents (C, h, w) or (B, C, h, w), as a diffusion model produces them")
+    decode.add_argument(
+        "--decoder", help="a name (taesd, taef1, sdxl, ...) or path; default: the TAESD decoder for the channel count"
+    )
+    decode.add_argument("-o", "--output-dir", default=".", help="folder for <latents stem>_000.png, ... (default: .)")
+    decode.add_argument("--key", help="the tensor to decode in a file holding several")
+    decode.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    decode.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"],
+        help="decoder dtype (default: float16 on CUDA, else float32)",
+    )
+    decode.set_defaults(run=_decode)
     args = parser.parse_args(argv)
     return args.run(args)
 

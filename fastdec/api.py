@@ -1,0 +1,432 @@
+"""The two calls most users need: ``fastdec.load`` (a decoder from a name, a folder, a file or a module) and
+``fastdec.decode`` (diffusion latents -> images in [0, 1]).
+
+Where names look for weights, in order:
+
+1. ``$FASTDEC_HOME`` (default ``~/.cache/fastdec``): ``<name>_decoder.pth`` (madebyollin's TAESD files) or a folder
+   ``<name>/`` holding ``config.json`` and ``diffusion_pytorch_model.safetensors`` (a diffusers VAE folder);
+2. the Hugging Face Hub through ``huggingface_hub.hf_hub_download`` (its cache first; nothing is fetched when
+   ``HF_HUB_OFFLINE=1``).
+
+A name that is found nowhere raises FileNotFoundError naming the file to fetch, where from, and where to put it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastdec.models.base import Decoder
+
+# name -> (Hub repo, subfolder) of a diffusers AutoencoderKL: exact decoders with trained weights.
+HUB_VAES: dict[str, tuple[str, str | None]] = {
+    "sd": ("stabilityai/sd-vae-ft-mse", None),
+    "sdxl": ("stabilityai/sdxl-vae", None),
+    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
+    "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
+}
+# TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
+# https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
+TAESD_NAMES = ("taesd", "taesdxl", "taesd3", "taef1", "taef2")
+TAESD_PTH_ONLY = ("taef2",)
+TAESD_GITHUB = "https://github.com/madebyollin/taesd"
+ALIASES = {"sd1": "sd", "sd2": "sd", "flux1": "flux"}
+# Randomly initialised architectures (no published weights): load() warns, config overrides pass through.
+RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-b")
+# decode() without a decoder: the TAESD-family decoder of the latent space with this many channels. 16 channels
+# are FLUX.1's (taef1); SD3 latents also have 16: pass decoder="taesd3" for them.
+DEFAULT_DECODERS = {4: "taesd", 16: "taef1", 32: "taef2"}
+OUTPUTS = ("tensor", "uint8", "pil")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class RandomWeightsWarning(UserWarning):
+    """load() built an architecture with random weights: it decodes noise until trained or given trained weights."""
+
+
+def fastdec_home() -> Path:
+    """The folder that names look in before the Hub: $FASTDEC_HOME, default ~/.cache/fastdec."""
+    return Path(os.environ.get("FASTDEC_HOME") or "~/.cache/fastdec").expanduser()
+
+
+def names() -> list[str]:
+    """Every name load() accepts."""
+    return [*TAESD_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS]
+
+
+def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
+    """A fastdec Decoder from a name, a path or a module, on ``device`` in ``dtype``.
+
+    ``source`` is one of:
+
+    * a fastdec ``Decoder``: moved/cast in place and returned;
+    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder) or ``AutoencoderTiny`` (-> TAESDDecoder); device and
+      dtype default to the VAE's;
+    * a folder: a fastdec ``save_pretrained`` folder, a diffusers VAE folder (config.json ``_class_name``
+      AutoencoderKL or AutoencoderTiny) or a pipeline folder with a ``vae/`` subfolder;
+    * a madebyollin TAESD ``.pth`` decoder file (variant from the file name, e.g. taesdxl_decoder.pth, else from
+      the weights);
+    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1): the
+      exact VAE decoder; tae-192, efficientvit, efficientvit-attn, vit-s, vit-b: random weights (a
+      RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
+
+    An existing path wins over a name. Trained weights fix the architecture, so config overrides are only accepted
+    for the random presets.
+    """
+    if isinstance(source, Decoder):
+        _refuse_overrides(config_overrides, "a Decoder module")
+        return source.to(device=device, dtype=dtype)
+    if isinstance(source, nn.Module):
+        _refuse_overrides(config_overrides, "a diffusers VAE")
+        return _from_diffusers_module(source, device, dtype)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"load() takes a name, a path, a fastdec Decoder or a diffusers VAE, got a {type(source).__name__}"
+        )
+    path = Path(source).expanduser()
+    if path.exists():
+        _refuse_overrides(config_overrides, f"trained weights ({path})")
+        return _from_path(path, device, dtype)
+    name = ALIASES.get(str(source).lower(), str(source).lower())
+    if name in RANDOM_PRESETS:
+        return _random_preset(name, device, dtype, config_overrides)
+    if name in TAESD_NAMES or name in HUB_VAES:
+        _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
+        return _from_name(name, device, dtype)
+    raise FileNotFoundError(f"{source!r} is neither an existing path nor a known name; names: {', '.join(names())}")
+
+
+def default_decoder_name(latent_channels: int) -> str:
+    """The TAESD-family decoder decode() uses for latents with this many channels."""
+    if latent_channels not in DEFAULT_DECODERS:
+        raise ValueError(
+            f"no default decoder for {latent_channels}-channel latents (defaults exist for "
+            f"{sorted(DEFAULT_DECODERS)} channels): pass decoder=<a name, path or Decoder for this latent space>"
+        )
+    return DEFAULT_DECODERS[latent_channels]
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype decode() and the CLI load decoders in unless told: float16 on CUDA, float32 elsewhere."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def decode(latents: Tensor, decoder=None, output: str = "tensor"):
+    """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
+
+    ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
+    (C, h, w) or (B, C, h, w), any float dtype (cast to the decoder's), on the decoder's device.
+
+    ``decoder``: None picks the TAESD-family decoder for the channel count (4: taesd, 16: taef1, 32: taef2; for SD3
+    latents pass ``decoder="taesd3"``), loaded on the latents' device in ``default_dtype`` and cached. A name is
+    loaded the same way and cached; a path or module goes through ``load`` on every call (load it once yourself
+    and pass the Decoder); a Decoder is used as is. Cached decoders are shared: do not modify them.
+
+    ``output``: "tensor": (B, 3, H, W) in the decoder's dtype; "uint8": (B, H, W, 3) uint8, round(255 * x);
+    "pil": a list of PIL images. An unbatched (C, h, w) input gives one image: (3, H, W), (H, W, 3) or an Image.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
+    if not isinstance(latents, Tensor):
+        hint = " (numpy: torch.from_numpy(array))" if type(latents).__module__ == "numpy" else ""
+        raise TypeError(f"latents must be a torch.Tensor, got a {type(latents).__name__}{hint}")
+    if latents.dim() not in (3, 4):
+        raise ValueError(
+            f"latents must be (C, h, w) or (B, C, h, w), got shape {tuple(latents.shape)}: "
+            "video latents (B, C, T, h, w) go frame by frame, e.g. latents.transpose(1, 2).flatten(0, 1)"
+        )
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be a float tensor, got {latents.dtype}: cast them, e.g. latents.float()")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or Inf: the diffusion run diverged or the latents are corrupt")
+    unbatched = latents.dim() == 3
+    batch = latents.unsqueeze(0) if unbatched else latents
+    decoder = _decoder_for(batch, decoder)
+    if batch.shape[1] != decoder.latent_channels:
+        raise ValueError(
+            f"latents have {batch.shape[1]} channels but {type(decoder).__name__} expects "
+            f"{decoder.latent_channels}: pass a decoder for {batch.shape[1]}-channel latents"
+            + (f" (e.g. decoder={DEFAULT_DECODERS[batch.shape[1]]!r})" if batch.shape[1] in DEFAULT_DECODERS else "")
+        )
+    weights_device, weights_dtype = _device_and_dtype(decoder)
+    if batch.device != weights_device:
+        raise ValueError(
+            f"latents are on {batch.device} but the decoder's weights on {weights_device}: move the latents "
+            f"(latents.to('{weights_device}')) or the decoder (decoder.to('{batch.device}'))"
+        )
+    with torch.no_grad():
+        images = decoder.decode(batch.to(weights_dtype))
+    if output == "tensor":
+        return images[0] if unbatched else images
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    if output == "uint8":
+        return pixels[0] if unbatched else pixels
+    from PIL import Image
+
+    pil_images = [Image.fromarray(array) for array in pixels.cpu().numpy()]
+    return pil_images[0] if unbatched else pil_images
+
+
+# --- decode() helpers ----------------------------------------------------------------------------------------------
+
+
+def _decoder_for(latents: Tensor, decoder) -> Decoder:
+    if isinstance(decoder, Decoder):
+        return decoder
+    if decoder is None:
+        decoder = default_decoder_name(latents.shape[1])
+    if isinstance(decoder, str) and not Path(decoder).expanduser().exists():
+        return _cached_decoder(decoder.lower(), latents.device, default_dtype(latents.device))
+    return load(decoder, device=latents.device, dtype=default_dtype(latents.device))
+
+
+@functools.cache
+def _cached_decoder(name: str, device: torch.device, dtype: torch.dtype) -> Decoder:
+    return load(name, device=device, dtype=dtype)
+
+
+def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+# --- load() helpers ------------------------------------------------------------------------------------------------
+
+
+def _refuse_overrides(config_overrides: dict, what: str) -> None:
+    if config_overrides:
+        raise TypeError(
+            f"config overrides {sorted(config_overrides)} apply only to the random presets {RANDOM_PRESETS}; "
+            f"{what} fixes its architecture"
+        )
+
+
+def _decoder_classes() -> dict[str, type[Decoder]]:
+    from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
+    from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.taesd import TAESDDecoder
+    from fastdec.models.vit import ViTDecoder
+
+    return {cls.__name__: cls for cls in (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)}
+
+
+def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
+    from fastdec.models import efficientvit, vit
+    from fastdec.models.taesd import TAESDDecoder
+
+    presets = {**efficientvit.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192"))}
+    cls, config = presets[name]
+    config = {"latent_channels": 4, **config, **config_overrides}
+    with torch.device(device or "cpu"):  # initialise where it will run: no CPU copy of a large model
+        model = cls(**config)
+    warnings.warn(
+        f"fastdec.load({name!r}) built a {cls.__name__} with random weights: it decodes noise until trained. "
+        "Load trained weights with fastdec.load('<folder written by save_pretrained>').",
+        RandomWeightsWarning,
+        stacklevel=3,
+    )
+    return model.to(dtype=dtype).eval()
+
+
+def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
+    diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
+    kind = None
+    if diffusers is not None:
+        kind = next((k for k in ("AutoencoderKL", "AutoencoderTiny") if isinstance(vae, getattr(diffusers, k))), None)
+    if kind is None:
+        raise TypeError(
+            f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny modules, got a "
+            f"{type(vae).__module__}.{type(vae).__name__}"
+        )
+    weights_device, weights_dtype = _device_and_dtype(vae)
+    device, dtype = device or weights_device, dtype or weights_dtype
+    if kind == "AutoencoderKL":
+        from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
+
+        return AutoencoderKLDecoder.from_diffusers(vae, device=device, dtype=dtype)
+    from fastdec.models.taesd import TAESDDecoder
+
+    variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
+    return TAESDDecoder.from_diffusers(vae, variant, device=device, dtype=dtype)
+
+
+def _from_path(path: Path, device, dtype) -> Decoder:
+    if path.is_dir():
+        return _from_folder(path, device, dtype)
+    if path.suffix in (".pth", ".pt"):
+        from fastdec.models.taesd import TAESDDecoder
+
+        variant = _taesd_variant_of_file(path)
+        return _reading(path, lambda: TAESDDecoder.from_pth(path, variant)).to(device=device, dtype=dtype)
+    if path.suffix in (".safetensors", ".json", ".bin") and (path.parent / "config.json").is_file():
+        return _from_folder(path.parent, device, dtype)
+    raise ValueError(
+        f"{path}: load() reads folders (fastdec save_pretrained, diffusers VAE or pipeline folders) and TAESD .pth "
+        "decoder files; for weights next to a config.json pass their folder"
+    )
+
+
+def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Decoder:
+    """``variant``: the TAESD variant of an AutoencoderTiny folder when the caller knows it (a name)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file() and (folder / "vae" / "config.json").is_file():
+        folder, config_path = folder / "vae", folder / "vae" / "config.json"  # a diffusers pipeline folder
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json (nor vae/config.json): expected a folder written by a fastdec decoder's "
+            "save_pretrained, a diffusers VAE folder or a diffusers pipeline folder"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}): re-download or re-save it") from error
+    classes = _decoder_classes()
+    if "class" in config:
+        if config["class"] not in classes:
+            raise ValueError(f"{config_path}: unknown decoder class {config['class']!r}; known: {sorted(classes)}")
+        cls = classes[config["class"]]
+        return _reading(folder, lambda: cls.from_pretrained(folder)).to(device=device, dtype=dtype)
+    kind = config.get("_class_name")
+    if kind == "AutoencoderKL":
+        cls = classes["AutoencoderKLDecoder"]
+        return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
+    if kind == "AutoencoderTiny":
+        variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
+        cls = classes["TAESDDecoder"]
+        return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
+    raise ValueError(
+        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL or "
+        f"AutoencoderTiny (_class_name is {kind!r})"
+    )
+
+
+def _reading(source: Path, read):
+    """Runs a loader on the CPU; a truncated or corrupt weights file (safetensors or torch.load errors) becomes a
+    ValueError that names the file and says to re-download it. Key, shape and config mismatches (ValueError) and
+    missing files (FileNotFoundError) pass through unchanged."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return read()
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
+        raise ValueError(
+            f"could not read the weights in {source} ({type(error).__name__}: {str(error).splitlines()[0]}): the "
+            "file is truncated or corrupt; re-download it"
+        ) from error
+
+
+def _taesd_variant_of_file(path: Path) -> str:
+    """madebyollin's file names start with the variant (taesdxl_decoder.pth); otherwise the weights tell."""
+    from fastdec.models.taesd import VARIANTS, _read_pth
+
+    stem = path.stem.lower()
+    for variant in sorted(VARIANTS, key=len, reverse=True):
+        if stem == variant or stem.startswith((f"{variant}_", f"{variant}-", f"{variant}.")):
+            return variant
+    state = _reading(path, lambda: _read_pth(path, "decoder"))
+    if "1.weight" not in state:
+        raise ValueError(f"{path} is not a TAESD decoder state dict (no '1.weight', the decoder's first conv)")
+    width, latent_channels = state["1.weight"].shape[:2]
+    if any(".pool." in key for key in state):
+        return "taef2"
+    if width == VARIANTS["tae-192"].decoder_width:
+        return "tae-192"
+    return _taesd_variant_for_channels(latent_channels, str(path))
+
+
+def _taesd_variant_of_folder(folder: Path, latent_channels: int) -> str:
+    """A variant named in the folder's path (a Hub cache folder models--madebyollin--taesdxl), else by channels."""
+    from fastdec.models.taesd import VARIANTS
+
+    parts = [part.lower() for part in folder.resolve().parts]
+    for variant in sorted(VARIANTS, key=len, reverse=True):
+        if any(part == variant or part.endswith(f"--{variant}") for part in parts):
+            return variant
+    return _taesd_variant_for_channels(latent_channels, str(folder))
+
+
+def _taesd_variant_for_channels(latent_channels: int, source: str) -> str:
+    if latent_channels not in DEFAULT_DECODERS:
+        raise ValueError(
+            f"{source}: no TAESD variant has {latent_channels} latent channels (taesd/taesdxl 4, taesd3/taef1 16, "
+            "taef2 32)"
+        )
+    return DEFAULT_DECODERS[latent_channels]
+
+
+def _from_name(name: str, device, dtype) -> Decoder:
+    home = fastdec_home()
+    if name in TAESD_NAMES:
+        pth = home / f"{name}_decoder.pth"
+        if pth.is_file():
+            from fastdec.models.taesd import TAESDDecoder
+
+            return _reading(pth, lambda: TAESDDecoder.from_pth(pth, name)).to(device=device, dtype=dtype)
+    variant = name if name in TAESD_NAMES else None
+    if (home / name / "config.json").is_file():
+        return _from_folder(home / name, device, dtype, variant)
+    if name in TAESD_PTH_ONLY:
+        raise FileNotFoundError(
+            f"fastdec.load({name!r}): {name}_decoder.pth not found in {home} (FASTDEC_HOME). It is published only on "
+            f"GitHub: download {TAESD_GITHUB}/raw/main/{name}_decoder.pth into {home}/, or pass its path: "
+            f"fastdec.load('/path/to/{name}_decoder.pth')"
+        )
+    repo, subfolder = (f"madebyollin/{name}", None) if name in TAESD_NAMES else HUB_VAES[name]
+    return _from_folder(_hub_folder(name, repo, subfolder, home), device, dtype, variant)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path) -> Path:
+    """Fetches (or finds in the Hub cache) config.json and the safetensors weights; returns their folder."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as error:
+        raise FileNotFoundError(
+            f"fastdec.load({name!r}) needs huggingface_hub to fetch {repo} (pip install huggingface_hub), or put "
+            f"config.json and {DIFFUSERS_WEIGHTS} in {home / name}/"
+        ) from error
+    offline = _hub_offline()
+    try:
+        paths = [
+            hf_hub_download(repo, filename, subfolder=subfolder, local_files_only=offline, library_name="fastdec")
+            for filename in ("config.json", DIFFUSERS_WEIGHTS)
+        ]
+    except OSError as error:  # huggingface_hub's not-cached, offline, HTTP, gated-repo errors are all OSErrors
+        where = f"https://huggingface.co/{repo}" + (f" (folder {subfolder}/)" if subfolder else "")
+        pth_hint = (
+            f" Or put madebyollin's {name}_decoder.pth ({TAESD_GITHUB}) in {home}/." if name in TAESD_NAMES else ""
+        )
+        from huggingface_hub.errors import GatedRepoError
+
+        gated = (
+            " The repo is gated: accept its license on its Hub page and log in (hf auth login)."
+            if isinstance(error, GatedRepoError) else ""
+        )
+        raise FileNotFoundError(
+            f"fastdec.load({name!r}): the weights are not in {home} (FASTDEC_HOME) nor in the Hugging Face cache, "
+            f"and {'HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached'} "
+            f"({type(error).__name__}). Fetch config.json and {DIFFUSERS_WEIGHTS} from {where} into {home / name}/ "
+            f"(or run `hf download {repo}` while online, into the Hugging Face cache).{pth_hint} Or pass a path: "
+            "fastdec.load('/path/to/folder')." + gated
+        ) from error
+    return Path(paths[1]).parent
