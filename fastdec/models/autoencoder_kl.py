@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict
-from fastdec.models.layers import UpsampleConv
+from fastdec.models.layers import UpsampleConv, norm_act
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
 
@@ -37,10 +37,6 @@ PRESETS: dict[str, dict] = {
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def norm_act(norm: nn.GroupNorm, x: Tensor, act: str = "silu") -> Tensor:
-    return ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -51,7 +47,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv2(norm_act(self.norm2, self.conv1(norm_act(self.norm1, x))))
+        h = self.conv2(norm_act(self.norm2, self.conv1(norm_act(self.norm1, x, "silu")), "silu"))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -136,7 +132,7 @@ class VAEDecoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for up_block in self.up_blocks:
             x = up_block(x)
-        return self.conv_out(norm_act(self.conv_norm_out, x))
+        return self.conv_out(norm_act(self.conv_norm_out, x, "silu"))
 
 
 class AutoencoderKLDecoder(Decoder):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models.base import Decoder
+from fastdec.models.layers import norm_act
 from fastdec.models.vit import TransformerBlock, init_transformer_weights
 
 NORMS = ("batch", "group")
@@ -43,10 +44,6 @@ NORM_EPS = 1e-6
 def duplicate_channels(x: Tensor, channels: int) -> Tensor:
     """DC-AE's channel-duplicating shortcut: each input channel repeated channels/C times, in place order."""
     return x.repeat_interleave(channels // x.shape[1], dim=1)
-
-
-def group_norm_act(norm: nn.GroupNorm, x: Tensor, act: str) -> Tensor:
-    return ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
 
 
 class ResBlock(nn.Module):
@@ -68,7 +65,7 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv2(F.relu(self.conv1(x)) if self.act == "relu" else F.silu(self.conv1(x)))
         if isinstance(self.norm, nn.GroupNorm):
-            h = group_norm_act(self.norm, h, "none")
+            h = norm_act(self.norm, h, "none")
         elif self.norm is not None:
             h = self.norm(h)
         return x + h
@@ -209,7 +206,7 @@ class EfficientViTDecoder(Decoder):
             )
         x = self.project_in(z) + duplicate_channels(z, self.project_in.out_channels)
         x = self.stages(x)
-        x = self.head_conv(group_norm_act(self.head_norm, x, self.config["act"]))
+        x = self.head_conv(norm_act(self.head_norm, x, self.config["act"]))
         return ops.pixel_shuffle(x, self.head_upsample) if self.head_upsample > 1 else x
 
     def decode(self, latents: Tensor) -> Tensor:

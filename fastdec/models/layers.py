@@ -45,6 +45,11 @@ def fold_upsample_conv3x3(weight: Tensor, bias: Tensor | None = None) -> tuple[T
     return folded, None if bias is None else bias.repeat_interleave(4)
 
 
+def norm_act(norm: nn.GroupNorm, x: Tensor, act: str) -> Tensor:
+    """``act(norm(x))`` as one fused ``ops.group_norm_act``; ``norm`` only holds the parameters (diffusers' keys)."""
+    return ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
+
+
 class UpsampleConv(nn.Module):
     """nn.Upsample(scale_factor=2) followed by nn.Conv2d(in, out, 3, padding=1), run as one folded 2x2 conv.
 

@@ -20,9 +20,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict
-from fastdec.models.layers import UpsampleConv
+from fastdec.models.layers import UpsampleConv, norm_act
 
 Device = torch.device | str | None
 DType = torch.dtype | None
@@ -71,7 +70,7 @@ class GroupNormReLU(nn.GroupNorm):
     """nn.GroupNorm followed by ReLU, in one fused op (same parameters and state-dict keys as nn.GroupNorm)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, "relu")
+        return norm_act(self, x, "relu")
 
 
 class Block(nn.Module):
