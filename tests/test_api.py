@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -26,17 +25,7 @@ SHARED_TAEF2 = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
 TINY_TAESD = dict(variant="taesd", blocks=(1, 1))
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch) -> Path:
-    """No test reaches the network or a real cache: Hub offline, empty Hub cache, empty FASTDEC_HOME (returned)."""
-    home = tmp_path / "fastdec_home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("FASTDEC_HOME", str(home))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    api._cached_decoder.cache_clear()
-    yield home
-    api._cached_decoder.cache_clear()
+pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py: no network, empty caches
 
 
 def tiny_autoencoder_kl(latent_channels: int = 4, seed: int = 0, **config) -> AutoencoderKL:

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_triton, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import ATTENTION, ATTENTION_GRAD
@@ -17,18 +18,8 @@ from tolerances import ATTENTION, ATTENTION_GRAD
 from fastdec import ops
 from fastdec.kernels import attention as attn
 
-DEVICES = [
-    device
-    for device, available in (
-        ("cpu", ops.backends()["attention"]["cpu"] == "triton (interpreter)"),
-        ("cuda", torch.cuda.is_available() and ops.backends()["attention"]["cuda"] == "triton"),
-    )
-    if available
-]
-needs_kernel = pytest.mark.skipif(
-    not DEVICES,
-    reason="attention's Triton kernel runs nowhere here; on CPU set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1",
-)
+DEVICES = triton_devices("attention")
+needs_kernel = needs_triton("attention")
 LAYOUTS = ("contiguous", "tokens_major", "strided_head_dim", "broadcast_heads")
 reference = attn.attention_reference  # kept before the fixtures below replace the module's copy
 

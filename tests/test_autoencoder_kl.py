@@ -3,23 +3,20 @@ references inside the model, the upsampler folding, strict loading, decode(), to
 
 from __future__ import annotations
 
-import collections
 import json
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from helpers import fused_on_cpu, needs_interpreter, relative_error
 from safetensors.torch import load_file, save_file
 from tolerances import DECODER_FP32_REL, DECODER_LOW_PRECISION_VS_DIFFUSERS
 from torch import nn
 
 from fastdec import ops
-from fastdec.kernels import attention as attention_kernels
-from fastdec.kernels import group_norm_act as group_norm_kernels
 from fastdec.models.autoencoder_kl import PRESETS, AutoencoderKLDecoder, SelfAttention
 
-FUSED_ON_CPU = all(ops.backends()[op]["cpu"] == "triton (interpreter)" for op in ("group_norm_act", "attention"))
-NOT_FUSED_REASON = "the Triton kernels do not run on CPU here; set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1"
+FUSED_ON_CPU = fused_on_cpu("group_norm_act", "attention")
 
 # Tiny AutoencoderKLs: two or three levels, so up blocks with and without upsampler, conv shortcuts, attention.
 TINY = {
@@ -47,30 +44,6 @@ def diffusers_vae(block_out_channels, layers_per_block=1, seed=0, **config) -> A
     return vae
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref|; NaN or inf anywhere fails."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all() and torch.isfinite(ref).all(), "non-finite values"
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-@pytest.fixture
-def triton_launches(monkeypatch):
-    """Counts calls of the Triton launchers, which proves the fused path ran them (and not the references)."""
-    counts = collections.Counter()
-
-    def counting(name, launch):
-        def counted(*args):
-            counts[name] += 1
-            return launch(*args)
-
-        return counted
-
-    for module, name in ((group_norm_kernels, "group_norm_act_triton"), (attention_kernels, "attention_triton")):
-        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
-    return counts
-
-
 def expected_launches(model: nn.Module) -> dict[str, int]:
     """Every GroupNorm module is one group_norm_act call; every SelfAttention one attention call."""
     return {
@@ -94,7 +67,7 @@ def test_matches_diffusers(name, memory_format, triton_launches):
         assert dict(triton_launches) == {k: v for k, v in expected_launches(model).items() if v}
 
 
-@pytest.mark.skipif(not FUSED_ON_CPU, reason=NOT_FUSED_REASON)
+@needs_interpreter("group_norm_act", "attention")
 def test_fused_ops_match_reference_ops(triton_launches):
     model = AutoencoderKLDecoder.from_diffusers(diffusers_vae(**TINY["sd_style"]))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))

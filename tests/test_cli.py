@@ -20,14 +20,7 @@ from fastdec.models.taesd import TAESDDecoder
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch) -> Path:
-    """Hub offline, an empty FASTDEC_HOME (returned)."""
-    home = tmp_path / "fastdec_home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("FASTDEC_HOME", str(home))
-    return home
+pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py: no network, empty caches
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_triton, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import GROUP_NORM_ACT, GROUP_NORM_ACT_GRAD
@@ -16,18 +17,8 @@ from tolerances import GROUP_NORM_ACT, GROUP_NORM_ACT_GRAD
 from fastdec import ops
 from fastdec.kernels import group_norm_act as gna
 
-DEVICES = [
-    device
-    for device, available in (
-        ("cpu", ops.backends()["group_norm_act"]["cpu"] == "triton (interpreter)"),
-        ("cuda", torch.cuda.is_available() and ops.backends()["group_norm_act"]["cuda"] == "triton"),
-    )
-    if available
-]
-needs_kernel = pytest.mark.skipif(
-    not DEVICES,
-    reason="group_norm_act's Triton kernels run nowhere here; on CPU set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1",
-)
+DEVICES = triton_devices("group_norm_act")
+needs_kernel = needs_triton("group_norm_act")
 LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed")
 
 

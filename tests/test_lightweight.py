@@ -5,29 +5,21 @@ Most tests use tiny configs (fp32, CPU); the full presets are built on the meta 
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 
 import pytest
 import torch
+from helpers import needs_interpreter, relative_error
 from safetensors.torch import load_file, save_file
 from tolerances import DECODER_FP32_REL
 from torch import nn
 
 from fastdec import ops
-from fastdec.kernels import attention as attention_kernels
-from fastdec.kernels import group_norm_act as group_norm_kernels
-from fastdec.kernels import patch_unembed as patch_unembed_kernels
 from fastdec.models import efficientvit, vit
 from fastdec.models.efficientvit import EfficientViTDecoder, ResBlock
 from fastdec.models.stats import count_params, flops
 from fastdec.models.vit import Attention, ViTDecoder, sincos_position_encoding
-
-FUSED_ON_CPU = all(
-    ops.backends()[op]["cpu"] == "triton (interpreter)" for op in ("group_norm_act", "attention", "patch_unembed")
-)
-NOT_FUSED_REASON = "the Triton kernels do not run on CPU here; set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1"
 
 # Tiny configs, 8x upsampling each: four stages whose two non-empty ones upsample, plus the head's x2.
 TINY = {
@@ -76,34 +68,6 @@ def settle_batch_norm(model: nn.Module, latent_channels: int = 4) -> None:
         for seed in range(3):
             model(latents(4, latent_channels, 4, 4, seed=seed) * 2 + 0.5)
     model.eval()
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref|; NaN or inf anywhere fails."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all() and torch.isfinite(ref).all(), "non-finite values"
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-@pytest.fixture
-def triton_launches(monkeypatch):
-    """Counts calls of the Triton launchers, which proves the fused path ran them (and not the references)."""
-    counts = collections.Counter()
-
-    def counting(launch, name):
-        def counted(*args):
-            counts[name] += 1
-            return launch(*args)
-
-        return counted
-
-    for module, name in (
-        (group_norm_kernels, "group_norm_act_triton"),
-        (attention_kernels, "attention_triton"),
-        (patch_unembed_kernels, "patch_unembed_triton"),
-    ):
-        monkeypatch.setattr(module, name, counting(getattr(module, name), name))
-    return counts
 
 
 def expected_launches(model: nn.Module) -> dict[str, int]:
@@ -220,7 +184,7 @@ def test_loading_refuses_another_class_and_another_config(tmp_path):
         ViTDecoder.from_pretrained(tmp_path)
 
 
-@pytest.mark.skipif(not FUSED_ON_CPU, reason=NOT_FUSED_REASON)
+@needs_interpreter("group_norm_act", "attention", "patch_unembed")
 @pytest.mark.parametrize("name", list(TINY))
 def test_fused_ops_match_reference_ops(name, triton_launches):
     model = build(name).eval()

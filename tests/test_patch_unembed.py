@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import needs_triton, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import PATCH_UNEMBED, PATCH_UNEMBED_GRAD
@@ -13,19 +14,8 @@ from fastdec import ops
 from fastdec.kernels import patch_unembed as pu
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DEVICES = [
-    device
-    for device, available in (
-        ("cpu", ops.backends()["patch_unembed"]["cpu"] == "triton (interpreter)"),
-        ("cuda", torch.cuda.is_available() and ops.backends()["patch_unembed"]["cuda"] == "triton"),
-    )
-    if available
-]
-needs_kernel = pytest.mark.skipif(
-    not DEVICES,
-    reason="patch_unembed's Triton kernel runs nowhere here; on CPU set FASTDEC_TRITON_INTERPRET=1 "
-    "TRITON_INTERPRET=1",
-)
+DEVICES = triton_devices("patch_unembed")
+needs_kernel = needs_triton("patch_unembed")
 
 
 def make_tokens(batch, grid_h, grid_w, patch, channels, dtype, device, layout="contiguous", seed=0):

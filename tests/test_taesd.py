@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_interpreter, relative_error
 from tolerances import DECODER_FP32_REL, RECONSTRUCTION_PSNR_DB
 
 import fastdec.kernels.group_norm_act as group_norm_act_kernels
@@ -21,21 +22,9 @@ TAEF2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "tae
 needs_taef2 = pytest.mark.skipif(
     not (TAEF2 / "taef2_decoder.pth").is_file(), reason=f"real TAEF2 weights not found in {TAEF2.resolve()}"
 )
-FUSED_ON_CPU = ops.backends()["group_norm_act"]["cpu"] == "triton (interpreter)"
-needs_interpreter = pytest.mark.skipif(
-    not FUSED_ON_CPU, reason="set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1 to run the Triton kernels on CPU"
-)
 # Reconstruction PSNR (dB) of scikit-image's images through TAEF2, measured with a reference implementation
 # (shared/README.md).
 TAEF2_PSNR = {"astronaut": 31.19, "chelsea": 32.70, "coffee": 29.62, "rocket": 30.49}
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|; inf for non-finite output, so NaN never passes."""
-    assert actual.shape == expected.shape
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def tiny_autoencoder(latent_channels: int, decoder_width: int = 64):
@@ -131,7 +120,7 @@ def test_taef2_psnr_reference_ops(taef2, name):
 
 
 @needs_taef2
-@needs_interpreter
+@needs_interpreter("group_norm_act")
 @pytest.mark.parametrize("name", list(TAEF2_PSNR))
 @torch.no_grad()
 def test_taef2_psnr_fused(taef2, name, monkeypatch):
@@ -153,7 +142,7 @@ def _must_not_run(*args, **kwargs):
 # --- fused vs reference ------------------------------------------------------------------------------------------
 
 
-@needs_interpreter
+@needs_interpreter("group_norm_act")
 @pytest.mark.parametrize("channels_last", [False, True])
 @torch.no_grad()
 def test_fused_matches_reference_and_runs_triton(monkeypatch, channels_last):

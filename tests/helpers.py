@@ -1,0 +1,43 @@
+"""Helpers shared by the test modules (``from helpers import ...``, like ``tolerances``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdec import ops
+
+INTERPRETER_HINT = "on CPU set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1"
+
+
+def triton_devices(op: str) -> list[str]:
+    """The devices on which ``op``'s Triton kernel (not its reference) runs in this process."""
+    table = ops.backends()[op]
+    available = {"cpu": table["cpu"] == "triton (interpreter)",
+                 "cuda": torch.cuda.is_available() and table["cuda"] == "triton"}
+    return [device for device, ok in available.items() if ok]
+
+
+def needs_triton(*names: str) -> pytest.MarkDecorator:
+    """Skip unless the Triton kernel of every op named runs here (CPU through the interpreter, or CUDA)."""
+    missing = [name for name in names if not triton_devices(name)]
+    return pytest.mark.skipif(bool(missing), reason=f"Triton kernels of {missing} run nowhere here; {INTERPRETER_HINT}")
+
+
+def fused_on_cpu(*names: str) -> bool:
+    return all("cpu" in triton_devices(name) for name in names)
+
+
+def needs_interpreter(*names: str) -> pytest.MarkDecorator:
+    """Skip unless the Triton kernels of every op named run on CPU through the interpreter (CPU-only tests)."""
+    reason = f"Triton kernels of {names} do not run on CPU here; {INTERPRETER_HINT}"
+    return pytest.mark.skipif(not fused_on_cpu(*names), reason=reason)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in fp64; inf when out has NaN or inf, so a non-finite output never passes."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(ref).all(), "non-finite reference"
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
