@@ -41,3 +41,18 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+class CountingKernel:
+    """Wraps a @triton.jit kernel and records the grid of each launch (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    @property
+    def launches(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import needs_triton, triton_devices
+from helpers import CountingKernel, needs_triton, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import ATTENTION, ATTENTION_GRAD
@@ -62,17 +62,6 @@ def poisoned_buffers(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(new_empty(self, *a, **kw)))
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-
-
-class CountingKernel:
-    """Wraps a @triton.jit kernel and records the grid of each launch (kernel[grid](...))."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ def test_every_row_has_every_figure(result):
         else:
             assert isinstance(row["ratio_vs_diffusers"], float) and row["ratio_vs_diffusers"] > 0
             assert row["speedup_vs_diffusers"] == pytest.approx(1 / row["ratio_vs_diffusers"])
+            assert row["ratio_q25"] <= row["ratio_vs_diffusers"] <= row["ratio_q75"]
 
 
 def test_reference_is_its_own_reference_and_fused_backend_is_labelled(result):

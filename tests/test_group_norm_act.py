@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import needs_triton, triton_devices
+from helpers import CountingKernel, needs_triton, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import GROUP_NORM_ACT, GROUP_NORM_ACT_GRAD
@@ -72,17 +72,6 @@ def poisoned_empty_like(monkeypatch):
         return t.fill_(math.nan) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty_like", empty_like_nan)
-
-
-class CountingKernel:
-    """Wraps a @triton.jit kernel and counts its launches (kernel[grid](...))."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @pytest.fixture
