@@ -147,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         help="decoder dtype (default: float16 on CUDA, else float32)",
     )
     decode.set_defaults(run=_decode)
+    from fastdec import bench  # imports only argparse-level code until a benchmark runs
+
+    bench_parser = commands.add_parser(
+        "bench", help="time every decoder against diffusers on this device (speed, memory, fidelity)"
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench.run)
     args = parser.parse_args(argv)
     return args.run(args)
 
