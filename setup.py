@@ -11,16 +11,23 @@ import shutil
 from setuptools import setup
 
 
+def _has_cudart(home: str) -> bool:
+    return any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+
+
 def _guess_cuda_home() -> None:
-    # torch guesses CUDA_HOME as two folders above `which nvcc`; a symlinked nvcc (/usr/local/bin/nvcc) would give
-    # /usr/local, which has no libcudart. Follow the link instead, unless the user set CUDA_HOME.
+    # torch guesses CUDA_HOME as two folders above `which nvcc`. When nvcc is a link or a wrapper script in
+    # /usr/local/bin that gives /usr/local, which has no libcudart: follow the link, else try /usr/local/cuda.
     nvcc = shutil.which("nvcc")
-    if nvcc and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if not nvcc or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if _has_cudart(home):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def _want_cuda() -> bool:
-    _guess_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME
 
     flag = os.environ.get("FASTDEC_BUILD_CUDA")
@@ -35,6 +42,7 @@ def _want_cuda() -> bool:
 
 
 def _extensions():
+    _guess_cuda_home()  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
