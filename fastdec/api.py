@@ -115,8 +115,11 @@ def default_decoder_name(latent_channels: int) -> str:
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype decode() and the CLI load decoders in unless told: float16 on CUDA, float32 elsewhere."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    """The dtype decode() and the CLI load decoders in unless told: bfloat16 on CUDA (float16 where the GPU lacks
+    bf16), float32 elsewhere. bf16 rather than fp16 because the SD/SDXL VAE decoders overflow fp16 (force_upcast)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def decode(latents: Tensor, decoder=None, output: str = "tensor"):

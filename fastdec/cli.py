@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     decode.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"],
-        help="decoder dtype (default: float16 on CUDA, else float32)",
+        help="decoder dtype (default: bfloat16 on CUDA, else float32)",
     )
     decode.set_defaults(run=_decode)
     from fastdec import bench  # imports only argparse-level code until a benchmark runs
