@@ -145,3 +145,16 @@ def test_wheel_install_imports(tmp_path):
     assert Path(package_file).is_relative_to(tmp_path / "site")
     assert Path(kernels_file).is_relative_to(tmp_path / "site" / "fastdec" / "kernels")
     assert has_ext == "True" and with_cuda == "False"
+
+
+def test_core_works_without_optional_packages():
+    """diffusers, huggingface_hub, matplotlib, rich and timm are extras: import, load a preset and decode without."""
+    out = run_python(
+        "import sys\n"
+        "for name in ('diffusers', 'huggingface_hub', 'matplotlib', 'rich', 'timm'):\n"
+        "    sys.modules[name] = None  # as if not installed\n"
+        "import warnings, torch, fastdec, fastdec.cli\n"
+        "warnings.simplefilter('ignore')\n"
+        "print(tuple(fastdec.decode(torch.randn(4, 8, 8), decoder=fastdec.load('tae-192')).shape))\n"
+    )
+    assert out.strip() == "(3, 64, 64)"
