@@ -23,29 +23,36 @@ void shuffle_cpu(const at::Tensor& x, at::Tensor& out, const ShuffleGeometry& g)
   const int64_t f = g.factor, off = g.phase_offset, C = g.channels_out;
   const int64_t OH = g.height_blocks * f, OW = g.width_blocks * f;
   const int64_t on = out.stride(0), oc = out.stride(1), oh_s = out.stride(2), ow_s = out.stride(3);
-  // One task per output row (n, oh); inner loops follow the output's memory order so writes stream.
-  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / OH, oh = row % OH;
-      const int64_t i = oh / f, a = oh % f;
-      const Bits* src_row = src + n * sn + (i + a * off) * sh;
-      Bits* dst_row = dst + n * on + oh * oh_s;
-      if (g.channels_last) {
+  if (g.channels_last) {
+    // One task per output row (n, oh): for each output pixel, gather its C channels (stride f*f in the input).
+    at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / OH, oh = row % OH, i = oh / f, a = oh % f;
+        const Bits* src_row = src + n * sn + (i + a * off) * sh;
+        Bits* dst_row = dst + n * on + oh * oh_s;
         for (int64_t ow = 0; ow < OW; ++ow) {
           const int64_t j = ow / f, b = ow % f;
           const Bits* s = src_row + (a * f + b) * sc + (j + b * off) * sw;
           Bits* d = dst_row + ow * ow_s;
           for (int64_t c = 0; c < C; ++c) d[c * oc] = s[c * f * f * sc];
         }
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const Bits* s = src_row + (c * f * f + a * f) * sc;
-          Bits* d = dst_row + c * oc;
-          for (int64_t ow = 0; ow < OW; ++ow) {
-            const int64_t j = ow / f, b = ow % f;
-            d[ow * ow_s] = s[b * sc + (j + b * off) * sw];
-          }
-        }
+      }
+    });
+    return;
+  }
+  // NCHW: one task per output row (n, c, oh), written as f interleaved passes (one per phase b) without divisions.
+  const int64_t W = g.width_blocks;
+  at::parallel_for(0, g.batch * C * OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t oh = row % OH, c = (row / OH) % C, n = row / (OH * C);
+      const int64_t i = oh / f, a = oh % f;
+      const Bits* src_row = src + n * sn + (c * f * f + a * f) * sc + (i + a * off) * sh;
+      Bits* dst_row = dst + n * on + c * oc + oh * oh_s;
+      for (int64_t b = 0; b < f; ++b) {
+        const Bits* s = src_row + b * sc + b * off * sw;
+        Bits* d = dst_row + b * ow_s;
+        const int64_t step = f * ow_s;
+        for (int64_t j = 0; j < W; ++j) d[j * step] = s[j * sw];
       }
     }
   });

@@ -77,3 +77,24 @@ def test_state_dict_is_nn_conv2d_and_gradients_match():
 def test_fold_rejects_non_3x3_weights():
     with pytest.raises(ValueError, match=r"\(O, C, 3, 3\)"):
         fold_upsample_conv3x3(torch.zeros(4, 4, 1, 1))
+
+
+@torch.no_grad()
+def test_inference_cache_follows_every_weight_change():
+    """In inference the folded kernels are cached; in-place updates, load_state_dict and .to() must all show."""
+    torch.manual_seed(3)
+    layer = UpsampleConv(3, 5)
+    x = torch.randn(1, 3, 4, 4)
+
+    def unfolded(module):
+        upsampled = F.interpolate(x.to(module.weight.dtype), scale_factor=2.0)
+        return F.conv2d(upsampled, module.weight, module.bias, padding=1)
+
+    torch.testing.assert_close(layer(x), unfolded(layer))
+    layer.weight.mul_(-2.0)  # an optimizer step or any in-place edit
+    torch.testing.assert_close(layer(x), unfolded(layer))
+    layer.load_state_dict({"weight": torch.randn(5, 3, 3, 3), "bias": torch.randn(5)})
+    torch.testing.assert_close(layer(x), unfolded(layer))
+    layer.to(torch.float64)
+    assert layer(x.double()).dtype == torch.float64
+    torch.testing.assert_close(layer(x.double()), unfolded(layer))

@@ -62,12 +62,25 @@ class UpsampleConv(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         # nn.Conv2d's default initialisation, so a freshly built model matches one built from nn.Conv2d.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self._folded: tuple | None = None  # (parameter key, folded kernels), see folded()
         if self.bias is not None:
             bound = 1 / math.sqrt(in_channels * 9)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def folded(self) -> tuple[Tensor, Tensor | None]:
+        """The 2x2 phase kernels. Folded on every call while training or compiling (the fold is then part of the
+        graph, differentiable and fused); in inference they are cached, keyed on the parameters' storage and
+        version counters, which every in-place update, load_state_dict and .to() changes."""
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return fold_upsample_conv3x3(self.weight, self.bias)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, fold_upsample_conv3x3(self.weight, self.bias))
+        return self._folded[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = fold_upsample_conv3x3(self.weight, self.bias)
+        weight, bias = self.folded()
         return ops.pixel_shuffle(F.conv2d(x, weight, bias, padding=1), 2, phase_offset=1)
 
     def extra_repr(self) -> str:
