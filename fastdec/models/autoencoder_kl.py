@@ -13,14 +13,12 @@ channels_last is the preferred layout: ``model.to(memory_format=torch.channels_l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict
+from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
 from fastdec.models.layers import UpsampleConv, norm_act
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
@@ -204,7 +202,7 @@ class AutoencoderKLDecoder(Decoder):
         (``decoder.*``, ``post_quant_conv.*``): the encoder's are dropped, any other key is an error.
         """
         if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = _read_diffusers_folder(Path(vae_or_folder))
+            config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderKL")
         else:
             from diffusers import AutoencoderKL
 
@@ -218,27 +216,6 @@ class AutoencoderKLDecoder(Decoder):
         model = cls(**_config_from_diffusers(config, source))
         load_state_dict_strict(model, _decoder_state(state), source=source)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def _read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor], str]:
-    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
-        folder = folder / "vae"
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: expected an AutoencoderKL.save_pretrained folder")
-    safetensors_path = folder / "diffusion_pytorch_model.safetensors"
-    bin_path = folder / "diffusion_pytorch_model.bin"
-    if safetensors_path.is_file():
-        from safetensors.torch import load_file
-
-        state, source = load_file(str(safetensors_path)), str(safetensors_path)
-    elif bin_path.is_file():
-        state, source = torch.load(bin_path, map_location="cpu", weights_only=True), str(bin_path)
-    else:
-        raise FileNotFoundError(
-            f"no diffusion_pytorch_model.safetensors or .bin in {folder} (sharded/variant files: unsupported)"
-        )
-    return json.loads(config_path.read_text()), state, source
 
 
 def _config_from_diffusers(config: dict, source: str) -> dict:

@@ -64,6 +64,39 @@ class Decoder(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
+    """(config, state dict, weights path) of a diffusers ``<class_name>.save_pretrained`` folder, or of the ``vae/``
+    subfolder of a pipeline folder. Weights: diffusion_pytorch_model.safetensors, else the .bin (weights_only)."""
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config_path = folder / "config.json"
+    weights = [folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"]
+    if not config_path.is_file() or not any(path.is_file() for path in weights):
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers {class_name} folder: it needs config.json and "
+            f"diffusion_pytorch_model.safetensors ({class_name}.save_pretrained writes both; sharded or variant "
+            "weight files are not supported)"
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("_class_name", class_name) != class_name:
+        raise ValueError(f"{config_path} describes a {config['_class_name']}, not an {class_name}")
+    path = next(path for path in weights if path.is_file())
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"could not read {path} ({type(error).__name__}: {reason}): the file is truncated or not a valid "
+            f"{class_name} checkpoint; re-download it"
+        ) from error
+    return config, state, str(path)
+
+
 def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """load_state_dict that names every missing, unexpected or mis-shaped key and what to do about it."""
     expected = module.state_dict()

@@ -11,7 +11,6 @@ fused layer absorbs), so his .pth files load key for key; diffusers' Autoencoder
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from fastdec.models.base import Decoder, load_state_dict_strict
+from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
 from fastdec.models.layers import UpsampleConv, norm_act
 
 Device = torch.device | str | None
@@ -283,7 +282,7 @@ def _diffusers_part(vae_or_folder: nn.Module | str | Path, part: str) -> tuple[d
     Every ``<part>.*`` key must be a ``<part>.layers.N.*`` key; the strict load then checks none is missing.
     """
     if isinstance(vae_or_folder, (str, Path)):
-        config, state, source = _read_diffusers_folder(Path(vae_or_folder))
+        config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderTiny")
     elif any(cls.__name__ == "AutoencoderTiny" for cls in type(vae_or_folder).__mro__):  # no diffusers import
         config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
         source = f"diffusers AutoencoderTiny {part}"
@@ -308,27 +307,6 @@ def _check_diffusers_config(config: dict, expected: dict, widths: Sequence[int],
             f"{source}: TAESD layers need {expected} and one block width for all stages; this AutoencoderTiny has "
             f"{differs or 'those'}, widths {list(widths)}"
         )
-
-
-def _read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor], str]:
-    config_path = folder / "config.json"
-    weights = [folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"]
-    if not config_path.is_file() or not any(path.is_file() for path in weights):
-        raise FileNotFoundError(
-            f"{folder} is not a diffusers AutoencoderTiny folder: it needs config.json and "
-            "diffusion_pytorch_model.safetensors (AutoencoderTiny.save_pretrained writes both)"
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("_class_name", "AutoencoderTiny") != "AutoencoderTiny":
-        raise ValueError(f"{config_path} describes a {config['_class_name']}, not an AutoencoderTiny")
-    path = next(path for path in weights if path.is_file())
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = _read_pth(path, "AutoencoderTiny")
-    return config, state, str(path)
 
 
 def _load(model: Model, state: dict[str, Tensor], source: str, device: Device, dtype: DType) -> Model:
