@@ -389,6 +389,8 @@ _CANDIDATES: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
 # fp32 runs tl.dot as exact fp32 FMAs ("ieee"): no tensor cores and large register tiles, so small tiles and a
 # 64/128-wide D chunk (ptxas: no spills for the first two at any head_dim).
 _FP32_CANDIDATES = ((32, 32, 64, 4, 2), (64, 32, 64, 8, 2), (32, 32, 128, 4, 2))
+# Spill more than a kilobyte before Hopper (ptxas, sm_80: 1276 bytes), so the tuner skips them there.
+_SPILL_BEFORE_HOPPER = {(128, 32, 256, 8, 1)}
 # Tried only when no candidate fits the GPU: ~75 KiB of shared memory at any head_dim and dtype (spills a little).
 _FALLBACK_CANDIDATE = (32, 16, 128, 4, 1)
 
@@ -410,7 +412,11 @@ def _candidate_configs(
     batch, heads, seq_q, head_dim = q.shape
     num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     configs = []
-    for block_m, block_n, block_dv, num_warps, num_stages in tiles:
+    hopper = _is_hopper_or_newer(q.device)
+    for tile in tiles:
+        if not hopper and tile in _SPILL_BEFORE_HOPPER:
+            continue
+        block_m, block_n, block_dv, num_warps, num_stages = tile
         block_dv = min(block_dv, _padded_head_dim(head_dim))
         programs = batch * heads * triton.cdiv(seq_q, block_m) * triton.cdiv(head_dim, block_dv)
         for kv_splits in sorted({1, _kv_splits(programs, k.shape[2], block_n, num_sms)}):
@@ -418,15 +424,20 @@ def _candidate_configs(
     return configs
 
 
-def _qk_chunk(q: torch.Tensor, block_d: int) -> int:
-    """D chunk of the q k^T sum; block_d keeps the whole q tile resident. fp32 (FMA dot) always chunks. Before
-    Hopper, mma.sync takes q from registers, where a 64x256+ tile spills (ptxas, sm_80), so large head_dims
-    chunk by 64 there; Hopper's wgmma reads q from shared memory and keeps it whole."""
+def _qk_chunk(q: torch.Tensor, block_d: int, block_m: int) -> int:
+    """D chunk of the q k^T sum; block_d keeps the whole q tile resident. fp32 (FMA dot) always chunks. mma.sync
+    takes q from registers, where a 256+ wide tile spills (ptxas: 1.3 KB), so large head_dims chunk by 64 there:
+    before Hopper, and on Hopper for tiles under 64 rows, which wgmma (64 rows per warpgroup) does not take.
+    Hopper's wgmma reads q from shared memory and keeps it whole."""
     if q.dtype == torch.float32:
         return min(_FP32_QK_CHUNK, block_d)
-    if q.is_cuda and block_d >= 256 and torch.cuda.get_device_capability(q.device)[0] < 9:
+    if q.is_cuda and block_d >= 256 and (not _is_hopper_or_newer(q.device) or block_m < 64):
         return _PRE_HOPPER_QK_CHUNK
     return block_d
+
+
+def _is_hopper_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, config: AttentionConfig):
@@ -452,7 +463,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         target.stride(0), target.stride(1), target.stride(2), lse.stride(0) if kv_splits > 1 else 0,
         heads, seq_q, seq_kv, kv_per_split, qk_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        QK_CHUNK=_qk_chunk(q, block_d),
+        QK_CHUNK=_qk_chunk(q, block_d, config.block_m),
         NUM_DV_CHUNKS=num_dv_chunks, NUM_SPLITS=kv_splits, INTERPRET=interpret,
         DOT_PRECISION="ieee" if interpret or q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

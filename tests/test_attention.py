@@ -199,7 +199,7 @@ def test_launch_paths(device, config, dtype, launches, poisoned_buffers):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_chunked_qk_for_16_bit_inputs(device, dtype, launches, poisoned_buffers, monkeypatch):
     """The D-chunked q k^T that pre-Hopper GPUs use for fp16/bf16 at head_dim >= 256 (fp32 uses it everywhere)."""
-    monkeypatch.setattr(attn, "_qk_chunk", lambda q, block_d: 32)
+    monkeypatch.setattr(attn, "_qk_chunk", lambda q, block_d, block_m: 32)
     q = make_input((1, 2, 37, 80), dtype, device, "tokens_major", seed=1)
     k, v = (make_input((1, 2, 45, 80), dtype, device, seed=s) for s in (2, 3))
     assert_matches_reference(attn._launch(q, k, v, None, attn.AttentionConfig(32, 32)), q, k, v)

@@ -1,0 +1,479 @@
+"""Compile every fastdec Triton kernel ahead of time for Hopper (sm_90a) and Ampere (sm_80), without a GPU, and
+report registers, spills, shared memory and (Hopper attention) wgmma use per kernel configuration.
+
+    python bench/compile_check.py [--arch 90,80] [--quick] [--max-spill 256] [--json]
+
+Why: CI has no GPU, and triton's CPU interpreter, which the tests use, never compiles a kernel, so GPU-only
+errors (tl.dot shape/dtype rules, register or shared-memory overflow, constexpr branches the interpreter never
+takes) would first show up on a GPU. Here each launcher runs for real at decoder shapes on fake CUDA tensors
+(torch's FakeTensorMode, with the device's SM count and compute capability patched in), its kernel launches are
+recorded instead of run, and every recorded launch is compiled with ``triton.compile`` for the target with the
+signature triton would specialize at launch (pointers 16-byte aligned as torch allocates them, ints equal to 1 as
+constants, ints divisible by 16 marked so). So the constexprs, tile sizes, warps and stages are exactly the
+launchers' own, including the attention tuner's whole candidate table and its key splits. ptxas's own report
+(triton's run of it, ``TRITON_DUMP_PTXAS_LOG``) gives registers and spills; the shared memory is triton's.
+
+Exit status 1 when a kernel fails to compile, spills more than --max-spill bytes, needs more shared memory than the
+GPU has (for the tuned attention kernel: when no candidate of a shape fits), or a kernel is never launched. The
+compiles run in a child process without TRITON_INTERPRET (the interpreter replaces the kernels and their tile sizes),
+with an empty triton cache so that ptxas runs and reports for every kernel. Without triton, its CUDA backend or
+ptxas the script prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+
+from fastdec.kernels import attention, group_norm_act, patch_unembed
+from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton, triton_interpreting
+
+KERNEL_MODULES = (group_norm_act, attention, patch_unembed)
+DEFAULT_MAX_SPILL = 256  # bytes of spill stores or loads per thread
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int  # what the launchers size their grids by
+    shared_memory: int  # bytes one program may use (the opt-in maximum)
+
+
+GPUS = {90: Gpu("H100 SXM", 132, 227 * 1024), 80: Gpu("A100", 108, 163 * 1024)}
+
+_POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                  torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "u8": torch.uint8}
+_DIVISIBILITY = [["tt.divisibility", 16]]
+
+# Decoder shapes. group_norm_act: SD-VAE mid/up blocks at 512 px (one sample, 32 groups): (1, 512, 64, 64) and
+# (1, 128, 512, 512) take the split path (stats, combine, normalize), (1, 192, 32, 32) the single-program path.
+GROUP_NORM_SHAPES = ((1, 512, 64, 64), (1, 128, 512, 512), (1, 192, 32, 32))
+GROUP_NORM_GROUPS = 32
+# attention (B, H, N, D): ViT-S at 512 px (6 heads of 64), 96/128-wide heads at the same length, the SD-VAE
+# mid-block at 512 px (one head of 512). On an H100 each is short of one program per SM with the larger query
+# tiles, so the tuner's key-split configs (and the combine kernel) compile too.
+ATTENTION_SHAPES = ((1, 6, 1024, 64), (1, 8, 1024, 96), (1, 8, 1024, 128), (1, 1, 4096, 512))
+# patch_unembed: a ViT decoder's RGB head at 512 px: tokens (1, grid^2, p*p*3), bias, grid = 512 / p.
+PATCH_SIZES = (8, 16)
+PATCH_OUTPUTS = (("fp32", "identity"), ("bf16", "identity"), ("u8", "to_unit"))
+
+
+# --- recording the launchers' kernel launches -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object  # the @triton.jit function
+    args: tuple
+    kwargs: dict
+
+
+class _RecordingKernel:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the launch, runs nothing."""
+
+    def __init__(self, kernel, launches: list[Launch]):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, args, kwargs))
+
+
+def launched_kernels(module) -> dict[str, object]:
+    """The module's launchable kernels: @triton.jit functions named _..._kernel (helpers are inlined into them),
+    compiled or, under TRITON_INTERPRET, interpreted."""
+    if TRITON_IMPORT_ERROR is not None:
+        return {}
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kinds = (triton.runtime.JITFunction, InterpretedFunction)
+    return {name: obj for name, obj in vars(module).items() if name.endswith("_kernel") and isinstance(obj, kinds)}
+
+
+@contextlib.contextmanager
+def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
+    """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count and compute capability of
+    the `arch` GPU, and the module's kernels record their launches into the yielded list."""
+    launches: list[Launch] = []
+    gpu = GPUS[arch]
+    with contextlib.ExitStack() as stack:
+        for name, kernel in launched_kernels(module).items():
+            stack.enter_context(mock.patch.object(module, name, _RecordingKernel(kernel, launches)))
+        properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name)
+        stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties))
+        stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)))
+        stack.enter_context(torch._subclasses.fake_tensor.FakeTensorMode())
+        yield launches
+
+
+@dataclasses.dataclass
+class Config:
+    """One launcher call: its kernel launches must all compile, fit and not spill. In a tuned case the tuner
+    skips configs that do not fit the GPU, so there one config of the case suffices."""
+
+    case: str
+    launches: list[Launch]
+    tuned: bool = False
+
+
+def _cuda(shape, dtype: str, channels_last: bool = False) -> torch.Tensor:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=_DTYPES[dtype], device="cuda", memory_format=memory_format)
+
+
+def group_norm_configs(arch: int, quick: bool) -> list[Config]:
+    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), GROUP_NORM_SHAPES, ("silu", "none"))
+    if quick:
+        cases = (("bf16", True, (1, 512, 64, 64), "silu"), ("fp32", False, (1, 192, 32, 32), "silu"))
+    configs = []
+    for dtype, channels_last, shape, act in cases:
+        with recorded_launches(group_norm_act, arch) as launches:
+            x = _cuda(shape, dtype, channels_last)
+            weight, bias = _cuda(shape[1:2], dtype), _cuda(shape[1:2], dtype)
+            group_norm_act.group_norm_act_triton(x, GROUP_NORM_GROUPS, weight, bias, 1e-6, act)
+        layout = "channels_last" if channels_last else "NCHW"
+        configs.append(Config(f"{dtype} {layout} {_shape(shape)} {act}", launches))
+    return configs
+
+
+def attention_configs(arch: int, quick: bool) -> list[Config]:
+    """Every candidate of the tuner's table (and its fallback) with each key-split count the tuner tries."""
+    cases = itertools.product(("bf16", "fp16", "fp32"), ATTENTION_SHAPES)
+    if quick:
+        cases = (("bf16", (1, 1, 4096, 512)), ("fp16", (1, 8, 1024, 128)), ("fp32", (1, 6, 1024, 64)))
+    configs = []
+    for dtype, shape in cases:
+        with recorded_launches(attention, arch):
+            q = _cuda(shape, dtype)
+            if dtype == "fp32":
+                tiles = attention._FP32_CANDIDATES
+            else:
+                tiles = attention._CANDIDATES[attention._padded_head_dim(shape[-1])]
+            candidates = attention._candidate_configs(q, q, tiles[:1] if quick else tiles)
+            if not quick:
+                candidates += attention._candidate_configs(q, q, (attention._FALLBACK_CANDIDATE,))
+        for candidate in candidates:
+            with recorded_launches(attention, arch) as launches:
+                q, k, v = (_cuda(shape, dtype) for _ in range(3))
+                attention._launch(q, k, v, None, candidate)
+            configs.append(Config(f"{dtype} {_shape(shape)}", launches, tuned=True))
+    return configs
+
+
+def patch_unembed_configs(arch: int, quick: bool) -> list[Config]:
+    cases = itertools.product(PATCH_SIZES, PATCH_OUTPUTS)
+    if quick:
+        cases = ((16, ("u8", "to_unit")), (8, ("bf16", "identity")))
+    configs = []
+    for patch, (out_dtype, out) in cases:
+        grid = 512 // patch
+        with recorded_launches(patch_unembed, arch) as launches:
+            tokens, bias = _cuda((1, grid * grid, patch * patch * 3), "bf16"), _cuda((patch * patch * 3,), "bf16")
+            patch_unembed.patch_unembed_triton(tokens, patch, grid, grid, bias, out, _DTYPES[out_dtype])
+        configs.append(Config(f"bf16 -> {out_dtype} {out} p={patch} {grid}x{grid}", launches))
+    return configs
+
+
+CONFIG_BUILDERS: dict[str, Callable[[int, bool], list[Config]]] = {
+    "group_norm_act": group_norm_configs,
+    "attention": attention_configs,
+    "patch_unembed": patch_unembed_configs,
+}
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# --- compiling one launch ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    """One distinct compile (identical launches of several configs are compiled once)."""
+
+    kernel: str
+    arch: int
+    case: str  # the first config that launched it
+    params: str  # tile constexprs and launch options
+    ok: bool = False
+    error: str = ""
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int | None = None  # bytes
+    fits: bool | None = None  # shared memory within the GPU's limit
+    wgmma: int | None = None  # wgmma.mma_async instructions in the PTX (sm_90)
+    mma_sync: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def spill(self) -> int:
+        return max(self.spill_stores or 0, self.spill_loads or 0)
+
+    @property
+    def summary(self) -> str:
+        """The error in one line: its first and last lines (triton's CompilationError puts the source between)."""
+        lines = [line.strip() for line in self.error.splitlines() if line.strip()] or ["failed"]
+        return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def specialize(value) -> tuple[str, bool]:
+    """(signature type, divisible by 16) of a runtime argument, as triton specializes it at launch: tensors are
+    pointers (torch allocations are aligned), an int equal to 1 becomes a constant, floats are fp32."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER_TYPES[value.dtype], True
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        return "constexpr", False
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64" if -(2**63) <= value < 2**63 else "u64"
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise ValueError(f"compile_check: no triton signature type for a {type(value).__name__} kernel argument")
+
+
+def compile_job(launch: Launch) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) for ASTSource and triton.compile, from a recorded launch."""
+    fn = launch.kernel
+    bound = fn.signature.bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in fn.arg_names})
+    options = {k: v for k, v in launch.kwargs.items() if k not in fn.arg_names}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        value = bound.arguments[name]
+        kind, divisible = ("constexpr", False) if param.is_constexpr else specialize(value)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = value
+        elif divisible:
+            attrs[(index,)] = _DIVISIBILITY
+    return signature, constexprs, attrs, options
+
+
+def _params_label(launch: Launch, options: dict) -> str:
+    """The launch's int constexprs (tile sizes, BLOCK_ and NUM_ dropped) and options: 'M=64 N=32 SPLITS=2 w8 s2'."""
+    tiles = [f"{k.removeprefix('BLOCK_').removeprefix('NUM_')}={v}" for k, v in launch.kwargs.items()
+             if k in launch.kernel.arg_names and isinstance(v, int) and not isinstance(v, bool)]
+    short = {"num_warps": "w", "num_stages": "s"}
+    return " ".join(tiles + [f"{short.get(k, k + '=')}{v}" for k, v in options.items()])
+
+
+def find_ptxas() -> str | None:
+    candidates = [os.environ.get("TRITON_PTXAS_PATH"), str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")]
+    found = [path for path in candidates if path and os.access(path, os.X_OK)]
+    return found[0] if found else shutil.which("ptxas")
+
+
+def _ptxas_report(log: str, ptx: str, arch: int) -> str:
+    """ptxas -v output: triton's own run when it logged one (TRITON_DUMP_PTXAS_LOG), else a run of ours."""
+    if re.search(r"Used \d+ registers", log):
+        return log
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        done = subprocess.run([find_ptxas(), "-v", f"--gpu-name={gpu_name}", str(source), "-o", os.devnull],
+                              capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+def compile_launch(launch: Launch, arch: int, result: Result) -> Result:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = compile_job(launch)
+    start = time.perf_counter()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # triton prints ptxas's log (and PTX dumps on failure) to stdout
+            compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as error:  # noqa: BLE001 - any compile error is the finding
+        result.error = f"{type(error).__name__}: {error}".strip()
+        result.seconds = time.perf_counter() - start
+        return result
+    ptx = compiled.asm["ptx"]
+    report = _ptxas_report(log.getvalue(), ptx, arch)
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    result.ok = registers is not None
+    result.error = "" if result.ok else "ptxas -v reported no register count:\n" + report
+    result.registers = int(registers.group(1)) if registers else None
+    result.spill_stores, result.spill_loads = map(int, spills.groups()) if spills else (None, None)
+    result.shared = compiled.metadata.shared
+    result.fits = result.shared <= GPUS[arch].shared_memory
+    result.wgmma, result.mma_sync = ptx.count("wgmma.mma_async"), ptx.count("mma.sync")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --- the check --------------------------------------------------------------------------------------------------
+
+
+def unavailable_reason() -> str | None:
+    """Why kernels cannot be compiled here, or None."""
+    if TRITON_IMPORT_ERROR is not None:
+        return TRITON_IMPORT_ERROR
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as error:
+        return f"triton {triton.__version__} lacks ASTSource/GPUTarget ({error})"
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        return f"triton {triton.__version__} has no CUDA backend"
+    if find_ptxas() is None:
+        return "no ptxas (neither triton's bundled one, TRITON_PTXAS_PATH nor one on PATH)"
+    return None
+
+
+def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Records every config's launches and compiles each distinct launch once per arch (this process must not run
+    the interpreter). Returns {"results": [Result as dict], "configs": [{arch, case, tuned, results: [index]}]}."""
+    kernels = [kernel for module in KERNEL_MODULES for kernel in launched_kernels(module).values()]
+    if triton_interpreting() or not all(isinstance(kernel, triton.runtime.JITFunction) for kernel in kernels):
+        raise RuntimeError("compile_check: the kernels are interpreted in this process; use check(), which compiles "
+                           "in a child process without TRITON_INTERPRET")
+    results: list[Result] = []
+    index: dict[str, int] = {}
+    configs = []
+    for arch, (op, build) in itertools.product(archs, CONFIG_BUILDERS.items()):
+        for config in build(arch, quick):
+            used = []
+            for launch in config.launches:
+                signature, constexprs, attrs, options = compile_job(launch)
+                key = repr((arch, launch.kernel.__name__, signature, constexprs, attrs, options))
+                if key not in index:
+                    result = Result(launch.kernel.__name__, arch, config.case, _params_label(launch, options))
+                    index[key] = len(results)
+                    results.append(compile_launch(launch, arch, result))
+                    status = f"{result.seconds:.1f}s" if result.ok else "FAILED"
+                    progress(f"[{len(results)}] {result.kernel} sm_{arch} {config.case}: {status}")
+                used.append(index[key])
+            configs.append({"arch": arch, "op": op, "case": config.case, "tuned": config.tuned, "results": used})
+    return {"results": [dataclasses.asdict(r) for r in results], "configs": configs}
+
+
+def check(archs: list[int], quick: bool, *, progress: bool = False, timeout: float | None = None) -> dict:
+    """compile_all in a child process without the interpreter's variables and with an empty triton cache (so
+    ptxas runs and reports every kernel). progress: stream one line per compile to stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDEC_TRITON_INTERPRET")}
+    with tempfile.TemporaryDirectory() as folder:
+        env.update(TRITON_CACHE_DIR=folder, TRITON_DUMP_PTXAS_LOG="1")
+        report_file = Path(folder) / "report.json"
+        command = [sys.executable, __file__, "--arch", ",".join(map(str, archs)), "--child", str(report_file)]
+        done = subprocess.run(command + (["--quick"] if quick else []), env=env, stdout=subprocess.PIPE,
+                              stderr=None if progress else subprocess.STDOUT, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"compile_check: the compiling process failed ({done.returncode}):\n"
+                               f"{done.stdout[-5000:]}")
+        report = json.loads(report_file.read_text())
+    report["results"] = [Result(**r) for r in report["results"]]
+    return report
+
+
+def problems(report: dict, max_spill: int) -> list[str]:
+    """Everything that would fail or misbehave on the GPU: compile errors, spills over max_spill, shared memory over
+    the limit (in a tuned case only when no config fits: the tuner skips the others), kernels never launched."""
+    results: list[Result] = report["results"]
+    found = [f"{r.kernel} sm_{r.arch} {r.case} {r.params}: {r.summary}" for r in results if not r.ok]
+    cases: dict[tuple, list[list[Result]]] = {}
+    for config in report["configs"]:
+        runs = cases.setdefault((config["arch"], config["case"], config["tuned"]), [])
+        runs.append([results[i] for i in config["results"]])
+    for (arch, case, tuned), runs in cases.items():
+        usable = sum(all(r.ok and r.fits and r.spill <= max_spill for r in run) for run in runs)
+        note = f" (tuner candidate; {usable} of {len(runs)} configs of the case are usable)" if tuned else ""
+        for r in (r for run in runs for r in run if r.ok):
+            if r.fits and r.spill > max_spill:
+                found.append(f"{r.kernel} sm_{arch} {case} {r.params}: spills {r.spill} bytes (> {max_spill}){note}")
+            elif not r.fits and not tuned:
+                found.append(f"{r.kernel} sm_{arch} {case}: needs {r.shared} bytes of shared memory")
+        if tuned and not any(all(r.ok and r.fits for r in run) for run in runs):
+            found.append(f"sm_{arch} {case}: no tuner candidate fits {GPUS[arch].shared_memory} bytes of shared memory")
+    launched = {r.kernel for r in results}
+    found += [f"{name} was never launched by its launcher" for module in KERNEL_MODULES
+              for name in launched_kernels(module) if name not in launched]
+    return list(dict.fromkeys(found))  # a kernel shared by several configs of a case is reported once
+
+
+_COLUMNS = ("kernel", "arch", "case", "constexprs / options", "regs", "spill st/ld", "smem KiB", "mma", "time")
+
+
+def _cells(r: Result) -> tuple[str, ...]:
+    if not r.ok:
+        return r.kernel, f"sm_{r.arch}", r.case, r.params, "FAILED", "", "", r.summary[:160], ""
+    mma = f"wgmma={r.wgmma}" if r.wgmma else f"mma.sync={r.mma_sync}" if r.mma_sync else "-"
+    smem = f"{r.shared / 1024:.1f}" + ("" if r.fits else " too big")
+    return (r.kernel, f"sm_{r.arch}", r.case, r.params, str(r.registers), f"{r.spill_stores}/{r.spill_loads}", smem,
+            mma, f"{r.seconds:.1f}s")
+
+
+def format_table(report: dict) -> str:
+    rows = [_COLUMNS] + [_cells(r) for r in report["results"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    numeric = {"regs", "spill st/ld", "smem KiB", "time"}
+    lines = ["  ".join(cell.rjust(w) if name in numeric else cell.ljust(w)
+                       for cell, w, name in zip(row, widths, _COLUMNS, strict=True)).rstrip() for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def _archs(text: str) -> list[int]:
+    archs = [int(part) for part in text.split(",") if part.strip()]
+    unknown = [arch for arch in archs if arch not in GPUS]
+    if unknown or not archs:
+        raise argparse.ArgumentTypeError(f"--arch takes a comma list of {sorted(GPUS)}, got {text!r}")
+    return archs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=_archs, default=[90], help="compute capabilities, e.g. 90,80 (default 90)")
+    parser.add_argument("--quick", action="store_true", help="a few configurations per kernel")
+    parser.add_argument("--max-spill", type=int, default=DEFAULT_MAX_SPILL, help="bytes (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # check()'s compiling process: report file
+    args = parser.parse_args(argv)
+    if args.child:
+        report = compile_all(args.arch, args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        args.child.write_text(json.dumps(report))
+        return 0
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"compile_check: skipped: {reason}")
+        return 0
+    report = check(args.arch, args.quick, progress=not args.json)
+    found = problems(report, args.max_spill)
+    if args.json:
+        report["results"] = [dataclasses.asdict(r) for r in report["results"]]
+        print(json.dumps({**report, "problems": found}, indent=1))
+    else:
+        print(format_table(report))
+        for r in report["results"]:
+            if not r.ok:
+                print(f"\n{r.kernel} sm_{r.arch} {r.case} {r.params}:\n{r.error}")
+        print(f"\n{len(report['results'])} kernels compiled for sm_{', sm_'.join(map(str, args.arch))}; "
+              + (f"{len(found)} problems:\n  " + "\n  ".join(found) if found else "no problems"))
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""bench/compile_check.py: the Triton kernels compile for Hopper (sm_90a) at the configurations their launchers use
+on a GPU. CI has no GPU and the interpreter compiles nothing, so this is where tl.dot shape rules, register or
+shared-memory overflow and GPU-only constexpr branches fail first. The compiles run in a child process without
+TRITON_INTERPRET (check() removes it), so the suite's interpreter variables do not matter here."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
+compile_check = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(compile_check)
+Result = compile_check.Result
+
+LAUNCHED_KERNELS = {
+    "_group_norm_stats_kernel", "_group_norm_combine_kernel", "_group_norm_act_kernel",
+    "_attention_forward_kernel", "_combine_splits_kernel", "_patch_unembed_kernel",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_report() -> dict:
+    reason = compile_check.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cannot compile Triton kernels for CUDA here: {reason}")
+    return compile_check.check([90], quick=True, timeout=600)
+
+
+def test_quick_subset_compiles_for_sm90_within_the_spill_limit(quick_report):
+    found = compile_check.problems(quick_report, compile_check.DEFAULT_MAX_SPILL)
+    assert found == [], "\n".join(found)
+    results = quick_report["results"]
+    assert {r.kernel for r in results} == LAUNCHED_KERNELS
+    for r in results:
+        assert r.ok and r.error == "", r
+        assert r.arch == 90 and 0 < r.registers <= 255, r
+        assert r.spill <= compile_check.DEFAULT_MAX_SPILL and r.fits, r
+        assert r.shared is not None
+
+
+def test_quick_subset_covers_both_group_norm_paths_and_the_attention_split(quick_report):
+    kernels_per_config = {
+        op: sorted(sorted(quick_report["results"][i].kernel for i in config["results"])
+                   for config in quick_report["configs"] if config["op"] == op)
+        for op in ("group_norm_act", "attention")
+    }  # fmt: skip
+    split_path = ["_group_norm_act_kernel", "_group_norm_combine_kernel", "_group_norm_stats_kernel"]
+    assert split_path in kernels_per_config["group_norm_act"]
+    assert ["_group_norm_act_kernel"] in kernels_per_config["group_norm_act"]  # single-program path
+    assert ["_attention_forward_kernel", "_combine_splits_kernel"] in kernels_per_config["attention"]
+
+
+def test_fp16_bf16_attention_uses_wgmma_on_hopper(quick_report):
+    forward = [r for r in quick_report["results"] if r.kernel == "_attention_forward_kernel"]
+    tensor_core = [r for r in forward if not r.case.startswith("fp32")]
+    assert tensor_core and all(r.wgmma > 0 for r in tensor_core), [(r.case, r.params, r.wgmma) for r in forward]
+
+
+def test_launchers_ran_their_gpu_path(quick_report):
+    """Tile sizes are the GPU's (the interpreter's are 16x larger) and grids follow the H100's 132 SMs."""
+    params = {(r.kernel, r.case): r.params for r in quick_report["results"]}
+    # channels_last: whole 16-channel groups, 32 groups per tile, 4 positions: 2048 lanes
+    assert params["_group_norm_stats_kernel", "bf16 channels_last 1x512x64x64 silu"] == "G=32 CG=16 S=4 w4"
+    assert params["_group_norm_act_kernel", "fp32 NCHW 1x192x32x32 silu"] == "G=1 CG=4 S=512 w4"
+    assert params["_patch_unembed_kernel", "bf16 -> u8 to_unit p=16 32x32"] == "PATCH=16 C=4 PIX=1024 w8"
+    # Hopper keeps q whole for q k^T (QK_CHUNK = D); 4096 / 64 = 64 query blocks < 132 SMs: a 2-way key split
+    forward = [r.params for r in quick_report["results"]
+               if r.kernel == "_attention_forward_kernel" and r.case == "bf16 1x1x4096x512"]
+    assert forward == [
+        "HEAD_DIM=512 M=64 N=32 D=512 DV=512 QK_CHUNK=512 DV_CHUNKS=1 SPLITS=1 w8 s2",
+        "HEAD_DIM=512 M=64 N=32 D=512 DV=512 QK_CHUNK=512 DV_CHUNKS=1 SPLITS=2 w8 s2",
+    ]
+
+
+def test_specialize_follows_triton_launch_rules():
+    assert compile_check.specialize(1) == ("constexpr", False)
+    assert compile_check.specialize(None) == ("constexpr", False)
+    assert compile_check.specialize(0) == ("i32", True)
+    assert compile_check.specialize(48) == ("i32", True)
+    assert compile_check.specialize(7) == ("i32", False)
+    assert compile_check.specialize(2**31) == ("i64", True)
+    assert compile_check.specialize(-(2**31)) == ("i32", True)
+    assert compile_check.specialize(1e-6) == ("fp32", False)
+    assert compile_check.specialize(torch.empty(2, dtype=torch.uint8)) == ("*u8", True)
+    with pytest.raises(ValueError, match="no triton signature type"):
+        compile_check.specialize("silu")
+
+
+def _result(kernel: str, case: str, **fields) -> Result:
+    defaults = dict(ok=True, registers=128, spill_stores=0, spill_loads=0, shared=1024, fits=True)
+    return Result(kernel, 90, case, "M=64", **{**defaults, **fields})
+
+
+def test_problems_flags_what_would_fail_on_the_gpu():
+    every_kernel = [_result(name, "covered") for name in sorted(LAUNCHED_KERNELS)]
+    compile_error = "CompilationError: at 3:4:\n  tl.dot(a, b)\n  ^\nshape mismatch"  # the source sits in between
+    results = every_kernel + [
+        _result("_attention_forward_kernel", "tuned ok", spill_loads=300),  # fits, spills: flagged
+        _result("_attention_forward_kernel", "tuned ok", fits=False, shared=300_000),  # skipped by the tuner
+        _result("_attention_forward_kernel", "tuned too big", fits=False, shared=300_000),
+        _result("_group_norm_act_kernel", "untuned", fits=False, shared=300_000),
+        _result("_patch_unembed_kernel", "broken", ok=False, error=compile_error),
+    ]
+    n = len(every_kernel)
+    configs = [{"arch": 90, "op": "x", "case": "covered", "tuned": False, "results": list(range(n))},
+               {"arch": 90, "op": "attention", "case": "tuned ok", "tuned": True, "results": [0, n]},
+               {"arch": 90, "op": "attention", "case": "tuned ok", "tuned": True, "results": [n + 1]},
+               {"arch": 90, "op": "attention", "case": "tuned too big", "tuned": True, "results": [n + 2]},
+               {"arch": 90, "op": "group_norm_act", "case": "untuned", "tuned": False, "results": [n + 3]},
+               {"arch": 90, "op": "patch_unembed", "case": "broken", "tuned": False, "results": [n + 4]}]
+    found = compile_check.problems({"results": results, "configs": configs}, max_spill=256)
+    assert found == [
+        "_patch_unembed_kernel sm_90 broken M=64: CompilationError: at 3:4: ... shape mismatch",
+        "_attention_forward_kernel sm_90 tuned ok M=64: spills 300 bytes (> 256) "
+        "(tuner candidate; 0 of 2 configs of the case are usable)",
+        "sm_90 tuned too big: no tuner candidate fits 232448 bytes of shared memory",
+        "_group_norm_act_kernel sm_90 untuned: needs 300000 bytes of shared memory",
+    ]
+    assert compile_check.problems({"results": every_kernel, "configs": configs[:1]}, max_spill=256) == []
+
+
+def test_problems_flags_a_kernel_no_launcher_launched():
+    if compile_check.TRITON_IMPORT_ERROR is not None:
+        pytest.skip(compile_check.TRITON_IMPORT_ERROR)  # without triton there are no kernels to find
+    found = {name for module in compile_check.KERNEL_MODULES for name in compile_check.launched_kernels(module)}
+    assert found == LAUNCHED_KERNELS
+    every_kernel_but_one = [_result(name, "covered") for name in sorted(LAUNCHED_KERNELS)[1:]]
+    missing = compile_check.problems({"results": every_kernel_but_one, "configs": []}, max_spill=256)
+    assert missing == [f"{sorted(LAUNCHED_KERNELS)[0]} was never launched by its launcher"]
+
+
+def test_table_lists_every_result_with_its_failure():
+    results = [_result("_patch_unembed_kernel", "bf16", wgmma=0, mma_sync=0),
+               _result("_attention_forward_kernel", "fp16", ok=False, error="OutOfResources: shared memory")]
+    table = compile_check.format_table({"results": results}).splitlines()
+    assert table[0].split()[:3] == ["kernel", "arch", "case"] and set(table[1]) == {"-"}
+    assert table[2].split() == ["_patch_unembed_kernel", "sm_90", "bf16", "M=64", "128", "0/0", "1.0", "-", "0.0s"]
+    assert "FAILED" in table[3] and "OutOfResources: shared memory" in table[3]
+    assert dataclasses.asdict(results[0])["kernel"] == "_patch_unembed_kernel"
