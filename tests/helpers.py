@@ -56,3 +56,16 @@ class CountingKernel:
     def __getitem__(self, grid):
         self.grids.append(grid)
         return self.kernel[grid]
+
+
+@torch.no_grad()
+def fused_vs_reference_error(model: torch.nn.Module, z: torch.Tensor, launches, expected: dict[str, int]) -> float:
+    """relative_error of ``model(z)`` on the fused ops against ``model(z)`` inside ``reference_ops()``, checking that
+    the fused run made exactly the ``expected`` Triton launches and the reference run none (``launches`` is the
+    ``triton_launches`` fixture)."""
+    fused = model(z)
+    assert dict(launches) == expected
+    with ops.reference_ops():
+        reference = model(z)
+    assert dict(launches) == expected, "reference_ops() must not launch Triton"
+    return relative_error(fused, reference)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import fused_on_cpu, needs_interpreter, relative_error
+from helpers import fused_on_cpu, fused_vs_reference_error, needs_interpreter, relative_error
 from safetensors.torch import load_file, save_file
 from tolerances import DECODER_FP32_REL, DECODER_LOW_PRECISION_VS_DIFFUSERS
 from torch import nn
@@ -71,13 +71,7 @@ def test_matches_diffusers(name, memory_format, triton_launches):
 def test_fused_ops_match_reference_ops(triton_launches):
     model = AutoencoderKLDecoder.from_diffusers(diffusers_vae(**TINY["sd_style"]))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        fused = model(z)
-        assert dict(triton_launches) == expected_launches(model)
-        with ops.reference_ops():
-            reference = model(z)
-        assert dict(triton_launches) == expected_launches(model), "reference_ops() must not launch Triton"
-    assert relative_error(fused, reference) <= DECODER_FP32_REL
+    assert fused_vs_reference_error(model, z, triton_launches, expected_launches(model)) <= DECODER_FP32_REL
 
 
 def test_full_width_sd_decoder_matches_diffusers():

@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
-from helpers import needs_interpreter, relative_error
+from helpers import fused_vs_reference_error, needs_interpreter, relative_error
 from safetensors.torch import load_file, save_file
 from tolerances import DECODER_FP32_REL
 from torch import nn
 
-from fastdec import ops
 from fastdec.models import efficientvit, vit
 from fastdec.models.efficientvit import EfficientViTDecoder, ResBlock
 from fastdec.models.stats import count_params, flops
@@ -189,13 +188,7 @@ def test_loading_refuses_another_class_and_another_config(tmp_path):
 def test_fused_ops_match_reference_ops(name, triton_launches):
     model = build(name).eval()
     z = latents(2, 4, 4, 4)
-    with torch.no_grad():
-        fused = model(z)
-        assert dict(triton_launches) == expected_launches(model)
-        with ops.reference_ops():
-            reference = model(z)
-        assert dict(triton_launches) == expected_launches(model), "reference_ops() must not launch Triton"
-    assert relative_error(fused, reference) <= DECODER_FP32_REL
+    assert fused_vs_reference_error(model, z, triton_launches, expected_launches(model)) <= DECODER_FP32_REL
 
 
 @pytest.mark.parametrize("name", ["efficientvit-attn", "vit-patch2"])
