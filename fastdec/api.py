@@ -101,7 +101,13 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     if name in TAESD_NAMES or name in HUB_VAES:
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_name(name, device, dtype)
-    raise FileNotFoundError(f"{source!r} is neither an existing path nor a known name; names: {', '.join(names())}")
+    if str(source).count("/") in (1, 2) and not str(source).startswith((".", "/", "~")):
+        _refuse_overrides(config_overrides, f"the Hub repo {source!r}")
+        return _from_hub_id(str(source), device, dtype)
+    raise FileNotFoundError(
+        f"{source!r} is neither an existing path, a Hub repo id (owner/repo[/subfolder]) nor a known name; "
+        f"names: {', '.join(names())}"
+    )
 
 
 def default_decoder_name(latent_channels: int) -> str:
@@ -392,6 +398,22 @@ def _from_name(name: str, device, dtype) -> Decoder:
     return _from_folder(_hub_folder(name, repo, subfolder, home), device, dtype, variant)
 
 
+def _from_hub_id(hub_id: str, device, dtype) -> Decoder:
+    """owner/repo (a VAE repo, or a pipeline repo whose VAE is in vae/) or owner/repo/subfolder on the Hub."""
+    owner, repo, *subfolder = hub_id.split("/")
+    repo_id, home = f"{owner}/{repo}", fastdec_home()
+    if subfolder:
+        return _from_folder(_hub_folder(hub_id, repo_id, subfolder[0], home), device, dtype, None)
+    try:
+        folder = _hub_folder(hub_id, repo_id, None, home)
+    except FileNotFoundError as at_root:
+        try:
+            folder = _hub_folder(hub_id, repo_id, "vae", home)  # a pipeline repo
+        except FileNotFoundError:
+            raise at_root from None
+    return _from_folder(folder, device, dtype, None)
+
+
 def _hub_offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
@@ -408,19 +430,20 @@ def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path) -> Path
             f"fastdec.load({name!r}) needs huggingface_hub to fetch {repo} (pip install huggingface_hub), or put "
             f"config.json and {DIFFUSERS_WEIGHTS} in {home / name}/"
         ) from error
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
+
     offline = _hub_offline()
     try:
         paths = [
             hf_hub_download(repo, filename, subfolder=subfolder, local_files_only=offline, library_name="fastdec")
             for filename in ("config.json", DIFFUSERS_WEIGHTS)
         ]
-    except OSError as error:  # huggingface_hub's not-cached, offline, HTTP, gated-repo errors are all OSErrors
+    # Not cached, offline, HTTP and gated-repo errors are OSErrors; a file missing from the repo is not (hub >= 1).
+    except (OSError, EntryNotFoundError) as error:
         where = f"https://huggingface.co/{repo}" + (f" (folder {subfolder}/)" if subfolder else "")
         pth_hint = (
             f" Or put madebyollin's {name}_decoder.pth ({TAESD_GITHUB}) in {home}/." if name in TAESD_NAMES else ""
         )
-        from huggingface_hub.errors import GatedRepoError
-
         gated = (
             " The repo is gated: accept its license on its Hub page and log in (hf auth login)."
             if isinstance(error, GatedRepoError) else ""

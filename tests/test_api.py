@@ -107,7 +107,7 @@ def test_load_rejects_other_modules_and_objects():
         fastdec.load(torch.nn.Conv2d(4, 4, 1))
     with pytest.raises(TypeError, match="a name, a path"):
         fastdec.load(42)
-    with pytest.raises(FileNotFoundError, match="neither an existing path nor a known name"):
+    with pytest.raises(FileNotFoundError, match="neither an existing path, a Hub repo id"):
         fastdec.load("no-such-decoder")
 
 
@@ -433,3 +433,35 @@ def test_decode_never_builds_a_graph(decoder):
 def test_names_lists_every_kind():
     assert set(api.names()) >= {"taesd", "taef2", "sd", "sd1", "flux", "flux1", "tae-192", "vit-b"}
     assert [api.default_decoder_name(c) for c in (4, 16, 32)] == ["taesd", "taef1", "taef2"]
+
+
+def test_hub_repo_id_offline_says_what_to_fetch(offline):
+    with pytest.raises(FileNotFoundError) as error:
+        fastdec.load("someone/some-vae")
+    assert "https://huggingface.co/someone/some-vae" in str(error.value) and "HF_HUB_OFFLINE" in str(error.value)
+
+
+@pytest.mark.parametrize(("hub_id", "stored_in"), [("org/vae-repo", ""), ("org/pipeline-repo", "vae"),
+                                                   ("org/other-repo/decoder_vae", "decoder_vae")])
+def test_hub_repo_ids_resolve_repo_and_subfolder(offline, tmp_path, monkeypatch, hub_id, stored_in):
+    """owner/repo, a pipeline repo whose VAE is in vae/, and owner/repo/subfolder, with the Hub's download faked by a
+    folder that diffusers' save_pretrained wrote."""
+    import huggingface_hub
+
+    vae = tiny_autoencoder_kl()
+    vae.save_pretrained(tmp_path / "hub" / stored_in)
+    requests = []
+
+    def fake_download(repo_id, filename, subfolder=None, **kwargs):
+        requests.append((repo_id, subfolder))
+        path = tmp_path / "hub" / (subfolder or "") / filename
+        if (subfolder or "") != stored_in or not path.is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}/{subfolder}")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    decoder = fastdec.load(hub_id)
+    assert all(repo == "/".join(hub_id.split("/")[:2]) for repo, _ in requests)
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(z), vae.decode(z).sample, rtol=1e-4, atol=1e-4)
