@@ -74,6 +74,8 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
       AutoencoderKL or AutoencoderTiny) or a pipeline folder with a ``vae/`` subfolder;
     * a madebyollin TAESD ``.pth`` decoder file (variant from the file name, e.g. taesdxl_decoder.pth, else from
       the weights);
+    * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
+      owner/repo/subfolder;
     * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1): the
       exact VAE decoder; tae-192, efficientvit, efficientvit-attn, vit-s, vit-b: random weights (a
       RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
