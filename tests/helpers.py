@@ -69,3 +69,17 @@ def fused_vs_reference_error(model: torch.nn.Module, z: torch.Tensor, launches, 
         reference = model(z)
     assert dict(launches) == expected, "reference_ops() must not launch Triton"
     return relative_error(fused, reference)
+
+
+def record_kernel_launches(monkeypatch, module, kernels: dict[str, str], reference: str) -> dict[str, CountingKernel]:
+    """Wraps each ``module.<kernel>`` (label -> attribute) in a CountingKernel and makes ``module.<reference>``
+    raise, so a test proves that only the Triton code ran; returns the counters by label."""
+
+    def reference_must_not_run(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}.{reference} ran instead of the Triton kernels")
+
+    counters = {label: CountingKernel(getattr(module, attribute)) for label, attribute in kernels.items()}
+    for label, attribute in kernels.items():
+        monkeypatch.setattr(module, attribute, counters[label])
+    monkeypatch.setattr(module, reference, reference_must_not_run)
+    return counters

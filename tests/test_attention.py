@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CountingKernel, needs_triton, triton_devices
+from helpers import needs_triton, record_kernel_launches, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import ATTENTION, ATTENTION_GRAD
@@ -68,15 +68,8 @@ def poisoned_buffers(monkeypatch):
 def launches(monkeypatch):
     """Records the forward and combine launches and makes the eager reference raise: only Triton code may run."""
 
-    def reference_must_not_run(*args, **kwargs):
-        raise AssertionError("attention ran its eager reference instead of the Triton kernel")
-
-    counters = {}
-    for name in ("attention_forward", "combine_splits"):
-        counters[name] = CountingKernel(getattr(attn, f"_{name}_kernel"))
-        monkeypatch.setattr(attn, f"_{name}_kernel", counters[name])
-    monkeypatch.setattr(attn, "attention_reference", reference_must_not_run)
-    return counters
+    kernels = {name: f"_{name}_kernel" for name in ("attention_forward", "combine_splits")}
+    return record_kernel_launches(monkeypatch, attn, kernels, "attention_reference")
 
 
 @st.composite

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CountingKernel, needs_triton, triton_devices
+from helpers import needs_triton, record_kernel_launches, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import GROUP_NORM_ACT, GROUP_NORM_ACT_GRAD
@@ -78,15 +78,8 @@ def poisoned_empty_like(monkeypatch):
 def launches(monkeypatch):
     """Counts launches of the three kernels and makes the eager reference raise: only the Triton code may run."""
 
-    def reference_must_not_run(*args, **kwargs):
-        raise AssertionError("group_norm_act ran its eager reference instead of the Triton kernels")
-
-    counters = {}
-    for name in ("stats", "combine", "act"):
-        counters[name] = CountingKernel(getattr(gna, f"_group_norm_{name}_kernel"))
-        monkeypatch.setattr(gna, f"_group_norm_{name}_kernel", counters[name])
-    monkeypatch.setattr(gna, "group_norm_act_reference", reference_must_not_run)
-    return counters
+    kernels = {name: f"_group_norm_{name}_kernel" for name in ("stats", "combine", "act")}
+    return record_kernel_launches(monkeypatch, gna, kernels, "group_norm_act_reference")
 
 
 @st.composite
