@@ -83,3 +83,15 @@ def record_kernel_launches(monkeypatch, module, kernels: dict[str, str], referen
         monkeypatch.setattr(module, attribute, counters[label])
     monkeypatch.setattr(module, reference, reference_must_not_run)
     return counters
+
+
+def compile_fullgraph(module, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks that dynamo captures ``module(*args)`` as one graph with no break, then returns (output of the
+    fullgraph-compiled module, eager output), both without grad, for the caller's own tolerance."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(module)(*args)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        return compiled(*args), module(*args)

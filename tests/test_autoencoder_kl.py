@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import fused_on_cpu, fused_vs_reference_error, needs_interpreter, relative_error
+from helpers import compile_fullgraph, fused_on_cpu, fused_vs_reference_error, needs_interpreter, relative_error
 from safetensors.torch import load_file, save_file
 from tolerances import DECODER_FP32_REL, DECODER_LOW_PRECISION_VS_DIFFUSERS
 from torch import nn
@@ -231,11 +231,7 @@ def test_compiles_to_one_graph():
     )
     z = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), ops.reference_ops():  # dynamo sees the custom ops, whichever backend runs them
-        explanation = torch._dynamo.explain(model)(z)
-        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        assert relative_error(compiled(z), model(z)) <= DECODER_FP32_REL
+        assert relative_error(*compile_fullgraph(model, z)) <= DECODER_FP32_REL
 
 
 def error_rms(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import needs_triton, record_kernel_launches, triton_devices
+from helpers import compile_fullgraph, needs_triton, record_kernel_launches, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import GROUP_NORM_ACT, GROUP_NORM_ACT_GRAD
@@ -289,13 +289,7 @@ def test_torch_compile_fullgraph_without_graph_breaks(device):
 
     module = ResBlockTail().to(device)
     x = make_input((1, 8, 6, 6), torch.float32, device, "channels_last")
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(module)(x)
-    assert explanation.graph_break_count == 0
-    assert explanation.graph_count == 1
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), module(x), rtol=0, atol=0)
+    torch.testing.assert_close(*compile_fullgraph(module, x), rtol=0, atol=0)
 
 
 GRAD_CASES = [

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import fused_vs_reference_error, needs_interpreter, relative_error
+from helpers import compile_fullgraph, fused_vs_reference_error, needs_interpreter, relative_error
 from safetensors.torch import load_file, save_file
 from tolerances import DECODER_FP32_REL
 from torch import nn
@@ -196,11 +196,7 @@ def test_compiles_to_one_graph(name):
     model = build(name).eval()
     z = latents(1, 4, 4, 4)
     with torch.no_grad():
-        explanation = torch._dynamo.explain(model)(z)
-        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        assert relative_error(compiled(z), model(z)) <= DECODER_FP32_REL
+        assert relative_error(*compile_fullgraph(model, z)) <= DECODER_FP32_REL
     torch._dynamo.reset()
 
 

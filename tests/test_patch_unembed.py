@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import needs_triton, triton_devices
+from helpers import compile_fullgraph, needs_triton, triton_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import PATCH_UNEMBED, PATCH_UNEMBED_GRAD
@@ -198,12 +198,7 @@ def test_torch_compile_fullgraph_without_graph_breaks(device):
 
     tokens = make_tokens(2, 3, 2, 4, 3, torch.bfloat16, device)
     bias = torch.randn(48, dtype=torch.bfloat16, device=device)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(decode_tail)(tokens, bias)
-    assert explanation.graph_break_count == 0
-    assert explanation.graph_count == 1
-    compiled = torch.compile(decode_tail, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(tokens, bias), decode_tail(tokens, bias), rtol=0, atol=0)
+    torch.testing.assert_close(*compile_fullgraph(decode_tail, tokens, bias), rtol=0, atol=0)
 
 
 GRAD_CASES = [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compile_fullgraph
 
 import fastdec
 import fastdec.kernels
@@ -74,10 +75,7 @@ class EveryOp(torch.nn.Module):
 
 def test_fullgraph_compile_without_graph_breaks():
     args = (torch.randn(1, 16, 4, 4), torch.randn(1, 1, 8, 16), torch.randn(1, 4, 12))
-    explanation = torch._dynamo.explain(EveryOp())(*args)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(EveryOp(), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(*args), EveryOp()(*args))
+    torch.testing.assert_close(*compile_fullgraph(EveryOp(), *args))
 
 
 def test_backends_report_the_interpreter_when_requested():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import needs_interpreter, relative_error
+from helpers import compile_fullgraph, needs_interpreter, relative_error
 from tolerances import DECODER_FP32_REL, RECONSTRUCTION_PSNR_DB
 
 import fastdec.kernels.group_norm_act as group_norm_act_kernels
@@ -313,9 +313,4 @@ def test_taef2_decoder_compiles_without_graph_breaks():
     torch.manual_seed(7)
     decoder = TAESDDecoder("taef2").eval()
     latents = torch.randn(1, 32, 2, 3)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(decoder)(latents)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    compiled = torch.compile(decoder, backend="eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(latents), decoder(latents), rtol=0, atol=0)
+    torch.testing.assert_close(*compile_fullgraph(decoder, latents), rtol=0, atol=0)
