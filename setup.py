@@ -8,7 +8,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _has_cudart(home: str) -> bool:
@@ -71,7 +71,8 @@ def _build_ext():
 
 
 setup(
-    packages=["fastdec", "fastdec.models", "fastdec.kernels"],
+    # fastdec and every subpackage under fastdec/ (models, train, batch, ...), plus kernels/ as fastdec.kernels.
+    packages=["fastdec", *(f"fastdec.{name}" for name in find_packages("fastdec")), "fastdec.kernels"],
     package_dir={"fastdec": "fastdec", "fastdec.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

@@ -14,7 +14,6 @@ A name that is found nowhere raises FileNotFoundError naming the file to fetch, 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdec.models.base import Decoder
+from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
 
 # name -> (Hub repo, subfolder) of a diffusers AutoencoderKL: exact decoders with trained weights.
 HUB_VAES: dict[str, tuple[str, str | None]] = {
@@ -130,7 +130,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def decode(latents: Tensor, decoder=None, output: str = "tensor"):
+def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: bool | None = None):
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
     ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
@@ -143,38 +143,25 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor"):
 
     ``output``: "tensor": (B, 3, H, W) in the decoder's dtype; "uint8": (B, H, W, 3) uint8, round(255 * x);
     "pil": a list of PIL images. An unbatched (C, h, w) input gives one image: (3, H, W), (H, W, 3) or an Image.
+
+    ``check_finite``: the NaN/Inf check on the latents (a host read-back); None runs it in eager use unless
+    FASTDEC_CHECK_FINITE=0, False skips it; it never runs under torch.compile or CUDA-graph capture.
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
-    if not isinstance(latents, Tensor):
-        hint = " (numpy: torch.from_numpy(array))" if type(latents).__module__ == "numpy" else ""
-        raise TypeError(f"latents must be a torch.Tensor, got a {type(latents).__name__}{hint}")
+    check_latents_tensor(latents)
     if latents.dim() not in (3, 4):
         raise ValueError(
             f"latents must be (C, h, w) or (B, C, h, w), got shape {tuple(latents.shape)}: "
             "video latents (B, C, T, h, w) go frame by frame, e.g. latents.transpose(1, 2).flatten(0, 1)"
         )
-    if not latents.is_floating_point():
-        raise TypeError(f"latents must be a float tensor, got {latents.dtype}: cast them, e.g. latents.float()")
-    if not bool(torch.isfinite(latents).all()):
-        raise ValueError("latents contain NaN or Inf: the diffusion run diverged or the latents are corrupt")
     unbatched = latents.dim() == 3
     batch = latents.unsqueeze(0) if unbatched else latents
     decoder = _decoder_for(batch, decoder)
-    if batch.shape[1] != decoder.latent_channels:
-        raise ValueError(
-            f"latents have {batch.shape[1]} channels but {type(decoder).__name__} expects "
-            f"{decoder.latent_channels}: pass a decoder for {batch.shape[1]}-channel latents"
-            + (f" (e.g. decoder={DEFAULT_DECODERS[batch.shape[1]]!r})" if batch.shape[1] in DEFAULT_DECODERS else "")
-        )
-    weights_device, weights_dtype = _device_and_dtype(decoder)
-    if batch.device != weights_device:
-        raise ValueError(
-            f"latents are on {batch.device} but the decoder's weights on {weights_device}: move the latents "
-            f"(latents.to('{weights_device}')) or the decoder (decoder.to('{batch.device}'))"
-        )
+    check_latents(batch, decoder, check_finite)
+    _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
-        images = decoder.decode(batch.to(weights_dtype))
+        images = decoder.decode(batch.to(weights_dtype), check_finite=False)  # checked above, before the cast
     if output == "tensor":
         return images[0] if unbatched else images
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -202,13 +189,6 @@ def _decoder_for(latents: Tensor, decoder) -> Decoder:
 @functools.cache
 def _cached_decoder(name: str, device: torch.device, dtype: torch.dtype) -> Decoder:
     return load(name, device=device, dtype=dtype)
-
-
-def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 # --- load() helpers ------------------------------------------------------------------------------------------------
@@ -259,7 +239,7 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
             f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny modules, got a "
             f"{type(vae).__module__}.{type(vae).__name__}"
         )
-    weights_device, weights_dtype = _device_and_dtype(vae)
+    weights_device, weights_dtype = weights_device_and_dtype(vae)
     device, dtype = device or weights_device, dtype or weights_dtype
     if kind == "AutoencoderKL":
         from fastdec.models.autoencoder_kl import AutoencoderKLDecoder

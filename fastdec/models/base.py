@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec.validate import check_latents
+
 
 class Decoder(nn.Module):
     """A latent-to-image decoder built from fastdec ops.
@@ -19,13 +21,18 @@ class Decoder(nn.Module):
     """
 
     latent_channels: int
+    latent_ndim: int = 4  # 4: image latents (B, C, h, w); 5: video latents (B, C, T, h, w)
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     output_range: str = "-1,1"
     config: dict
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], in the decoder's dtype."""
+    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
+        """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], in the decoder's dtype.
+
+        The latents are checked first (fastdec.validate.check_latents: type, shape, channels, device, and NaN/Inf
+        unless ``check_finite=False``, compiled or captured); every override of decode does the same."""
+        check_latents(latents, self, check_finite)
         z = latents / self.scaling_factor + self.shift_factor
         image = self(z)
         if self.output_range == "-1,1":

@@ -209,14 +209,14 @@ class EfficientViTDecoder(Decoder):
         x = self.head_conv(norm_act(self.head_norm, x, self.config["act"]))
         return ops.pixel_shuffle(x, self.head_upsample) if self.head_upsample > 1 else x
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
         """Decoder.decode, with every BatchNorm on its running statistics even if the model is in train mode:
         decoding is inference, and batch statistics would make each image depend on the rest of the batch."""
         training = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d) and m.training]
         for module in training:
             module.eval()
         try:
-            return super().decode(latents)
+            return super().decode(latents, check_finite)
         finally:
             for module in training:
                 module.train()
