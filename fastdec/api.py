@@ -471,6 +471,10 @@ def _from_hub_id(hub_id: str, device, dtype) -> Decoder:
     """owner/repo (a VAE repo, or a pipeline repo whose VAE is in vae/) or owner/repo/subfolder on the Hub."""
     owner, repo, *subfolder = hub_id.split("/")
     repo_id, home = f"{owner}/{repo}", fastdec_home()
+    # $FASTDEC_HOME/<hub id>/ first: where the offline error tells the user to put the files (a pipeline's vae/ too).
+    for local in (home / hub_id, home / hub_id / "vae"):
+        if (local / "config.json").is_file():
+            return _from_folder(local, device, dtype, None)
     if subfolder:
         return _from_folder(_hub_folder(hub_id, repo_id, subfolder[0], home), device, dtype, None)
     try:
