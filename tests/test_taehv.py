@@ -117,7 +117,8 @@ def test_decode_picks_chunks_over_the_memory_budget(decoder, reference, monkeypa
 def test_stream_refuses_a_shape_change_and_bad_chunks():
     decoder = TAEHVDecoder("taew2_1").eval()
     stream = decoder.stream()
-    stream.push(torch.randn(1, 16, 1, 2, 2))
+    first = stream.push(torch.randn(1, 16, 1, 2, 2, dtype=torch.float64))  # cast to the decoder's dtype
+    assert first.shape == (1, 1, 3, 16, 16) and first.dtype == torch.float32
     with pytest.raises(ValueError, match=r"call reset\(\)"):
         stream.push(torch.randn(1, 16, 1, 2, 3))
     with pytest.raises(ValueError, match="chunk_frames must be a positive int"):

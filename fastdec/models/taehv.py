@@ -316,9 +316,10 @@ class TAEHVStream:
 
     @torch.no_grad()
     def push(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Diffusion latents (B, C, t, h, w), t >= 1 -> the frames (B, n, 3, H, W) in [0, 1] they complete."""
+        """Diffusion latents (B, C, t, h, w), t >= 1, any float dtype (cast to the decoder's, as fastdec.decode does)
+        -> the frames (B, n, 3, H, W) in [0, 1] they complete, in the decoder's dtype."""
         check_latents(latents, self.decoder, check_finite)
-        z = latents / self.decoder.scaling_factor + self.decoder.shift_factor
+        z = latents.to(self.decoder[1].weight.dtype) / self.decoder.scaling_factor + self.decoder.shift_factor
         return self.advance(z).clamp(0, 1)
 
     def advance(self, z: Tensor) -> Tensor:
