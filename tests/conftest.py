@@ -33,7 +33,7 @@ def triton_launches(monkeypatch) -> collections.Counter:
 @pytest.fixture
 def offline(tmp_path, monkeypatch) -> Path:
     """No test reaches the network or a real cache: Hub offline, empty Hub cache, empty FASTDEC_HOME (returned)."""
-    import huggingface_hub
+    import huggingface_hub.constants
 
     from fastdec import api
 
