@@ -38,7 +38,12 @@ TEMPORAL_EPS = 1e-5  # ... and this epsilon in the temporal resnets (1e-6 elsewh
 def frames_to_clips(x: Tensor, num_frames: int) -> Tensor:
     """(B*T, C, H, W) -> (B, C, T, H, W): a view in channels_last (it is then channels_last_3d), else one copy."""
     clips = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
-    return clips if x.is_contiguous(memory_format=torch.channels_last) else clips.contiguous()
+    return clips if suggested_format(x) == torch.channels_last else clips.contiguous()
+
+
+def suggested_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def clips_to_frames(x: Tensor) -> Tensor:
@@ -149,7 +154,9 @@ class TemporalDecoder(nn.Module):
         for up_block in self.up_blocks:
             x = up_block(x, num_frames)
         x = self.conv_out(norm_act(self.conv_norm_out, x, "silu"))
-        return clips_to_frames(self.time_conv_out(frames_to_clips(x, num_frames)))
+        frames = clips_to_frames(self.time_conv_out(frames_to_clips(x, num_frames)))
+        # Keep the caller's layout (a one-frame clip has ambiguous strides, and conv3d then picks NCTHW).
+        return frames.contiguous(memory_format=suggested_format(z))
 
 
 class PerFrameVideoDecoder(Decoder):
