@@ -160,3 +160,28 @@ def test_swap_into_an_svd_pipeline_decode_step():
         expected = model.decode(x.transpose(1, 2), decode_chunk_size=3)  # (B, T, 3, H, W) in [0, 1]
     assert pipe.vae is wrapper and frames.shape == (1, 3, 5, 8, 8)  # (B, 3, T, H, W) in [-1, 1]
     torch.testing.assert_close((frames * 0.5 + 0.5).clamp(0, 1).transpose(1, 2), expected, rtol=0, atol=1e-5)
+
+
+def test_fastdec_decode_and_the_cli_take_video_latents(offline, tmp_path):
+    """fastdec.decode with (B, C, T, h, w) latents returns (B, T, 3, H, W) (uint8: (B, T, H, W, 3)); the CLI writes
+    an mp4 of T frames."""
+    av = pytest.importorskip("av")
+    from fastdec.cli import main
+
+    model = tiny().eval()
+    model.save_pretrained(tmp_path / "decoder")
+    z = latents(2, 4, 3, 4, 5)
+    with ops.reference_ops():
+        frames = fastdec.decode(z, model)
+        pixels = fastdec.decode(z, model, output="uint8")
+        with torch.no_grad():
+            assert torch.equal(frames, model.decode(z))
+        assert frames.shape == (2, 3, 3, 8, 10) and pixels.shape == (2, 3, 8, 10, 3)
+        assert torch.equal(pixels, (frames * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2))
+        torch.save(z[:1], tmp_path / "clip.pt")
+        args = ["decode", str(tmp_path / "clip.pt"), "--decoder", str(tmp_path / "decoder"), "-o", str(tmp_path),
+                "--fps", "8", "--no-progress"]
+        assert main(args) == 0
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(decoded) == 3 and decoded[0].shape == (8, 10, 3)
