@@ -32,6 +32,7 @@ HUB_VAES: dict[str, tuple[str, str | None]] = {
     "sdxl": ("stabilityai/sdxl-vae", None),
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
+    "svd": ("stabilityai/stable-video-diffusion-img2vid-xt", "vae"),  # an AutoencoderKLTemporalDecoder (gated)
 }
 # TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
 # https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
@@ -40,7 +41,7 @@ TAESD_PTH_ONLY = ("taef2",)
 TAESD_GITHUB = "https://github.com/madebyollin/taesd"
 ALIASES = {"sd1": "sd", "sd2": "sd", "flux1": "flux"}
 # Randomly initialised architectures (no published weights): load() warns, config overrides pass through.
-RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-b")
+RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-b", "tae-temporal")
 # decode() without a decoder: the TAESD-family decoder of the latent space with this many channels. 16 channels
 # are FLUX.1's (taef1); SD3 latents also have 16: pass decoder="taesd3" for them.
 DEFAULT_DECODERS = {4: "taesd", 16: "taef1", 32: "taef2"}
@@ -74,16 +75,17 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     ``source`` is one of:
 
     * a fastdec ``Decoder``: moved/cast in place and returned;
-    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder) or ``AutoencoderTiny`` (-> TAESDDecoder); device and
-      dtype default to the VAE's;
+    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder), ``AutoencoderTiny`` (-> TAESDDecoder) or
+      ``AutoencoderKLTemporalDecoder`` (Stable Video Diffusion, -> SVDDecoder); device and dtype default to the VAE's;
     * a folder: a fastdec ``save_pretrained`` folder, a diffusers VAE folder (config.json ``_class_name``
-      AutoencoderKL or AutoencoderTiny) or a pipeline folder with a ``vae/`` subfolder;
+      AutoencoderKL, AutoencoderTiny or AutoencoderKLTemporalDecoder) or a pipeline folder with a ``vae/`` subfolder;
     * a madebyollin TAESD ``.pth`` decoder file (variant from the file name, e.g. taesdxl_decoder.pth, else from
       the weights);
     * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
       owner/repo/subfolder;
     * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1): the
-      exact VAE decoder; tae-192, efficientvit, efficientvit-attn, vit-s, vit-b: random weights (a
+      exact VAE decoder; svd: Stable Video Diffusion's video VAE decoder; tae-192, efficientvit,
+      efficientvit-attn, vit-s, vit-b, tae-temporal (a video decoder): random weights (a
       RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
 
     An existing path wins over a name. Trained weights fix the architecture, so config overrides are only accepted
@@ -140,7 +142,7 @@ def default_video_decoder_name(latent_channels: int) -> str:
         raise ValueError(
             f"no default decoder for {latent_channels}-channel video latents (defaults exist for "
             f"{sorted(DEFAULT_VIDEO_DECODERS)} channels): pass decoder=<a video decoder for this latent space>; "
-            f"the TAEHV choices: {choices}"
+            f"the TAEHV choices: {choices}; Stable Video Diffusion (4 ch): svd, tae-temporal"
         )
     return DEFAULT_VIDEO_DECODERS[latent_channels]
 
@@ -256,19 +258,24 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
     from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.svd import SVDDecoder
+    from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taehv import TAEHVDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
 
-    classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, TAEHVDecoder)
+    classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, TAEHVDecoder, SVDDecoder,
+               TAETemporalDecoder)
     return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
     from fastdec.models import efficientvit, vit
+    from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taesd import TAESDDecoder
 
-    presets = {**efficientvit.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192"))}
+    presets = {**efficientvit.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192")),
+               "tae-temporal": (TAETemporalDecoder, {})}
     cls, config = presets[name]
     config = {"latent_channels": 4, **config, **config_overrides}
     with torch.device(device or "cpu"):  # initialise where it will run: no CPU copy of a large model
@@ -284,12 +291,12 @@ def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
 
 def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
-    kind = None
+    kind, kinds = None, ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLTemporalDecoder")
     if diffusers is not None:
-        kind = next((k for k in ("AutoencoderKL", "AutoencoderTiny") if isinstance(vae, getattr(diffusers, k))), None)
+        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k))), None)
     if kind is None:
         raise TypeError(
-            f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny modules, got a "
+            f"load() takes fastdec Decoders and diffusers {' / '.join(kinds)} modules, got a "
             f"{type(vae).__module__}.{type(vae).__name__}"
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
@@ -298,6 +305,10 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
         from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 
         return AutoencoderKLDecoder.from_diffusers(vae, device=device, dtype=dtype)
+    if kind == "AutoencoderKLTemporalDecoder":
+        from fastdec.models.svd import SVDDecoder
+
+        return SVDDecoder.from_diffusers(vae, device=device, dtype=dtype)
     from fastdec.models.taesd import TAESDDecoder
 
     variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
@@ -348,13 +359,16 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
     if kind == "AutoencoderKL":
         cls = classes["AutoencoderKLDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
+    if kind == "AutoencoderKLTemporalDecoder":
+        cls = classes["SVDDecoder"]
+        return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
     if kind == "AutoencoderTiny":
         variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
         cls = classes["TAESDDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
     raise ValueError(
-        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL or "
-        f"AutoencoderTiny (_class_name is {kind!r})"
+        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL, "
+        f"AutoencoderTiny or AutoencoderKLTemporalDecoder (_class_name is {kind!r})"
     )
 
 

@@ -74,24 +74,36 @@ class FastdecVAE(nn.Module):
             raise AttributeError(f"the original {type(self.original).__name__} has no 'bn' (latent statistics)")
         return self.original.bn
 
-    def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
+    def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None,
+               num_frames: int | None = None):
         """The VAE's decode: latents in the VAE's space -> images in [-1, 1] (``DecoderOutput`` or a 1-tuple).
 
-        ``generator`` is accepted for the pipelines that pass it; decoding is deterministic.
+        ``generator`` is accepted for the pipelines that pass it; decoding is deterministic. ``num_frames``: see
+        ``forward``.
         """
-        image = self(z)
+        image = self(z, num_frames)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, num_frames: int | None = None) -> Tensor:
+        """``num_frames``: StableVideoDiffusionPipeline passes per-frame latents (B*T, C, h, w), clip after clip, with
+        the clip length T (it looks for this parameter in ``forward``'s signature). Decoders of per-frame video
+        latents (``decode_frames``: SVDDecoder, TAETemporalDecoder) need it; image decoders decode every frame on
+        its own and do not use it."""
         if z.dim() != 4:
             raise ValueError(f"FastdecVAE decodes image latents (B, C, h, w), got shape {tuple(z.shape)}")
+        per_frame_video = hasattr(self.decoder, "decode_frames")
+        if per_frame_video and num_frames is None:
+            raise ValueError(
+                f"{type(self.decoder).__name__} decodes clips of per-frame latents: pass num_frames (frames per clip), "
+                "as StableVideoDiffusionPipeline does"
+            )
         z = z.to(self.dtype)
         if self.input_scale is not None:
             shape = (1, -1, 1, 1)
             scale = torch.tensor(self.input_scale, dtype=z.dtype, device=z.device).view(shape)
             offset = torch.tensor(self.input_offset, dtype=z.dtype, device=z.device).view(shape)
             z = z * scale + offset
-        image = self.decoder(z)
+        image = self.decoder.decode_frames(z, num_frames) if per_frame_video else self.decoder(z)
         return image * 2 - 1 if self.decoder.output_range == "0,1" else image
 
     def encode(self, *args, **kwargs):
@@ -136,7 +148,7 @@ def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
     expected = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(original.config.block_out_channels) - 1)
     probe = torch.zeros(1, decoder.latent_channels, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
     with torch.no_grad():
-        factor = wrapper(probe).shape[-1] // 2
+        factor = wrapper(probe, num_frames=1).shape[-1] // 2
     if factor != expected:
         raise ValueError(
             f"{type(decoder).__name__} upsamples latents {factor}x but the pipeline expects its VAE to upsample "
