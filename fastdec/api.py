@@ -46,6 +46,8 @@ RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-
 DEFAULT_DECODERS = {4: "taesd", 16: "taef1", 32: "taef2"}
 OUTPUTS = ("tensor", "uint8", "pil")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# diffusers video VAE class -> the fastdec decoder class that loads it (exact decoders, from instance/folder/Hub id)
+VIDEO_VAES = {"AutoencoderKLWan": "WanDecoder", "AutoencoderKLQwenImage": "WanDecoder"}
 
 
 class RandomWeightsWarning(UserWarning):
@@ -207,8 +209,10 @@ def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.efficientvit import EfficientViTDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
+    from fastdec.models.wan import WanDecoder
 
-    return {cls.__name__: cls for cls in (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)}
+    return {cls.__name__: cls
+            for cls in (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, WanDecoder)}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
@@ -233,14 +237,17 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
     kind = None
     if diffusers is not None:
-        kind = next((k for k in ("AutoencoderKL", "AutoencoderTiny") if isinstance(vae, getattr(diffusers, k))), None)
+        kinds = ("AutoencoderKL", "AutoencoderTiny", *VIDEO_VAES)
+        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k))), None)
     if kind is None:
         raise TypeError(
-            f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny modules, got a "
-            f"{type(vae).__module__}.{type(vae).__name__}"
+            f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny / "
+            f"{' / '.join(VIDEO_VAES)} modules, got a {type(vae).__module__}.{type(vae).__name__}"
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
     device, dtype = device or weights_device, dtype or weights_dtype
+    if kind in VIDEO_VAES:
+        return _decoder_classes()[VIDEO_VAES[kind]].from_diffusers(vae, device=device, dtype=dtype)
     if kind == "AutoencoderKL":
         from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 
@@ -291,13 +298,16 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
     if kind == "AutoencoderKL":
         cls = classes["AutoencoderKLDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
+    if kind in VIDEO_VAES:
+        cls = classes[VIDEO_VAES[kind]]
+        return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
     if kind == "AutoencoderTiny":
         variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
         cls = classes["TAESDDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
     raise ValueError(
-        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL or "
-        f"AutoencoderTiny (_class_name is {kind!r})"
+        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL, "
+        f"AutoencoderTiny, {', '.join(VIDEO_VAES)} (_class_name is {kind!r})"
     )
 
 
