@@ -75,8 +75,8 @@ def test_matches_diffusers(frames, fused, triton_launches):
                 out = model(z)
             assert not triton_launches
     assert out.shape == (1, 3, 1 + 4 * (frames - 1), 24, 40) == reference.shape
-    assert relative_error(out.clamp(-1, 1), reference) <= DECODER_FP32_REL
-    assert (out.abs() < 1).float().mean() > 0.95, "the clamp must not hide the comparison"
+    assert relative_error(out, reference) <= DECODER_FP32_REL
+    assert (reference.abs() < 1).float().mean() > 0.95, "the clamp must not hide the comparison"
 
 
 def test_qwen_image_vae_matches_diffusers():
@@ -86,7 +86,7 @@ def test_qwen_image_vae_matches_diffusers():
     assert isinstance(model, WanDecoder)
     z = latents(2, 5, 3, seed=4)
     with torch.no_grad(), ops.reference_ops():
-        assert relative_error(model(z).clamp(-1, 1), vae.decode(z).sample) <= DECODER_FP32_REL
+        assert relative_error(model(z), vae.decode(z).sample) <= DECODER_FP32_REL
 
 
 def test_chunked_decode_equals_frame_by_frame():
@@ -106,15 +106,15 @@ def test_chunks_carry_only_two_frames_per_causal_conv(monkeypatch):
     its last two input frames (one frame's worth of activations per conv, whatever the clip length)."""
     model = WanDecoder.from_diffusers(tiny_vae())
     chunks, caches = [], []
-    forward = WanDecoder.forward
+    decode_chunk = WanDecoder.decode_chunk
 
-    def spy(self, z, cache=None):
-        out = forward(self, z, cache)
+    def spy(self, z, cache):
+        out = decode_chunk(self, z, cache)
         chunks.append(z.shape[2])
         caches.append([None if t is None else t.shape[2] for t in cache])
         return out
 
-    monkeypatch.setattr(WanDecoder, "forward", spy)
+    monkeypatch.setattr(WanDecoder, "decode_chunk", spy)
     with torch.no_grad(), ops.reference_ops():
         model.decode(latents(7), chunk_frames=3)
     assert chunks == [3, 3, 1]
@@ -175,7 +175,7 @@ def test_folder_pipeline_folder_and_hub_id_load(vae_folder, offline, monkeypatch
         assert isinstance(model, WanDecoder)
         assert set(model.state_dict()) == {k for k in state if k.startswith(("decoder.", "post_quant_conv."))}
         with torch.no_grad(), ops.reference_ops():
-            assert relative_error(model(z).clamp(-1, 1), reference) <= DECODER_FP32_REL
+            assert relative_error(model(z), reference) <= DECODER_FP32_REL
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -231,7 +231,7 @@ class WanDecoder(Decoder):
     ``decode`` takes the diffusion latents (B, z_dim, T, h, w) a pipeline produces, maps them to the VAE's space
     per channel (``z = latents * latents_std + latents_mean``, as WanPipeline does before ``vae.decode``) and
     returns frames (B, 1 + 4 (T - 1), 3, 8h, 8w) in [0, 1]. ``forward`` takes the VAE's own latents and returns
-    what diffusers' decoder does before its clamp: (B, 3, T_out, H, W) in about [-1, 1].
+    what ``AutoencoderKLWan.decode`` does: (B, 3, T_out, H, W) in [-1, 1]. Both run in chunks of latent frames.
     """
 
     latent_ndim = 5
@@ -280,31 +280,33 @@ class WanDecoder(Decoder):
         """An empty TimeCache: the state at the start of a clip."""
         return [None] * self.decoder.cache_slots
 
-    def forward(self, z: Tensor, cache: TimeCache | None = None) -> Tensor:
-        """VAE-space latents (B, z_dim, T, h, w) -> (B, out_channels, T_out, H, W), unclamped. ``cache`` None: a whole
-        clip; a TimeCache (``new_cache()``): the next chunk of a clip, continuing from the chunks before it."""
-        return self.decoder(self.post_quant_conv(z), self.new_cache() if cache is None else cache)
-
-    def decode(self, latents: Tensor, check_finite: bool | None = None, chunk_frames: int | None = None) -> Tensor:
-        """Diffusion latents (B, z_dim, T, h, w) -> frames (B, 1 + 4 (T - 1), 3, H, W) in [0, 1].
-
-        ``chunk_frames``: latent frames per decoder call; None runs the whole clip at once when its activations fit
-        in WHOLE_CLIP_BUDGET_BYTES (1 GiB) and the largest chunk that fits otherwise (at least one frame). Every
-        chunk size gives the same frames; peak memory grows with the chunk, not with the clip.
-        """
-        check_latents(latents, self, check_finite)
-        frames_in = latents.shape[2]
+    def forward(self, z: Tensor, chunk_frames: int | None = None) -> Tensor:
+        """VAE-space latents (B, z_dim, T, h, w) -> (B, out_channels, 1 + 4 (T - 1), H, W) clamped to [-1, 1]: what
+        AutoencoderKLWan.decode returns. The clip runs in chunks of ``chunk_frames`` latent frames (None: the whole
+        clip when its activations fit in WHOLE_CLIP_BUDGET_BYTES, 1 GiB, else the largest chunk that fits, at least
+        one frame); every chunk size gives the same frames, and peak memory grows with the chunk, not the clip."""
         if chunk_frames is None:
-            chunk_frames = self.auto_chunk_frames(latents)
+            chunk_frames = self.auto_chunk_frames(z)
         elif isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(
                 f"chunk_frames must be a positive int (latent frames per chunk) or None, got {chunk_frames!r}"
             )
-        z = self.to_vae_space(latents)
         cache = self.new_cache()
-        parts = [self(z[:, :, start:start + chunk_frames], cache) for start in range(0, frames_in, chunk_frames)]
-        video = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
+        parts = [self.decode_chunk(z[:, :, start:start + chunk_frames], cache)
+                 for start in range(0, z.shape[2], chunk_frames)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).clamp(-1, 1)
+
+    def decode_chunk(self, z: Tensor, cache: TimeCache) -> Tensor:
+        """The next chunk of a clip (VAE-space latents), continuing from the chunks before it that ``cache`` (from
+        ``new_cache()``) has seen; unclamped. Streaming: call it as latent frames arrive."""
+        return self.decoder(self.post_quant_conv(z), cache)
+
+    def decode(self, latents: Tensor, check_finite: bool | None = None, chunk_frames: int | None = None) -> Tensor:
+        """Diffusion latents (B, z_dim, T, h, w) -> frames (B, 1 + 4 (T - 1), 3, H, W) in [0, 1]; ``chunk_frames``
+        as in ``forward``."""
+        check_latents(latents, self, check_finite)
+        video = self(self.to_vae_space(latents), chunk_frames)
+        return (video * 0.5 + 0.5).transpose(1, 2)
 
     def to_vae_space(self, latents: Tensor) -> Tensor:
         """latents * latents_std + latents_mean per channel, in fp32, cast back to the latents' dtype."""
@@ -314,7 +316,7 @@ class WanDecoder(Decoder):
         return (latents.float() * std + mean).to(latents.dtype)
 
     def auto_chunk_frames(self, latents: Tensor) -> int:
-        """The chunk size decode() picks: the whole clip if it fits the budget, else as many latent frames as do."""
+        """The chunk size forward() picks: the whole clip if it fits the budget, else as many latent frames as do."""
         batch, _, frames, height, width = latents.shape
         element = torch.finfo(self.post_quant_conv.weight.dtype).bits // 8
         widest = self.config["base_dim"] * self.config["dim_mult"][0]  # the full-resolution stage's width
