@@ -259,3 +259,34 @@ def test_default_architecture_has_diffusers_parameter_names_and_shapes():
     expected = {k: v.shape for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     assert {k: v.shape for k, v in model.state_dict().items()} == expected
     assert model.latents_mean == vae.config.latents_mean and model.latents_std == vae.config.latents_std
+
+
+def test_fastdec_decode_takes_video_latents():
+    """fastdec.decode with 5-D latents and a WanDecoder: frames (B, T_out, 3, H, W), uint8 and PIL outputs."""
+    model = WanDecoder.from_diffusers(tiny_vae(seed=12))
+    x = latents(2, 4, 6, seed=13)
+    with ops.reference_ops():
+        frames = fastdec.decode(x, decoder=model)
+        pixels = fastdec.decode(x, decoder=model, output="uint8")
+        images = fastdec.decode(x, decoder=model, output="pil")
+    with torch.no_grad(), ops.reference_ops():
+        torch.testing.assert_close(frames, model.decode(x), rtol=0, atol=0)
+    assert frames.shape == (1, 5, 3, 32, 48) and pixels.shape == (1, 5, 32, 48, 3) and pixels.dtype == torch.uint8
+    assert len(images) == 1 and len(images[0]) == 5 and images[0][0].size == (48, 32)
+    with pytest.raises(ValueError, match="add the time axis"):
+        fastdec.decode(x[:, :, 0], decoder=model)
+
+
+def test_cli_writes_an_mp4(tmp_path):
+    """``fastdec decode latents.pt --decoder <WanDecoder folder>``: 2 latent frames -> a 5-frame H.264 mp4."""
+    av = pytest.importorskip("av", reason="writing mp4 needs PyAV")
+    from fastdec.cli import main
+
+    WanDecoder.from_diffusers(tiny_vae(seed=14)).save_pretrained(tmp_path / "wan")
+    torch.save(latents(2, 4, 6, seed=15), tmp_path / "clip.pt")
+    with ops.reference_ops():
+        assert main(["decode", str(tmp_path / "clip.pt"), "--decoder", str(tmp_path / "wan"), "-o",
+                     str(tmp_path / "out"), "--chunk-frames", "1", "--no-progress"]) == 0
+    with av.open(str(tmp_path / "out" / "clip.mp4")) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
