@@ -53,6 +53,12 @@ TAEHV_GITHUB = "https://github.com/madebyollin/taehv"
 DEFAULT_VIDEO_DECODERS = {16: "taew2_1", 32: "taehv1_5", 48: "taew2_2", 128: "taeltx_2"}
 OUTPUTS = ("tensor", "uint8", "pil")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# diffusers video VAE class -> the fastdec decoder class that loads it (exact decoders, from instance/folder/Hub id)
+# diffusers video VAE class -> the fastdec decoder class that loads it (from_diffusers: instance or folder).
+VIDEO_VAES = {
+    "AutoencoderKLWan": "WanDecoder", "AutoencoderKLQwenImage": "WanDecoder",
+    "AutoencoderKLTemporalDecoder": "SVDDecoder",
+}
 
 
 class RandomWeightsWarning(UserWarning):
@@ -263,9 +269,10 @@ def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.taehv import TAEHVDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
+    from fastdec.models.wan import WanDecoder
 
     classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, TAEHVDecoder, SVDDecoder,
-               TAETemporalDecoder)
+               TAETemporalDecoder, WanDecoder)
     return {cls.__name__: cls for cls in classes}
 
 
@@ -291,7 +298,7 @@ def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
 
 def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
-    kind, kinds = None, ("AutoencoderKL", "AutoencoderTiny", "AutoencoderKLTemporalDecoder")
+    kind, kinds = None, ("AutoencoderKL", "AutoencoderTiny", *VIDEO_VAES)
     if diffusers is not None:
         kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k))), None)
     if kind is None:
@@ -301,14 +308,12 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
     device, dtype = device or weights_device, dtype or weights_dtype
+    if kind in VIDEO_VAES:
+        return _decoder_classes()[VIDEO_VAES[kind]].from_diffusers(vae, device=device, dtype=dtype)
     if kind == "AutoencoderKL":
         from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 
         return AutoencoderKLDecoder.from_diffusers(vae, device=device, dtype=dtype)
-    if kind == "AutoencoderKLTemporalDecoder":
-        from fastdec.models.svd import SVDDecoder
-
-        return SVDDecoder.from_diffusers(vae, device=device, dtype=dtype)
     from fastdec.models.taesd import TAESDDecoder
 
     variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
@@ -359,8 +364,8 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
     if kind == "AutoencoderKL":
         cls = classes["AutoencoderKLDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
-    if kind == "AutoencoderKLTemporalDecoder":
-        cls = classes["SVDDecoder"]
+    if kind in VIDEO_VAES:
+        cls = classes[VIDEO_VAES[kind]]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
     if kind == "AutoencoderTiny":
         variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
@@ -368,7 +373,7 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
         return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
     raise ValueError(
         f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL, "
-        f"AutoencoderTiny or AutoencoderKLTemporalDecoder (_class_name is {kind!r})"
+        f"AutoencoderTiny, {', '.join(VIDEO_VAES)} (_class_name is {kind!r})"
     )
 
 

@@ -163,8 +163,9 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
 
             frames = chunks()
         else:
+            chunking = {} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}  # e.g. WanDecoder
             with torch.no_grad():
-                frames = decoder.decode(video, check_finite=False)
+                frames = decoder.decode(video, check_finite=False, **chunking)
             bar(frames_in, frames_in)
         paths.append(save_video(frames, output_dir / name, fps=args.fps))
     return paths

@@ -40,9 +40,10 @@ class FastdecVAE(nn.Module):
     def __init__(self, original: nn.Module, decoder: Decoder, force_upcast: bool | None = None):
         super().__init__()
         config = dict(original.config)
-        if config.get("latent_channels", decoder.latent_channels) != decoder.latent_channels:
+        channels = config.get("latent_channels", config.get("z_dim", decoder.latent_channels))  # z_dim: video VAEs
+        if channels != decoder.latent_channels:
             raise ValueError(
-                f"the pipeline's VAE has {config['latent_channels']} latent channels but {type(decoder).__name__} "
+                f"the pipeline's VAE has {channels} latent channels but {type(decoder).__name__} "
                 f"decodes {decoder.latent_channels}: swap in a decoder of this latent space"
             )
         if force_upcast is None:
@@ -88,10 +89,13 @@ class FastdecVAE(nn.Module):
         """``num_frames``: StableVideoDiffusionPipeline passes per-frame latents (B*T, C, h, w), clip after clip, with
         the clip length T (it looks for this parameter in ``forward``'s signature). Decoders of per-frame video
         latents (``decode_frames``: SVDDecoder, TAETemporalDecoder) need it; image decoders decode every frame on
-        its own and do not use it."""
-        if z.dim() != 4:
-            raise ValueError(f"FastdecVAE decodes image latents (B, C, h, w), got shape {tuple(z.shape)}")
+        its own and do not use it. Video decoders of (B, C, T, h, w) latents (``latent_ndim`` 5, e.g. WanDecoder)
+        take what WanPipeline passes, 5-D latents."""
         per_frame_video = hasattr(self.decoder, "decode_frames")
+        video = not per_frame_video and getattr(self.decoder, "latent_ndim", 4) == 5
+        if z.dim() != (5 if video else 4):
+            layout = "video latents (B, C, T, h, w)" if video else "image latents (B, C, h, w)"
+            raise ValueError(f"FastdecVAE with a {type(self.decoder).__name__} decodes {layout}, got {tuple(z.shape)}")
         if per_frame_video and num_frames is None:
             raise ValueError(
                 f"{type(self.decoder).__name__} decodes clips of per-frame latents: pass num_frames (frames per clip), "
@@ -99,10 +103,12 @@ class FastdecVAE(nn.Module):
             )
         z = z.to(self.dtype)
         if self.input_scale is not None:
-            shape = (1, -1, 1, 1)
+            shape = (1, -1) + (1,) * (z.dim() - 2)
             scale = torch.tensor(self.input_scale, dtype=z.dtype, device=z.device).view(shape)
             offset = torch.tensor(self.input_offset, dtype=z.dtype, device=z.device).view(shape)
             z = z * scale + offset
+        if video:  # the video contract: decode(diffusion latents) -> frames (B, T, 3, H, W) in [0, 1]
+            return self.decoder.decode(z, check_finite=False).transpose(1, 2) * 2 - 1
         image = self.decoder.decode_frames(z, num_frames) if per_frame_video else self.decoder(z)
         return image * 2 - 1 if self.decoder.output_range == "0,1" else image
 
@@ -115,7 +121,8 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
     """Per-channel (scale, offset) taking the pipeline's z to the decoder's input, or (None, None) for identity.
 
     z -> diffusion latents x: x = (z - shift) * s, or x = (z - mean) * s / std with latents_mean/std; then the
-    decoder's input is x / s_d + t_d. Computed in float64, cast once at decode time.
+    decoder's input is x / s_d + t_d. Computed in float64, cast once at decode time. Video decoders (latent_ndim 5)
+    are called through ``decode``, which takes x itself and applies their own convention: there the map ends at x.
     """
     channels = decoder.latent_channels
     scaling = config.get("scaling_factor") or 1.0
@@ -125,8 +132,10 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
             raise ValueError(f"latents_mean/latents_std of the VAE config need {channels} values each")
     else:
         mean, std = [config.get("shift_factor") or 0.0] * channels, [1.0] * channels
-    scale = [scaling / (s * decoder.scaling_factor) for s in std]
-    offset = [decoder.shift_factor - m * a for m, a in zip(mean, scale, strict=True)]
+    video = getattr(decoder, "latent_ndim", 4) == 5
+    decoder_scale, decoder_shift = (1.0, 0.0) if video else (decoder.scaling_factor, decoder.shift_factor)
+    scale = [scaling / (s * decoder_scale) for s in std]
+    offset = [decoder_shift - m * a for m, a in zip(mean, scale, strict=True)]
     if all(a == 1.0 for a in scale) and all(b == 0.0 for b in offset):
         return None, None
     return scale, offset
@@ -145,8 +154,10 @@ def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
     if not isinstance(decoder, Decoder):
         decoder = load(decoder, device=original.device, dtype=original.dtype)
     wrapper = FastdecVAE(original, decoder, force_upcast)
-    expected = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(original.config.block_out_channels) - 1)
-    probe = torch.zeros(1, decoder.latent_channels, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
+    expected = (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)  # video
+                or 2 ** (len(original.config.block_out_channels) - 1))
+    frames = (1,) if getattr(decoder, "latent_ndim", 4) == 5 else ()
+    probe = torch.zeros(1, decoder.latent_channels, *frames, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
     with torch.no_grad():
         factor = wrapper(probe, num_frames=1).shape[-1] // 2
     if factor != expected:
