@@ -91,8 +91,7 @@ class FastdecVAE(nn.Module):
         latents (``decode_frames``: SVDDecoder, TAETemporalDecoder) need it; image decoders decode every frame on
         its own and do not use it. Video decoders of (B, C, T, h, w) latents (``latent_ndim`` 5, e.g. WanDecoder)
         take what WanPipeline passes, 5-D latents."""
-        per_frame_video = hasattr(self.decoder, "decode_frames")
-        video = not per_frame_video and getattr(self.decoder, "latent_ndim", 4) == 5
+        per_frame_video, video = hasattr(self.decoder, "decode_frames"), _takes_5d_latents(self.decoder)
         if z.dim() != (5 if video else 4):
             layout = "video latents (B, C, T, h, w)" if video else "image latents (B, C, h, w)"
             raise ValueError(f"FastdecVAE with a {type(self.decoder).__name__} decodes {layout}, got {tuple(z.shape)}")
@@ -117,12 +116,19 @@ class FastdecVAE(nn.Module):
         return self.original.encode(*args, **kwargs)
 
 
+def _takes_5d_latents(decoder: Decoder) -> bool:
+    """A video decoder that the pipeline hands (B, C, T, h, w) latents (WanPipeline); per-frame video decoders
+    (``decode_frames``: SVD, tae-temporal) get (B*T, C, h, w) from StableVideoDiffusionPipeline instead."""
+    return getattr(decoder, "latent_ndim", 4) == 5 and not hasattr(decoder, "decode_frames")
+
+
 def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list[float] | None]:
     """Per-channel (scale, offset) taking the pipeline's z to the decoder's input, or (None, None) for identity.
 
     z -> diffusion latents x: x = (z - shift) * s, or x = (z - mean) * s / std with latents_mean/std; then the
-    decoder's input is x / s_d + t_d. Computed in float64, cast once at decode time. Video decoders (latent_ndim 5)
-    are called through ``decode``, which takes x itself and applies their own convention: there the map ends at x.
+    decoder's input is x / s_d + t_d. Computed in float64, cast once at decode time. Video decoders of 5-D latents
+    (_takes_5d_latents) are called through ``decode``, which takes x itself and applies their own convention:
+    there the map ends at x.
     """
     channels = decoder.latent_channels
     scaling = config.get("scaling_factor") or 1.0
@@ -132,8 +138,9 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
             raise ValueError(f"latents_mean/latents_std of the VAE config need {channels} values each")
     else:
         mean, std = [config.get("shift_factor") or 0.0] * channels, [1.0] * channels
-    video = getattr(decoder, "latent_ndim", 4) == 5
-    decoder_scale, decoder_shift = (1.0, 0.0) if video else (decoder.scaling_factor, decoder.shift_factor)
+    decoder_scale, decoder_shift = (decoder.scaling_factor, decoder.shift_factor)
+    if _takes_5d_latents(decoder):
+        decoder_scale, decoder_shift = 1.0, 0.0
     scale = [scaling / (s * decoder_scale) for s in std]
     offset = [decoder_shift - m * a for m, a in zip(mean, scale, strict=True)]
     if all(a == 1.0 for a in scale) and all(b == 0.0 for b in offset):
@@ -156,7 +163,7 @@ def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
     wrapper = FastdecVAE(original, decoder, force_upcast)
     expected = (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)  # video
                 or 2 ** (len(original.config.block_out_channels) - 1))
-    frames = (1,) if getattr(decoder, "latent_ndim", 4) == 5 else ()
+    frames = (1,) if _takes_5d_latents(decoder) else ()
     probe = torch.zeros(1, decoder.latent_channels, *frames, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
     with torch.no_grad():
         factor = wrapper(probe, num_frames=1).shape[-1] // 2
