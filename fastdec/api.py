@@ -32,6 +32,12 @@ HUB_VAES: dict[str, tuple[str, str | None]] = {
     "sdxl": ("stabilityai/sdxl-vae", None),
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
+    "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),  # AutoencoderKLFlux2
+}
+# diffusers VAE class (config.json _class_name) -> the fastdec decoder that loads it (its from_diffusers).
+DIFFUSERS_CLASSES = {
+    "AutoencoderKL": "AutoencoderKLDecoder",
+    "AutoencoderKLFlux2": "Flux2VAEDecoder",
 }
 # TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
 # https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
@@ -76,7 +82,7 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
       the weights);
     * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
       owner/repo/subfolder;
-    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1): the
+    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2: the
       exact VAE decoder; tae-192, efficientvit, efficientvit-attn, vit-s, vit-b: random weights (a
       RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
 
@@ -130,7 +136,13 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: bool | None = None):
+def decode(
+    latents: Tensor,
+    decoder=None,
+    output: str = "tensor",
+    check_finite: bool | None = None,
+    image_size: tuple[int, int] | None = None,
+):
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
     ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
@@ -146,10 +158,19 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
 
     ``check_finite``: the NaN/Inf check on the latents (a host read-back); None runs it in eager use unless
     FASTDEC_CHECK_FINITE=0, False skips it; it never runs under torch.compile or CUDA-graph capture.
+
+    FLUX.2 (decoder "flux2", a loaded AutoencoderKLFlux2, or ``PackedLatentsDecoder(taef2, vae)``): raw VAE latents
+    (B, 32, H/8, W/8) and packed ones (B, 128, H/16, W/16) are told apart by their channels; the token sequence
+    ``Flux2Pipeline(output_type="latent")`` returns, (B, H*W/256, 128), needs ``image_size=(H, W)``, the size the
+    pipeline generated, to be laid out on its grid (fastdec.models.flux2).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
     check_latents_tensor(latents)
+    if image_size is not None:  # FLUX.2 tokens (B, N, C) -> the packed grid (B, C, h, w)
+        from fastdec.models.flux2 import tokens_to_grid
+
+        latents = tokens_to_grid(latents, *image_size)
     if latents.dim() not in (3, 4):
         raise ValueError(
             f"latents must be (C, h, w) or (B, C, h, w), got shape {tuple(latents.shape)}: "
@@ -205,10 +226,12 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
     from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.flux2 import Flux2VAEDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
 
-    return {cls.__name__: cls for cls in (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)}
+    classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)
+    return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
@@ -233,18 +256,17 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
     kind = None
     if diffusers is not None:
-        kind = next((k for k in ("AutoencoderKL", "AutoencoderTiny") if isinstance(vae, getattr(diffusers, k))), None)
+        kinds = [*DIFFUSERS_CLASSES, "AutoencoderTiny"]
+        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k, ()))), None)
     if kind is None:
         raise TypeError(
-            f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny modules, got a "
-            f"{type(vae).__module__}.{type(vae).__name__}"
+            f"load() takes fastdec Decoders and diffusers {' / '.join([*DIFFUSERS_CLASSES, 'AutoencoderTiny'])} "
+            f"modules, got a {type(vae).__module__}.{type(vae).__name__}"
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
     device, dtype = device or weights_device, dtype or weights_dtype
-    if kind == "AutoencoderKL":
-        from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-
-        return AutoencoderKLDecoder.from_diffusers(vae, device=device, dtype=dtype)
+    if kind in DIFFUSERS_CLASSES:
+        return _decoder_classes()[DIFFUSERS_CLASSES[kind]].from_diffusers(vae, device=device, dtype=dtype)
     from fastdec.models.taesd import TAESDDecoder
 
     variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
@@ -288,16 +310,16 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
         cls = classes[config["class"]]
         return _reading(folder, lambda: cls.from_pretrained(folder)).to(device=device, dtype=dtype)
     kind = config.get("_class_name")
-    if kind == "AutoencoderKL":
-        cls = classes["AutoencoderKLDecoder"]
+    if kind in DIFFUSERS_CLASSES:
+        cls = classes[DIFFUSERS_CLASSES[kind]]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
     if kind == "AutoencoderTiny":
         variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
         cls = classes["TAESDDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
     raise ValueError(
-        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL or "
-        f"AutoencoderTiny (_class_name is {kind!r})"
+        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers "
+        f"{', '.join(DIFFUSERS_CLASSES)} or AutoencoderTiny (_class_name is {kind!r})"
     )
 
 
