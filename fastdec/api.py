@@ -33,11 +33,13 @@ HUB_VAES: dict[str, tuple[str, str | None]] = {
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
     "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),  # AutoencoderKLFlux2
+    "dc-ae": ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", None),  # AutoencoderDC, SANA's VAE
 }
 # diffusers VAE class (config.json _class_name) -> the fastdec decoder that loads it (its from_diffusers).
 DIFFUSERS_CLASSES = {
     "AutoencoderKL": "AutoencoderKLDecoder",
     "AutoencoderKLFlux2": "Flux2VAEDecoder",
+    "AutoencoderDC": "DCAEDecoder",
 }
 # TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
 # https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
@@ -74,17 +76,19 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     ``source`` is one of:
 
     * a fastdec ``Decoder``: moved/cast in place and returned;
-    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder) or ``AutoencoderTiny`` (-> TAESDDecoder); device and
-      dtype default to the VAE's;
+    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder), ``AutoencoderKLFlux2`` (-> Flux2VAEDecoder),
+      ``AutoencoderDC`` (-> DCAEDecoder) or ``AutoencoderTiny`` (-> TAESDDecoder); device and dtype default to the
+      VAE's;
     * a folder: a fastdec ``save_pretrained`` folder, a diffusers VAE folder (config.json ``_class_name``
-      AutoencoderKL or AutoencoderTiny) or a pipeline folder with a ``vae/`` subfolder;
+      one of the diffusers classes above) or a pipeline folder with a ``vae/`` subfolder;
     * a madebyollin TAESD ``.pth`` decoder file (variant from the file name, e.g. taesdxl_decoder.pth, else from
       the weights);
     * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
       owner/repo/subfolder;
-    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2: the
-      exact VAE decoder; tae-192, efficientvit, efficientvit-attn, vit-s, vit-b: random weights (a
-      RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
+    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2,
+      dc-ae (SANA's): the exact VAE decoder; tae-192, efficientvit, efficientvit-attn (DC-AE configurations), vit-s,
+      vit-b: random weights (a RandomWeightsWarning says so), and ``config_overrides`` such as
+      ``latent_channels=16`` pass through.
 
     An existing path wins over a name. Trained weights fix the architecture, so config overrides are only accepted
     for the random presets.
@@ -225,20 +229,20 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-    from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.dcae import DCAEDecoder
     from fastdec.models.flux2 import Flux2VAEDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
 
-    classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)
+    classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, DCAEDecoder, ViTDecoder)
     return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
-    from fastdec.models import efficientvit, vit
+    from fastdec.models import dcae, vit
     from fastdec.models.taesd import TAESDDecoder
 
-    presets = {**efficientvit.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192"))}
+    presets = {**dcae.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192"))}
     cls, config = presets[name]
     config = {"latent_channels": 4, **config, **config_overrides}
     with torch.device(device or "cpu"):  # initialise where it will run: no CPU copy of a large model
