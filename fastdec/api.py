@@ -33,6 +33,17 @@ HUB_VAES: dict[str, tuple[str, str | None]] = {
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
     "svd": ("stabilityai/stable-video-diffusion-img2vid-xt", "vae"),  # an AutoencoderKLTemporalDecoder (gated)
+    "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),  # AutoencoderKLFlux2
+    "dc-ae": ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", None),  # AutoencoderDC, SANA's VAE
+}
+# diffusers VAE class (config.json _class_name) -> the fastdec decoder that loads it (its from_diffusers).
+DIFFUSERS_CLASSES = {
+    "AutoencoderKL": "AutoencoderKLDecoder",
+    "AutoencoderKLFlux2": "Flux2VAEDecoder",
+    "AutoencoderDC": "DCAEDecoder",
+    "AutoencoderKLWan": "WanDecoder",
+    "AutoencoderKLQwenImage": "WanDecoder",
+    "AutoencoderKLTemporalDecoder": "SVDDecoder",
 }
 # TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
 # https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
@@ -53,12 +64,6 @@ TAEHV_GITHUB = "https://github.com/madebyollin/taehv"
 DEFAULT_VIDEO_DECODERS = {16: "taew2_1", 32: "taehv1_5", 48: "taew2_2", 128: "taeltx_2"}
 OUTPUTS = ("tensor", "uint8", "pil")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# diffusers video VAE class -> the fastdec decoder class that loads it (exact decoders, from instance/folder/Hub id)
-# diffusers video VAE class -> the fastdec decoder class that loads it (from_diffusers: instance or folder).
-VIDEO_VAES = {
-    "AutoencoderKLWan": "WanDecoder", "AutoencoderKLQwenImage": "WanDecoder",
-    "AutoencoderKLTemporalDecoder": "SVDDecoder",
-}
 
 
 class RandomWeightsWarning(UserWarning):
@@ -81,18 +86,21 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     ``source`` is one of:
 
     * a fastdec ``Decoder``: moved/cast in place and returned;
-    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder), ``AutoencoderTiny`` (-> TAESDDecoder) or
-      ``AutoencoderKLTemporalDecoder`` (Stable Video Diffusion, -> SVDDecoder); device and dtype default to the VAE's;
+    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder), ``AutoencoderKLFlux2`` (-> Flux2VAEDecoder),
+      ``AutoencoderDC`` (-> DCAEDecoder), ``AutoencoderKLWan`` / ``AutoencoderKLQwenImage`` (-> WanDecoder),
+      ``AutoencoderKLTemporalDecoder`` (Stable Video Diffusion, -> SVDDecoder) or ``AutoencoderTiny``
+      (-> TAESDDecoder); device and dtype default to the VAE's;
     * a folder: a fastdec ``save_pretrained`` folder, a diffusers VAE folder (config.json ``_class_name``
-      AutoencoderKL, AutoencoderTiny or AutoencoderKLTemporalDecoder) or a pipeline folder with a ``vae/`` subfolder;
+      one of the diffusers classes above) or a pipeline folder with a ``vae/`` subfolder;
     * a madebyollin TAESD ``.pth`` decoder file (variant from the file name, e.g. taesdxl_decoder.pth, else from
       the weights);
     * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
       owner/repo/subfolder;
-    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1): the
-      exact VAE decoder; svd: Stable Video Diffusion's video VAE decoder; tae-192, efficientvit,
-      efficientvit-attn, vit-s, vit-b, tae-temporal (a video decoder): random weights (a
-      RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
+    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2,
+      dc-ae (SANA's): the exact VAE decoder; svd: Stable Video Diffusion's video VAE decoder; tae-192,
+      efficientvit, efficientvit-attn (DC-AE configurations), vit-s, vit-b, tae-temporal (a video decoder): random
+      weights (a RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass
+      through.
 
     An existing path wins over a name. Trained weights fix the architecture, so config overrides are only accepted
     for the random presets.
@@ -161,7 +169,13 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: bool | None = None):
+def decode(
+    latents: Tensor,
+    decoder=None,
+    output: str = "tensor",
+    check_finite: bool | None = None,
+    image_size: tuple[int, int] | None = None,
+):
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
     ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
@@ -183,10 +197,19 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
 
     ``check_finite``: the NaN/Inf check on the latents (a host read-back); None runs it in eager use unless
     FASTDEC_CHECK_FINITE=0, False skips it; it never runs under torch.compile or CUDA-graph capture.
+
+    FLUX.2 (decoder "flux2", a loaded AutoencoderKLFlux2, or ``PackedLatentsDecoder(taef2, vae)``): raw VAE latents
+    (B, 32, H/8, W/8) and packed ones (B, 128, H/16, W/16) are told apart by their channels; the token sequence
+    ``Flux2Pipeline(output_type="latent")`` returns, (B, H*W/256, 128), needs ``image_size=(H, W)``, the size the
+    pipeline generated, to be laid out on its grid (fastdec.models.flux2).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
     check_latents_tensor(latents)
+    if image_size is not None:  # FLUX.2 tokens (B, N, C) -> the packed grid (B, C, h, w)
+        from fastdec.models.flux2 import tokens_to_grid
+
+        latents = tokens_to_grid(latents, *image_size)
     if latents.dim() == 5:
         return _decode_video(latents, decoder, output, check_finite)
     if latents.dim() not in (3, 4):
@@ -263,7 +286,8 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-    from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.dcae import DCAEDecoder
+    from fastdec.models.flux2 import Flux2VAEDecoder
     from fastdec.models.svd import SVDDecoder
     from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taehv import TAEHVDecoder
@@ -271,17 +295,17 @@ def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.vit import ViTDecoder
     from fastdec.models.wan import WanDecoder
 
-    classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, TAEHVDecoder, SVDDecoder,
-               TAETemporalDecoder, WanDecoder)
+    classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, DCAEDecoder, ViTDecoder, TAEHVDecoder,
+               SVDDecoder, TAETemporalDecoder, WanDecoder)
     return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
-    from fastdec.models import efficientvit, vit
+    from fastdec.models import dcae, vit
     from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taesd import TAESDDecoder
 
-    presets = {**efficientvit.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192")),
+    presets = {**dcae.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192")),
                "tae-temporal": (TAETemporalDecoder, {})}
     cls, config = presets[name]
     config = {"latent_channels": 4, **config, **config_overrides}
@@ -298,9 +322,9 @@ def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
 
 def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
-    kind, kinds = None, ("AutoencoderKL", "AutoencoderTiny", *VIDEO_VAES)
+    kind, kinds = None, (*DIFFUSERS_CLASSES, "AutoencoderTiny")
     if diffusers is not None:
-        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k))), None)
+        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k, ()))), None)
     if kind is None:
         raise TypeError(
             f"load() takes fastdec Decoders and diffusers {' / '.join(kinds)} modules, got a "
@@ -308,12 +332,8 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
     device, dtype = device or weights_device, dtype or weights_dtype
-    if kind in VIDEO_VAES:
-        return _decoder_classes()[VIDEO_VAES[kind]].from_diffusers(vae, device=device, dtype=dtype)
-    if kind == "AutoencoderKL":
-        from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-
-        return AutoencoderKLDecoder.from_diffusers(vae, device=device, dtype=dtype)
+    if kind in DIFFUSERS_CLASSES:
+        return _decoder_classes()[DIFFUSERS_CLASSES[kind]].from_diffusers(vae, device=device, dtype=dtype)
     from fastdec.models.taesd import TAESDDecoder
 
     variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
@@ -361,19 +381,16 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
         cls = classes[config["class"]]
         return _reading(folder, lambda: cls.from_pretrained(folder)).to(device=device, dtype=dtype)
     kind = config.get("_class_name")
-    if kind == "AutoencoderKL":
-        cls = classes["AutoencoderKLDecoder"]
-        return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
-    if kind in VIDEO_VAES:
-        cls = classes[VIDEO_VAES[kind]]
+    if kind in DIFFUSERS_CLASSES:
+        cls = classes[DIFFUSERS_CLASSES[kind]]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
     if kind == "AutoencoderTiny":
         variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
         cls = classes["TAESDDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
     raise ValueError(
-        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL, "
-        f"AutoencoderTiny, {', '.join(VIDEO_VAES)} (_class_name is {kind!r})"
+        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers "
+        f"{', '.join(DIFFUSERS_CLASSES)} or AutoencoderTiny (_class_name is {kind!r})"
     )
 
 

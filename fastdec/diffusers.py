@@ -6,7 +6,8 @@ VAE's config: ``z = x / scaling_factor + shift_factor`` (SD, SDXL, SD3, FLUX.1, 
 pipeline). FLUX.2's VAE has no scaling_factor in its config and its pipeline passes the raw VAE latents, which is
 the space the taef2 decoder reads. ``FastdecVAE`` keeps the original VAE's config, so the pipeline computes the
 same z and the same ``vae_scale_factor``; it maps z back to x and into the fastdec decoder's convention
-(``x / decoder.scaling_factor + decoder.shift_factor``, one per-channel affine map, skipped when it is the identity)
+(``decoder.latent_affine()``: ``x / scaling_factor + shift_factor``, or the decoder's own latents_mean/std; one
+per-channel affine map, skipped when it is the identity)
 and returns images in [-1, 1], as the pipeline's postprocessing expects.
 
 Precision follows the pipeline: ``force_upcast`` in the wrapper's config says whether *the fastdec decoder*
@@ -126,9 +127,11 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
     """Per-channel (scale, offset) taking the pipeline's z to the decoder's input, or (None, None) for identity.
 
     z -> diffusion latents x: x = (z - shift) * s, or x = (z - mean) * s / std with latents_mean/std; then the
-    decoder's input is x / s_d + t_d. Computed in float64, cast once at decode time. Video decoders of 5-D latents
-    (_takes_5d_latents) are called through ``decode``, which takes x itself and applies their own convention:
-    there the map ends at x.
+    decoder's input is x * scale_d + offset_d (``decoder.latent_affine()``: 1 / s_d and t_d, or std_d / s_d and
+    mean_d for a decoder with its own latents_mean/std). Computed in float64, cast once at decode time; a map within
+    float64 rounding of the identity (the decoder of the pipeline's own VAE) is skipped. Video decoders of 5-D
+    latents (_takes_5d_latents) are called through ``decode``, which takes x itself and applies their own
+    convention: there the map ends at x.
     """
     channels = decoder.latent_channels
     scaling = config.get("scaling_factor") or 1.0
@@ -138,12 +141,15 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
             raise ValueError(f"latents_mean/latents_std of the VAE config need {channels} values each")
     else:
         mean, std = [config.get("shift_factor") or 0.0] * channels, [1.0] * channels
-    decoder_scale, decoder_shift = (decoder.scaling_factor, decoder.shift_factor)
+    decoder_scale, decoder_offset = decoder.latent_affine()
     if _takes_5d_latents(decoder):
-        decoder_scale, decoder_shift = 1.0, 0.0
-    scale = [scaling / (s * decoder_scale) for s in std]
-    offset = [decoder_shift - m * a for m, a in zip(mean, scale, strict=True)]
-    if all(a == 1.0 for a in scale) and all(b == 0.0 for b in offset):
+        decoder_scale, decoder_offset = [1.0] * channels, [0.0] * channels
+    scale = [scaling / s * a for s, a in zip(std, decoder_scale, strict=True)]
+    offset = [b - m * a for m, a, b in zip(mean, scale, decoder_offset, strict=True)]
+    identity = all(abs(a - 1.0) <= 1e-12 for a in scale) and all(
+        abs(b) <= 1e-12 * (1 + abs(m)) for b, m in zip(offset, mean, strict=True)
+    )
+    if identity:
         return None, None
     return scale, offset
 
