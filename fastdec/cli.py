@@ -1,4 +1,4 @@
-"""The ``fastdec`` command line: ``fastdec check``, ``fastdec decode``, ``fastdec bench``."""
+"""The ``fastdec`` command line: ``fastdec check``, ``fastdec decode``, ``fastdec bench``, ``fastdec batch``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.run)
+    from fastdec.batch import cli as batch_cli
+
+    batch_parser = commands.add_parser(
+        "batch", help="decode a dataset of latents (a folder of files or Parquet) to images, resumable, local or Ray"
+    )
+    batch_cli.add_arguments(batch_parser)
+    batch_parser.set_defaults(run=batch_cli.run)
     args = parser.parse_args(argv)
     return args.run(args)
 
