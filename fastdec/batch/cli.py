@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except ImportError as error:
-        print(f"fastdec batch: error: {error} (the Ray engine needs: pip install 'fastdec[ray]')", file=sys.stderr)
+        hint = " (the Ray engine needs: pip install 'fastdec[ray]')" if args.engine == "ray" else ""
+        print(f"fastdec batch: error: {error}{hint}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError) as error:
         print(f"fastdec batch: error: {error}", file=sys.stderr)

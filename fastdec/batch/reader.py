@@ -101,7 +101,10 @@ def list_sources(input_path: str | Path) -> tuple[list[Source], str]:
 
 
 def _parquet_sources(files: list[Path]) -> list[Source]:
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise ImportError(f"Parquet input needs pyarrow ({error}): pip install pyarrow") from error
 
     sources = []
     for file in files:
