@@ -44,6 +44,12 @@ RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-
 # decode() without a decoder: the TAESD-family decoder of the latent space with this many channels. 16 channels
 # are FLUX.1's (taef1); SD3 latents also have 16: pass decoder="taesd3" for them.
 DEFAULT_DECODERS = {4: "taesd", 16: "taef1", 32: "taef2"}
+# Video latents (B, C, T, h, w): the TAEHV decoders (madebyollin/taehv, <name>.pth on GitHub only), and the one
+# decode() picks by channel count where a single variant has that many channels (16: Wan 2.1's taew2_1, also
+# read by taehv/taecvx for HunyuanVideo/CogVideoX latents: pass decoder="taehv" or "taecvx" for those).
+TAEHV_NAMES = ("taehv", "taew2_1", "taew2_2", "taehv1_5", "taecvx", "taeltx_2")
+TAEHV_GITHUB = "https://github.com/madebyollin/taehv"
+DEFAULT_VIDEO_DECODERS = {16: "taew2_1", 32: "taehv1_5", 48: "taew2_2", 128: "taeltx_2"}
 OUTPUTS = ("tensor", "uint8", "pil")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -59,7 +65,7 @@ def fastdec_home() -> Path:
 
 def names() -> list[str]:
     """Every name load() accepts."""
-    return [*TAESD_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS]
+    return [*TAESD_NAMES, *TAEHV_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS]
 
 
 def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
@@ -100,6 +106,9 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     name = ALIASES.get(str(source).lower(), str(source).lower())
     if name in RANDOM_PRESETS:
         return _random_preset(name, device, dtype, config_overrides)
+    if name in TAEHV_NAMES:
+        _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
+        return _taehv_from_name(name, device, dtype)
     if name in TAESD_NAMES or name in HUB_VAES:
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_name(name, device, dtype)
@@ -122,6 +131,20 @@ def default_decoder_name(latent_channels: int) -> str:
     return DEFAULT_DECODERS[latent_channels]
 
 
+def default_video_decoder_name(latent_channels: int) -> str:
+    """The video decoder decode() uses for video latents (B, C, T, h, w) with this many channels."""
+    if latent_channels not in DEFAULT_VIDEO_DECODERS:
+        from fastdec.models.taehv import VARIANTS
+
+        choices = ", ".join(f"{name} ({v.latents_of}, {v.latent_channels} ch)" for name, v in VARIANTS.items())
+        raise ValueError(
+            f"no default decoder for {latent_channels}-channel video latents (defaults exist for "
+            f"{sorted(DEFAULT_VIDEO_DECODERS)} channels): pass decoder=<a video decoder for this latent space>; "
+            f"the TAEHV choices: {choices}"
+        )
+    return DEFAULT_VIDEO_DECODERS[latent_channels]
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype decode() and the CLI load decoders in unless told: bfloat16 on CUDA (float16 where the GPU lacks
     bf16), float32 elsewhere. bf16 rather than fp16 because the SD/SDXL VAE decoders overflow fp16 (force_upcast)."""
@@ -134,7 +157,8 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
     ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
-    (C, h, w) or (B, C, h, w), any float dtype (cast to the decoder's), on the decoder's device.
+    (C, h, w) or (B, C, h, w), or video latents (B, C, T, h, w), any float dtype (cast to the decoder's), on the
+    decoder's device.
 
     ``decoder``: None picks the TAESD-family decoder for the channel count (4: taesd, 16: taef1, 32: taef2; for SD3
     latents pass ``decoder="taesd3"``), loaded on the latents' device in ``default_dtype`` and cached. A name is
@@ -144,16 +168,23 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
     ``output``: "tensor": (B, 3, H, W) in the decoder's dtype; "uint8": (B, H, W, 3) uint8, round(255 * x);
     "pil": a list of PIL images. An unbatched (C, h, w) input gives one image: (3, H, W), (H, W, 3) or an Image.
 
+    Video latents (B, C, T, h, w) go to a video decoder (latent_ndim 5; None picks one by channel count: 16:
+    taew2_1, 32: taehv1_5, 48: taew2_2, 128: taeltx_2) and give frames: "tensor" (B, T_out, 3, H, W), "uint8"
+    (B, T_out, H, W, 3), "pil" one list of frames per video. TAEHV decoders decode the whole clip at once, or in
+    chunks of latent frames when the clip is large (see TAEHVDecoder.decode; the same frames either way).
+
     ``check_finite``: the NaN/Inf check on the latents (a host read-back); None runs it in eager use unless
     FASTDEC_CHECK_FINITE=0, False skips it; it never runs under torch.compile or CUDA-graph capture.
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
     check_latents_tensor(latents)
+    if latents.dim() == 5:
+        return _decode_video(latents, decoder, output, check_finite)
     if latents.dim() not in (3, 4):
         raise ValueError(
-            f"latents must be (C, h, w) or (B, C, h, w), got shape {tuple(latents.shape)}: "
-            "video latents (B, C, T, h, w) go frame by frame, e.g. latents.transpose(1, 2).flatten(0, 1)"
+            f"latents must be (C, h, w) or (B, C, h, w) image latents or (B, C, T, h, w) video latents, got shape "
+            f"{tuple(latents.shape)}"
         )
     unbatched = latents.dim() == 3
     batch = latents.unsqueeze(0) if unbatched else latents
@@ -176,11 +207,31 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
 # --- decode() helpers ----------------------------------------------------------------------------------------------
 
 
+def _decode_video(latents: Tensor, decoder, output: str, check_finite: bool | None):
+    """decode() for (B, C, T, h, w): any Decoder with latent_ndim 5 (check_latents refuses an image decoder)."""
+    decoder = _decoder_for(latents, decoder)
+    check_latents(latents, decoder, check_finite)
+    _, weights_dtype = weights_device_and_dtype(decoder)
+    with torch.no_grad():
+        frames = decoder.decode(latents.to(weights_dtype), check_finite=False)  # checked above, before the cast
+    if output == "tensor":
+        return frames
+    from fastdec.video import to_uint8_frames
+
+    pixels = torch.stack([to_uint8_frames(video) for video in frames])
+    if output == "uint8":
+        return pixels.to(frames.device)
+    from PIL import Image
+
+    return [[Image.fromarray(array) for array in video] for video in pixels.numpy()]
+
+
 def _decoder_for(latents: Tensor, decoder) -> Decoder:
     if isinstance(decoder, Decoder):
         return decoder
     if decoder is None:
-        decoder = default_decoder_name(latents.shape[1])
+        video = latents.dim() == 5
+        decoder = (default_video_decoder_name if video else default_decoder_name)(latents.shape[1])
     if isinstance(decoder, str) and not Path(decoder).expanduser().exists():
         return _cached_decoder(decoder.lower(), latents.device, default_dtype(latents.device))
     return load(decoder, device=latents.device, dtype=default_dtype(latents.device))
@@ -205,10 +256,12 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
     from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.taehv import TAEHVDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
 
-    return {cls.__name__: cls for cls in (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)}
+    classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, TAEHVDecoder)
+    return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
@@ -254,6 +307,10 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
 def _from_path(path: Path, device, dtype) -> Decoder:
     if path.is_dir():
         return _from_folder(path, device, dtype)
+    if _is_taehv_file(path):
+        from fastdec.models.taehv import TAEHVDecoder
+
+        return _reading(path, lambda: TAEHVDecoder.from_file(path)).to(device=device, dtype=dtype)
     if path.suffix in (".pth", ".pt"):
         from fastdec.models.taesd import TAESDDecoder
 
@@ -380,10 +437,44 @@ def _from_name(name: str, device, dtype) -> Decoder:
     return _from_folder(_hub_folder(name, repo, subfolder, home), device, dtype, variant)
 
 
+def _is_taehv_file(path: Path) -> bool:
+    """madebyollin's TAEHV files: a variant's name (taew2_1.pth), or weights keyed decoder.N.* (a TAESD .pth is
+    keyed N.*; a diffusers .safetensors sits next to a config.json)."""
+    from fastdec.models.taehv import variant_of_name
+
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        return False
+    if variant_of_name(path.stem) is not None:
+        return True
+    if path.suffix == ".safetensors":
+        return not (path.parent / "config.json").is_file()
+    from fastdec.models.taesd import _read_pth
+
+    return "decoder.1.weight" in _reading(path, lambda: _read_pth(path, "decoder"))
+
+
+def _taehv_from_name(name: str, device, dtype) -> Decoder:
+    """<name>.safetensors or <name>.pth in $FASTDEC_HOME (madebyollin publishes them on GitHub, not the Hub)."""
+    from fastdec.models.taehv import TAEHVDecoder
+
+    home = fastdec_home()
+    for path in (home / f"{name}.safetensors", home / f"{name}.pth"):
+        if path.is_file():
+            return _reading(path, lambda path=path: TAEHVDecoder.from_file(path, name)).to(device=device, dtype=dtype)
+    raise FileNotFoundError(
+        f"fastdec.load({name!r}): {name}.pth not found in {home} (FASTDEC_HOME). It is published on GitHub: download "
+        f"{TAEHV_GITHUB}/raw/main/{name}.pth into {home}/, or pass its path: fastdec.load('/path/to/{name}.pth')"
+    )
+
+
 def _from_hub_id(hub_id: str, device, dtype) -> Decoder:
     """owner/repo (a VAE repo, or a pipeline repo whose VAE is in vae/) or owner/repo/subfolder on the Hub."""
     owner, repo, *subfolder = hub_id.split("/")
     repo_id, home = f"{owner}/{repo}", fastdec_home()
+    # $FASTDEC_HOME/<hub id>/ first: where the offline error tells the user to put the files (a pipeline's vae/ too).
+    for local in (home / hub_id, home / hub_id / "vae"):
+        if (local / "config.json").is_file():
+            return _from_folder(local, device, dtype, None)
     if subfolder:
         return _from_folder(_hub_folder(hub_id, repo_id, subfolder[0], home), device, dtype, None)
     try:
