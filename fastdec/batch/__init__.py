@@ -95,6 +95,7 @@ def decode_dataset(
         writer.close()
     meter.finish()
     report.wall_seconds = time.perf_counter() - start
+    report.first_output_seconds = None if meter.first_done_at is None else meter.first_done_at - start
     report.done, report.skipped, report.failed = meter.done, meter.skipped, meter.failed
     report.total = max(report.total, meter.done + meter.skipped + meter.failed)
     return report

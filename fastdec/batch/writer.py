@@ -120,14 +120,23 @@ class BatchReport:
     read_seconds: float = 0.0
     decode_seconds: float = 0.0
     write_seconds: float = 0.0
+    first_output_seconds: float | None = None  # start-up: from the start of the job to the first output written
     workers: list[str] = field(default_factory=list)
 
     @property
     def items_per_second(self) -> float:
         return self.done / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
+    @property
+    def steady_items_per_second(self) -> float | None:
+        """Items/s after the first output: the throughput without start-up (decoder load, Ray actor start)."""
+        if self.first_output_seconds is None or self.done < 2 or self.wall_seconds <= self.first_output_seconds:
+            return None
+        return (self.done - 1) / (self.wall_seconds - self.first_output_seconds)
+
     def to_json(self) -> dict:
-        return {**asdict(self), "items_per_second": self.items_per_second}
+        return {**asdict(self), "items_per_second": self.items_per_second,
+                "steady_items_per_second": self.steady_items_per_second}
 
     def summary(self) -> str:
         stages = self.read_seconds + self.decode_seconds + self.write_seconds
@@ -148,12 +157,15 @@ class Progress:
         self.stream = stream or sys.stderr
         self.start = self._last = time.perf_counter()
         self.done = self.skipped = self.failed = 0
+        self.first_done_at: float | None = None
         self._lock = threading.Lock()
 
     def update(self, done: int = 0, skipped: int = 0, failed: int = 0) -> None:
         with self._lock:
             self.done, self.skipped, self.failed = self.done + done, self.skipped + skipped, self.failed + failed
             now = time.perf_counter()
+            if done and self.first_done_at is None:
+                self.first_done_at = now
             if self.enabled and now - self._last >= self.interval:
                 self._last = now
                 self._print(now)
