@@ -164,3 +164,22 @@ def test_errors_say_what_to_do(batch_dataset, batch_local_run, tmp_path, capsys)
 def _batch(file: Path) -> torch.Tensor:
     latents = read_latents(file)
     return latents.unsqueeze(0) if latents.dim() == 3 else latents
+
+
+def test_video_latents_become_the_mp4_of_fastdec_decode(tmp_path):
+    pytest.importorskip("av", reason="mp4 output needs PyAV (pip install av)")
+    from fastdec.models.taehv import TAEHVDecoder
+
+    torch.manual_seed(0)
+    TAEHVDecoder("taew2_1").save_pretrained(tmp_path / "video_decoder")
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    torch.save(torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1)), folder / "clip.pt")
+    expected = tmp_path / "expected"
+    assert main(["decode", str(folder / "clip.pt"), "--decoder", str(tmp_path / "video_decoder"), "-o",
+                 str(expected), "--device", "cpu", "--no-progress"]) == 0
+    out = tmp_path / "out"
+    report = decode_dataset(folder, out, str(tmp_path / "video_decoder"), progress=False)
+    assert (report.done, report.failed) == (1, 0)
+    assert (out / "clip.mp4").read_bytes() == (expected / "clip.mp4").read_bytes()
+    assert manifest(out)["clip"]["path"] == "clip.mp4" and manifest(out)["clip"]["shape"] == [16, 2, 4, 4]

@@ -31,6 +31,7 @@ def decode_dataset(
     engine: str = "local",
     image_format: str = "png",
     quality: int | None = None,
+    fps: float = 16.0,
     batch_size: int = 16,
     device: str | None = None,
     dtype: torch.dtype | None = None,
@@ -44,7 +45,8 @@ def decode_dataset(
 ) -> BatchReport:
     """Decodes every latent under ``input`` into images in ``output``; returns the report (also printed by the CLI).
 
-    ``decoder``: a name or path (anything ``fastdec.load`` takes), or a Decoder. ``batch_size``: the most latents
+    ``decoder``: a name or path (anything ``fastdec.load`` takes), or a Decoder; a video decoder for video latents
+    (C, T, h, w), each written as an mp4 at ``fps`` through ``fastdec.save_video``. ``batch_size``: the most latents
     of one shape decoded together; a file holding up to ``batch_size`` latents decodes as one batch, as
     ``fastdec decode`` does. ``device``/``dtype`` (local engine): default every GPU (one decoder each) in bf16, else
     the CPU in float32; ``workers``: encode+write threads. Ray: ``address`` of a cluster (default: start a local
@@ -60,7 +62,7 @@ def decode_dataset(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if engine == "local" and (address or actors or actor_cpus or ray_num_cpus):
         raise ValueError("address, actors, actor_cpus and ray_num_cpus are options of engine='ray'")
-    output_format = OutputFormat(image_format, quality)
+    output_format = OutputFormat(image_format, quality, fps)
     sources, _ = list_sources(input)
     name = decoder if isinstance(decoder, str) else type(decoder).__name__
     writer = Writer(output, output_format.suffix, name)

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local: threads on this machine (default); ray: Ray Data on a cluster or a local Ray")
     parser.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format (default: png)")
     parser.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default: PIL's)")
+    parser.add_argument("--fps", type=float, default=16.0,
+                        help="frame rate of the mp4 written for each video latent (default 16)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="most latents of one shape decoded together (default: 16); a file holding up to this "
                              "many decodes as one batch, as `fastdec decode` does")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = decode_dataset(
             args.input, args.output, args.decoder, engine=args.engine, image_format=args.format,
-            quality=args.quality, batch_size=args.batch_size, device=args.device,
+            quality=args.quality, fps=args.fps, batch_size=args.batch_size, device=args.device,
             dtype=getattr(torch, args.dtype) if args.dtype else None, workers=args.workers, address=args.address,
             actors=args.actors, actor_cpus=args.actor_cpus, ray_num_cpus=args.num_cpus, fail_after=args.fail_after,
             progress=not args.quiet,

@@ -113,7 +113,7 @@ def run_local(sources: list[Source], writer: Writer, decoders: list[tuple[torch.
                     progress.update(skipped=1)
                     continue
                 start = time.perf_counter()
-                writer.write(item_id, output_format.encode(image), shape)
+                writer.write(item_id, output_format.encode(image), shape, output_format.suffix_of(image))
                 stages.add("write", time.perf_counter() - start)
                 progress.update(done=1)
                 with stages.lock:

@@ -54,11 +54,11 @@ class DecodeActor:
     def __call__(self, batch):
         import pyarrow as pa
 
-        out: dict[str, list] = {key: [] for key in ("id", "status", "data", "shape", "reason", "read_seconds",
-                                                    "decode_seconds", "write_seconds", "worker")}
+        out: dict[str, list] = {key: [] for key in ("id", "status", "data", "suffix", "shape", "reason",
+                                                    "read_seconds", "decode_seconds", "write_seconds", "worker")}
 
-        def emit(item_id, status, data=b"", shape=(), reason="", read=0.0, decode=0.0, write=0.0):
-            for key, value in zip(out, (item_id, status, data, list(shape), reason, read, decode, write,
+        def emit(item_id, status, data=b"", suffix="", shape=(), reason="", read=0.0, decode=0.0, write=0.0):
+            for key, value in zip(out, (item_id, status, data, suffix, list(shape), reason, read, decode, write,
                                         str(self.device)), strict=True):
                 out[key].append(value)
 
@@ -79,13 +79,13 @@ class DecodeActor:
             for item_id, image in zip(decoded, [] if pixels is None else pixels, strict=True):
                 start = time.perf_counter()
                 data = self.output_format.encode(image)
-                emit(item_id, "done", data, row["shape"][1:], read=share, decode=decode,
-                     write=time.perf_counter() - start)
+                emit(item_id, "done", data, self.output_format.suffix_of(image), row["shape"][1:], read=share,
+                     decode=decode, write=time.perf_counter() - start)
             self._maybe_fail(len(ids))
         schema = pa.schema([("id", pa.string()), ("status", pa.string()), ("data", pa.binary()),
-                            ("shape", pa.list_(pa.int64())), ("reason", pa.string()), ("read_seconds", pa.float64()),
-                            ("decode_seconds", pa.float64()), ("write_seconds", pa.float64()),
-                            ("worker", pa.string())])
+                            ("suffix", pa.string()), ("shape", pa.list_(pa.int64())), ("reason", pa.string()),
+                            ("read_seconds", pa.float64()), ("decode_seconds", pa.float64()),
+                            ("write_seconds", pa.float64()), ("worker", pa.string())])
         return pa.table(out, schema=schema)
 
     def _maybe_fail(self, items: int) -> None:
@@ -157,7 +157,7 @@ def run_ray(sources: list[Source], writer: Writer, decoder: str | Decoder, dtype
             if row["status"] == "done":
                 workers.add(row["worker"])
                 start = time.perf_counter()
-                wrote = writer.write(row["id"], row["data"], row["shape"])
+                wrote = writer.write(row["id"], row["data"], row["shape"], row["suffix"])
                 report.write_seconds += time.perf_counter() - start
                 progress.update(done=int(wrote), skipped=int(not wrote))
             elif row["status"] == "skipped":

@@ -169,9 +169,11 @@ def _read_file(source: Source, batch_size: int) -> list[Unit]:
         return [Unit([path.stem], error=(
             f"{path.name}: latents must be (C, h, w) or (B, C, h, w) for images, (B, C, T, h, w) for video; got "
             f"shape {tuple(latents.shape)}"))]
-    # the names `fastdec decode` gives: <stem>_000, <stem>_001, ...
-    digits = max(3, len(str(len(latents) - 1)))
+    # the names `fastdec decode` gives: images <stem>_000, <stem>_001, ...; videos <stem> (one) or <stem>_000, ...
+    digits = max(3, len(str(len(latents) - 1))) if latents.dim() == IMAGE_NDIM + 1 else 3
     ids = [f"{path.stem}_{index:0{digits}d}" for index in range(len(latents))]
+    if latents.dim() == VIDEO_NDIM + 1 and len(latents) == 1:
+        ids = [path.stem]
     return [Unit(ids[i:i + batch_size], latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)]
 
 

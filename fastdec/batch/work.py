@@ -15,6 +15,7 @@ from fastdec.validate import check_latents
 
 # --format name -> (PIL format, file suffix, takes a quality)
 FORMATS = {"png": ("PNG", ".png", False), "webp": ("WEBP", ".webp", True), "jpeg": ("JPEG", ".jpg", True)}
+VIDEO_SUFFIX = ".mp4"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class OutputFormat:
 
     name: str = "png"
     quality: int | None = None
+    fps: float = 16.0  # video latents: mp4 through fastdec.save_video, as `fastdec decode` writes them
 
     def __post_init__(self) -> None:
         if self.name not in FORMATS:
@@ -34,18 +36,43 @@ class OutputFormat:
             if not 1 <= self.quality <= 100:
                 raise ValueError(f"--quality {self.quality} is out of range: use 1 (smallest) to 100 (best)")
 
+        if not self.fps > 0:
+            raise ValueError(f"--fps must be positive, got {self.fps}")
+
     @property
     def suffix(self) -> str:
         return FORMATS[self.name][1]
 
+    def suffix_of(self, pixels: np.ndarray) -> str:
+        return VIDEO_SUFFIX if pixels.ndim == 4 else self.suffix
+
     def encode(self, pixels: np.ndarray) -> bytes:
-        """(H, W, 3) uint8 -> the bytes of the image file."""
+        """(H, W, 3) uint8 -> the bytes of the image file; (T, H, W, 3) uint8 frames -> the bytes of an mp4."""
+        if pixels.ndim == 4:
+            return _encode_video(pixels, self.fps)
         from PIL import Image
 
         options = {} if self.quality is None else {"quality": self.quality}
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format=FORMATS[self.name][0], **options)
         return buffer.getvalue()
+
+
+def _encode_video(frames: np.ndarray, fps: float) -> bytes:
+    """fastdec.save_video writes to a path: encode into a temporary file and return its bytes."""
+    import os
+    import tempfile
+
+    from fastdec.video import save_video
+
+    handle, name = tempfile.mkstemp(suffix=VIDEO_SUFFIX, prefix="fastdec-batch-")
+    os.close(handle)
+    try:
+        save_video(torch.from_numpy(frames), name, fps=fps)
+        with open(name, "rb") as file:
+            return file.read()
+    finally:
+        os.unlink(name)
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -77,7 +104,8 @@ def load_decoder(decoder: str | Decoder, device: torch.device, dtype: torch.dtyp
 
 def decode_unit(decoder: Decoder, unit: Unit, device: torch.device) -> tuple[list[str], np.ndarray | None,
                                                                               list[tuple[str, str]]]:
-    """(ids decoded, their pixels (B, H, W, 3) uint8, failures (id, reason)). Latents that fail the decoder's
+    """(ids decoded, their pixels (B, H, W, 3) uint8, or frames (B, T, H, W, 3) for video latents, failures
+    (id, reason)). Latents that fail the decoder's
     check (channels, rank, NaN/Inf, ...) fail one by one; the rest of the unit still decodes."""
     import fastdec
 

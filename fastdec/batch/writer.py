@@ -52,7 +52,7 @@ class Writer:
                     f"{self.output_dir} holds outputs of decoder {record.get('decoder')!r}, this job decodes with "
                     f"{self.decoder!r}: pass the same --decoder to resume, or use a new output folder"
                 )
-            if not record.get("path", "").endswith(self.suffix):
+            if Path(record.get("path", "")).suffix not in (self.suffix, ".mp4"):
                 raise ValueError(
                     f"{self.output_dir} holds {Path(record.get('path', '')).suffix} outputs, this job writes "
                     f"{self.suffix}: pass the same --format to resume, or use a new output folder"
@@ -64,20 +64,20 @@ class Writer:
             self._replace(path, kept.encode())
         return records
 
-    def output_path(self, item_id: str) -> Path:
-        return self.output_dir / f"{item_id}{self.suffix}"
+    def output_path(self, item_id: str, suffix: str | None = None) -> Path:
+        return self.output_dir / f"{item_id}{suffix or self.suffix}"
 
     def is_done(self, item_id: str) -> bool:
         return item_id in self.done
 
-    def write(self, item_id: str, data: bytes, shape: list[int]) -> bool:
-        """Writes one output atomically and records it; False (nothing written) when the id is finished already,
-        e.g. a result that a retried worker delivered twice."""
+    def write(self, item_id: str, data: bytes, shape: list[int], suffix: str | None = None) -> bool:
+        """Writes one output (``suffix``: default the image format's; .mp4 for a video) atomically and records it;
+        False (nothing written) when the id is finished already, e.g. a result a retried worker delivered twice."""
         with self._lock:
             if item_id in self.done:
                 return False
             self.done[item_id] = {}  # claimed: a concurrent duplicate stops here
-        path = self.output_path(item_id)
+        path = self.output_path(item_id, suffix)
         self._replace(path, data)
         record = {"id": item_id, "path": path.name, "decoder": self.decoder, "shape": list(shape),
                   "sha256": hashlib.sha256(data).hexdigest()}
