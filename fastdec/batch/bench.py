@@ -171,6 +171,22 @@ def projection_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_from_bench_args(bench_args: argparse.Namespace) -> int:
+    """``fastdec bench --batch-throughput``: this benchmark with the options fastdec bench shares (--resolution,
+    --threads, --out; --decoders when it names a subset of taesd, tae-192, sd-vae)."""
+    argv = []
+    if bench_args.resolution:
+        argv += ["--side", str(bench_args.resolution[0])]
+    if bench_args.threads:
+        argv += ["--threads", str(bench_args.threads)]
+    if bench_args.out:
+        argv += ["--out", bench_args.out]
+    chosen = [name.strip() for name in bench_args.decoders.split(",") if name.strip()]
+    if set(chosen) <= set(DEFAULT_ITEMS):
+        argv += ["--decoders", ",".join(chosen)]
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdec.batch.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--decoders", default="taesd,tae-192,sd-vae")
