@@ -32,6 +32,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
@@ -247,7 +248,7 @@ class TiledRun(TorchDispatchMode):
             return None
         bounds = tuple(round(b * rows / h / align) * align for b in self.latent_bounds)
         bounds = bounds[:-1] + (rows,)
-        if any(lo >= hi for lo, hi in zip(bounds, bounds[1:])):
+        if any(lo >= hi for lo, hi in pairwise(bounds)):
             return None
         return bounds
 
@@ -269,7 +270,7 @@ class TiledRun(TorchDispatchMode):
             lo, hi = max(start, 0), min(stop, total)
             first, last = bounds[max(t - 1, 0)], bounds[min(t + 2, tiles)]
             if lo < first or hi > last:
-                smallest = min(b - a for a, b in zip(bounds, bounds[1:]))
+                smallest = min(b - a for a, b in pairwise(bounds))
                 raise TileError(
                     f"tiles too small for {what}: slab {t} of its input (rows {bounds[t]}:{bounds[t + 1]} of "
                     f"{total}, the smallest slab has {smallest} rows) needs rows {start}:{stop}, beyond its "
@@ -280,7 +281,7 @@ class TiledRun(TorchDispatchMode):
     def stencil(self, x: SlabTensor, out_bounds: Bounds, needs: list[tuple[int, int]], compute, shape, dtype,
                 what: str) -> SlabTensor:
         """Slab t of the output = compute(rows needs[t] of x, t)."""
-        if any(lo >= hi for lo, hi in zip(out_bounds, out_bounds[1:])):
+        if any(lo >= hi for lo, hi in pairwise(out_bounds)):
             raise TileError(
                 f"tiles too small for {what}: an output slab would be empty (slab bounds {out_bounds}); use a "
                 "larger tile_size or fewer ranks"
@@ -352,7 +353,7 @@ def local_op(run: TiledRun, func, args, kwargs):
     base_flat, out_spec = tree_flatten(base)
     grown_flat, _ = tree_flatten(grown)
     out_hdims = []
-    for b, g in zip(base_flat, grown_flat):
+    for b, g in zip(base_flat, grown_flat, strict=True):
         hdim = None
         if isinstance(b, Tensor):
             changed = [d for d in range(b.dim()) if b.shape[d] != g.shape[d]]
@@ -374,14 +375,14 @@ def local_op(run: TiledRun, func, args, kwargs):
         tile_args, tile_kwargs = tree_unflatten(tile_flat, spec)
         out = func(*tile_args, **tile_kwargs)
         if mutated:  # in-place on a slab: write the result back where the slab is held
-            for a, tile in zip(flat, tile_flat):
+            for a, tile in zip(flat, tile_flat, strict=True):
                 if _is_slab(a) and tile is not a.parts[t]:
                     a.parts[t].copy_(tile)
         results[t] = tree_flatten(out)[0]
     if mutated and _is_slab(args[0]):
         return args[0]
     outputs = []
-    for i, (b, hdim) in enumerate(zip(base_flat, out_hdims)):
+    for i, (b, hdim) in enumerate(zip(base_flat, out_hdims, strict=True)):
         if hdim is None:
             outputs.append(next(iter(results.values()))[i])  # the same on every slab (e.g. BatchNorm's empties)
         else:
@@ -401,7 +402,7 @@ def _per_slab(run: TiledRun, x: SlabTensor, hdim: int, shape, dtype, op: Callabl
 
 
 def _view_rule(run, func, args, kwargs):
-    x, size = args[0], args[1]
+    x = args[0]
     if not _is_slab(x):
         return func(*args, **kwargs)
     out_shape = list(_meta_run(func, args, kwargs).shape)
@@ -492,7 +493,7 @@ def _conv_rule(run, func, args, kwargs):
     out_shape = _meta_run(func, (x, *args[1:]), kwargs).shape
     out_rows = out_shape[x.hdim]
     out_bounds = _conv_bounds(x.bounds, k, s, p, out_rows)
-    needs = [(o0 * s - p, (o1 - 1) * s - p + k) for o0, o1 in zip(out_bounds, out_bounds[1:])]
+    needs = [(o0 * s - p, (o1 - 1) * s - p + k) for o0, o1 in pairwise(out_bounds)]
     no_pad = list(padding)
     no_pad[i] = 0
 
@@ -511,7 +512,7 @@ def _shuffle_rule(run, func, args, kwargs):
     out_shape = _meta_run(func, (x, *args[1:]), kwargs).shape
     out_bounds = tuple(min(b * factor, out_shape[x.hdim]) for b in x.bounds[:-1]) + (out_shape[x.hdim],)
     shrink = offset * (factor - 1)
-    needs = [(o0 // factor, o1 // factor + shrink) for o0, o1 in zip(out_bounds, out_bounds[1:])]
+    needs = [(o0 // factor, o1 // factor + shrink) for o0, o1 in pairwise(out_bounds)]
     return run.stencil(x, out_bounds, needs, lambda rows, t: func(rows, *args[1:], **kwargs), out_shape, x.dtype,
                        "a pixel shuffle")
 
@@ -528,7 +529,7 @@ def _upsample_rule(run, func, args, kwargs):
         return run.gathered(func, (x, *args[1:]), kwargs)
     factor = rows_out // rows_in
     out_bounds = tuple(b * factor for b in x.bounds)
-    needs = [(o0 // factor, o1 // factor) for o0, o1 in zip(out_bounds, out_bounds[1:])]
+    needs = [(o0 // factor, o1 // factor) for o0, o1 in pairwise(out_bounds)]
     spatial = list(out_shape[2:])
 
     def compute(rows, t):
@@ -552,7 +553,7 @@ def _pad_rule(run, func, args, kwargs):
     out_shape = _meta_run(func, (x, *args[1:]), kwargs).shape
     total, out_rows = x.bounds[-1], out_shape[x.hdim]
     out_bounds = (0, *(b + top for b in x.bounds[1:-1]), out_rows)
-    needs = [(max(o0 - top, 0), min(o1 - top, total)) for o0, o1 in zip(out_bounds, out_bounds[1:])]
+    needs = [(max(o0 - top, 0), min(o1 - top, total)) for o0, o1 in pairwise(out_bounds)]
 
     def compute(rows, t):
         tile_pad = pad.copy()
