@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec import tiling
 from fastdec.models.base import Decoder
 from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
 
@@ -130,7 +131,10 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: bool | None = None):
+def decode(
+    latents: Tensor, decoder=None, output: str = "tensor", check_finite: bool | None = None,
+    tile_size: int | None = None,
+):
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
     ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
@@ -146,6 +150,11 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
 
     ``check_finite``: the NaN/Inf check on the latents (a host read-back); None runs it in eager use unless
     FASTDEC_CHECK_FINITE=0, False skips it; it never runs under torch.compile or CUDA-graph capture.
+
+    ``tile_size``: decode in exact horizontal slabs of this many pixel rows (a multiple of the decoder's
+    latent-to-pixel factor, e.g. 8), same pixels as untiled, device memory bounded by one slab (fastdec.tiling);
+    0 never tiles; None (default) uses the decoder's ``tile_size`` attribute, else tiles only when the untiled
+    decode would not fit in free CUDA memory (and logs that it does).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
@@ -161,7 +170,7 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
     check_latents(batch, decoder, check_finite)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
-        images = decoder.decode(batch.to(weights_dtype), check_finite=False)  # checked above, before the cast
+        images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
     if output == "tensor":
         return images[0] if unbatched else images
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
 from fastdec.kernels.group_norm_act import _activate, _compute_dtype
 from fastdec.validate import check_latents, weights_device_and_dtype
 
@@ -795,3 +796,31 @@ def auto_tile_size(decoder: nn.Module, latents: Tensor, free_bytes: int | None =
         device, rows * factor,
     )
     return rows * factor
+
+
+def decode(decoder: nn.Module, latents: Tensor, tile_size: int | None = None,
+           check_finite: bool | None = None) -> Tensor:
+    """``decoder.decode(latents)``, tiled when asked or needed.
+
+    ``tile_size``: pixel rows per slab (a multiple of the decoder's latent-to-pixel factor); 0 never tiles; None
+    uses the decoder's own ``tile_size`` attribute if set, else tiles automatically when the untiled decode would
+    not fit in the free memory of the decoder's CUDA device (a log line says so; never on CPU, where slabs held in
+    host memory would not lower the peak)."""
+    if tile_size is None:
+        tile_size = getattr(decoder, "tile_size", None) or auto_tile_size(decoder, check_latents(latents, decoder,
+                                                                                                  check_finite))
+        check_finite = False  # checked just now
+    if not tile_size:
+        with _untiled():
+            return decoder.decode(latents, check_finite)
+    return tiled_decode(decoder, latents, tile_size, check_finite)
+
+
+class _untiled:
+    """Inside this block Decoder.decode ignores its ``tile_size`` attribute (an explicit tile_size=0)."""
+
+    def __enter__(self):
+        _ACTIVE.append(None)
+
+    def __exit__(self, *exc):
+        _ACTIVE.pop()
