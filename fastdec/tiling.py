@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
-from fastdec.kernels.group_norm_act import _activate, _compute_dtype
+from fastdec.kernels.group_norm_act import _compute_dtype
 from fastdec.validate import check_latents, weights_device_and_dtype
 
 logger = logging.getLogger("fastdec")
@@ -584,35 +584,44 @@ def _patch_unembed_rule(run, func, args, kwargs):
 # --- normalisation: statistics over all slabs ----------------------------------------------------------------------
 
 
-def _group_stats(run: TiledRun, x: SlabTensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Per (sample, group) mean and 1/std over every slab, fp64 sums: pass 1 the mean, pass 2 the centred
-    variance (no E[x^2] - E[x]^2 cancellation), each all-reduced."""
+def _group_stats(run: TiledRun, x: SlabTensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per (sample, group) mean and variance over every slab, in one pass over the data: each slab's (mean, M2) in
+    fp32 (torch.var_mean), combined across slabs in fp64 with Chan's formula (all-reduced twice: the global mean,
+    then sum_t M2_t + n_t (mean_t - mean)^2), so offset data does not cancel the way E[x^2] - E[x]^2 does."""
     executor, batch = run.executor, x.shape[0]
+    stats = {}
+    for t in x.parts:
+        g = executor.load(x.parts[t]).reshape(batch, groups, -1)
+        var, mean = torch.var_mean(g.to(_compute_dtype(g)), dim=-1, correction=0)
+        stats[t] = (g.shape[-1], mean.double(), var.double() * g.shape[-1])
     count = x.numel() // (batch * groups)
-
-    def partial(fn) -> Tensor:
-        total = torch.zeros(batch, groups, dtype=torch.float64, device=executor.device)
-        for t in x.parts:
-            total += fn(executor.load(x.parts[t]).reshape(batch, groups, -1))
-        return executor.all_reduce(total)
-
-    mean = partial(lambda g: g.sum(-1, dtype=torch.float64)) / count
-    var = partial(lambda g: (g.to(torch.float64) - mean[..., None]).square().sum(-1)) / count
-    return mean, torch.rsqrt(var + eps)
+    zeros = torch.zeros(batch, groups, dtype=torch.float64, device=executor.device)
+    mean = executor.all_reduce(sum((n * m for n, m, _ in stats.values()), zeros.clone())) / count
+    m2 = executor.all_reduce(sum((m2 + n * (m - mean).square() for n, m, m2 in stats.values()), zeros.clone()))
+    return mean, m2 / count
 
 
-def _normalise(run: TiledRun, x: SlabTensor, groups: int, weight, bias, act: str, mean: Tensor, rstd: Tensor):
+def _normalise(run: TiledRun, x: SlabTensor, groups: int, weight, bias, eps: float, act: str, mean: Tensor,
+               var: Tensor) -> SlabTensor:
+    """act(group norm) of each slab with the global statistics: one eval-mode batch_norm pass (per-channel mean and
+    variance = its group's; the batch folded into the channels), then the activation in place."""
+    batch, channels = x.shape[:2]
+    per_channel = channels // groups
+
     def norm(part, rows):
         compute = _compute_dtype(part)
-        shape = part.shape
-        g = part.to(compute).reshape(shape[0], groups, -1)
-        y = ((g - mean[..., None].to(compute)) * rstd[..., None].to(compute)).reshape(shape)
-        view = (1, -1) + (1,) * (part.dim() - 2)
-        if weight is not None:
-            y = y * weight.to(compute).view(view)
-        if bias is not None:
-            y = y + bias.to(compute).view(view)
-        return _activate(y, act).to(part.dtype)
+        flat = part.to(compute).reshape(1, batch * channels, -1)
+        stat_mean = mean.to(compute).repeat_interleave(per_channel, 1).flatten()
+        stat_var = var.to(compute).repeat_interleave(per_channel, 1).flatten()
+        w = None if weight is None else weight.to(compute).repeat(batch)
+        b = None if bias is None else bias.to(compute).repeat(batch)
+        y = torch.nn.functional.batch_norm(flat, stat_mean, stat_var, w, b, training=False, eps=eps)
+        y = y.reshape(part.shape)
+        if act == "silu":
+            torch.nn.functional.silu(y, inplace=True)
+        elif act == "relu":
+            y.relu_()
+        return y.to(part.dtype)
     return _per_slab(run, x, x.hdim, x.shape, x.dtype, norm, compute=True)
 
 
@@ -623,8 +632,8 @@ def _group_norm_act_rule(run, func, args, kwargs):
     x = run.as_slab(x, x.dim() - 2) if x.dim() in (4, 5) else x
     if not _is_slab(x) or x.hdim != x.dim() - 2:
         return run.gathered(func, args, kwargs) if _is_slab(x) else func(*args, **kwargs)
-    mean, rstd = _group_stats(run, x, groups, eps)
-    return _normalise(run, x, groups, weight, bias, act, mean, rstd)
+    mean, var = _group_stats(run, x, groups)
+    return _normalise(run, x, groups, weight, bias, eps, act, mean, var)
 
 
 def _native_group_norm_rule(run, func, args, kwargs):
@@ -632,9 +641,9 @@ def _native_group_norm_rule(run, func, args, kwargs):
     x = run.as_slab(x, x.dim() - 2) if x.dim() in (4, 5) else x
     if not _is_slab(x) or x.hdim != x.dim() - 2:
         return run.gathered(func, args, kwargs) if _is_slab(x) else func(*args, **kwargs)
-    mean, rstd = _group_stats(run, x, groups, eps)
-    out = _normalise(run, x, groups, weight, bias, "none", mean, rstd)
-    return out, mean.to(x.dtype), rstd.to(x.dtype)
+    mean, var = _group_stats(run, x, groups)
+    out = _normalise(run, x, groups, weight, bias, eps, "none", mean, var)
+    return out, mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
 
 
 RULES: dict = {
