@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec import tiling
 from fastdec.models.base import Decoder
 from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
 
@@ -175,6 +176,7 @@ def decode(
     output: str = "tensor",
     check_finite: bool | None = None,
     image_size: tuple[int, int] | None = None,
+    tile_size: int | None = None,
 ):
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
@@ -202,6 +204,11 @@ def decode(
     (B, 32, H/8, W/8) and packed ones (B, 128, H/16, W/16) are told apart by their channels; the token sequence
     ``Flux2Pipeline(output_type="latent")`` returns, (B, H*W/256, 128), needs ``image_size=(H, W)``, the size the
     pipeline generated, to be laid out on its grid (fastdec.models.flux2).
+
+    ``tile_size``: decode in exact horizontal slabs of this many pixel rows (a multiple of the decoder's
+    latent-to-pixel factor, e.g. 8), same pixels as untiled, device memory bounded by one slab (fastdec.tiling);
+    0 never tiles; None (default) uses the decoder's ``tile_size`` attribute, else tiles only when the untiled
+    decode would not fit in free CUDA memory (and logs that it does).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
@@ -223,7 +230,7 @@ def decode(
     check_latents(batch, decoder, check_finite)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
-        images = decoder.decode(batch.to(weights_dtype), check_finite=False)  # checked above, before the cast
+        images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
     if output == "tensor":
         return images[0] if unbatched else images
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
