@@ -205,10 +205,12 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
     from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.preview import LatentPreview
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
 
-    return {cls.__name__: cls for cls in (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder)}
+    classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, LatentPreview)
+    return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:

@@ -1,4 +1,4 @@
-"""The ``fastdec`` command line: ``fastdec check``, ``fastdec decode``, ``fastdec bench``."""
+"""The ``fastdec`` command line: ``fastdec check``, ``decode``, ``bench``, ``train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -154,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.run)
+    from fastdec import eval as evaluation
+    from fastdec.train import cli as train_cli
+
+    train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")
+    train_cli.add_arguments(train_parser)
+    train_parser.set_defaults(run=train_cli.run)
+    eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
+    evaluation.add_arguments(eval_parser)
+    eval_parser.set_defaults(run=evaluation.run)
     args = parser.parse_args(argv)
     return args.run(args)
 
