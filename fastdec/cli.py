@@ -12,7 +12,7 @@ import torch
 def _check(args: argparse.Namespace) -> int:
     """Print the backend table, then run every op once on random data against its eager reference."""
     from fastdec import ops
-    from fastdec.kernels import attention, group_norm_act, patch_unembed, pixel_shuffle
+    from fastdec.kernels import attention, group_norm_act, patch_unembed, pixel_shuffle, rms_norm_act
 
     print(ops.format_backends(), "\n")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -25,6 +25,8 @@ def _check(args: argparse.Namespace) -> int:
         cases = {
             "group_norm_act": (ops.group_norm_act, group_norm_act.group_norm_act_reference,
                                (r(1, 96, 17, 9), 32, r(96), r(96), 1e-6, "silu")),
+            "rms_norm_act": (ops.rms_norm_act, rms_norm_act.rms_norm_act_reference,
+                             (r(1, 96, 3, 17, 9), r(96), None, 1e-12 * 96**-0.5, "silu", "clamp")),
             "attention": (ops.attention, attention.attention_reference, (r(1, 2, 33, 64), r(1, 2, 33, 64),
                                                                          r(1, 2, 33, 64), None)),
             "patch_unembed": (ops.patch_unembed, patch_unembed.patch_unembed_reference,

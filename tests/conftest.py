@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fastdec.kernels import attention, group_norm_act, patch_unembed
+from fastdec.kernels import attention, group_norm_act, patch_unembed, rms_norm_act
 
 LAUNCHERS = ((group_norm_act, "group_norm_act_triton"), (attention, "attention_triton"),
-             (patch_unembed, "patch_unembed_triton"))
+             (patch_unembed, "patch_unembed_triton"), (rms_norm_act, "rms_norm_act_triton"))
 
 
 @pytest.fixture
