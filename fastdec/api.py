@@ -76,9 +76,20 @@ def fastdec_home() -> Path:
     return Path(os.environ.get("FASTDEC_HOME") or "~/.cache/fastdec").expanduser()
 
 
+def shipped_weights() -> dict[str, Path]:
+    """Decoders trained by fastdec and shipped with it (the repo's weights/, in a wheel fastdec/weights/): name ->
+    save_pretrained folder. They load offline, by name."""
+    package = Path(__file__).resolve().parent
+    found = {}
+    for root in (package / "weights", package.parent / "weights"):  # wheel install, source checkout
+        if root.is_dir():
+            found.update({p.parent.name: p.parent for p in sorted(root.glob("*/config.json"))})
+    return found
+
+
 def names() -> list[str]:
     """Every name load() accepts."""
-    return [*TAESD_NAMES, *TAEHV_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS]
+    return [*TAESD_NAMES, *TAEHV_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS, *shipped_weights()]
 
 
 def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
@@ -97,11 +108,11 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
       the weights);
     * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
       owner/repo/subfolder;
-    * a name: taesd, taesdxl, taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2,
-      dc-ae (SANA's): the exact VAE decoder; svd: Stable Video Diffusion's video VAE decoder; tae-192,
-      efficientvit, efficientvit-attn (DC-AE configurations), vit-s, vit-b, tae-temporal (a video decoder): random
-      weights (a RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass
-      through.
+    * a name: a decoder trained by fastdec and shipped with it (``shipped_weights()``, offline); taesd, taesdxl,
+      taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2, dc-ae (SANA's): the exact
+      VAE decoder; svd: Stable Video Diffusion's video VAE decoder; tae-192, efficientvit, efficientvit-attn (DC-AE
+      configurations), vit-s, vit-b, tae-temporal (a video decoder): random weights (a RandomWeightsWarning says
+      so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
 
     An existing path wins over a name. Trained weights fix the architecture, so config overrides are only accepted
     for the random presets.
@@ -121,6 +132,10 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
         _refuse_overrides(config_overrides, f"trained weights ({path})")
         return _from_path(path, device, dtype)
     name = ALIASES.get(str(source).lower(), str(source).lower())
+    shipped = shipped_weights()
+    if name in shipped:
+        _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
+        return _from_folder(shipped[name], device, dtype)
     if name in RANDOM_PRESETS:
         return _random_preset(name, device, dtype, config_overrides)
     if name in TAEHV_NAMES:
@@ -295,6 +310,7 @@ def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
     from fastdec.models.dcae import DCAEDecoder
     from fastdec.models.flux2 import Flux2VAEDecoder
+    from fastdec.models.preview import LatentPreview
     from fastdec.models.svd import SVDDecoder
     from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taehv import TAEHVDecoder
@@ -303,7 +319,7 @@ def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.wan import WanDecoder
 
     classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, DCAEDecoder, ViTDecoder, TAEHVDecoder,
-               SVDDecoder, TAETemporalDecoder, WanDecoder)
+               SVDDecoder, TAETemporalDecoder, WanDecoder, LatentPreview)
     return {cls.__name__: cls for cls in classes}
 
 

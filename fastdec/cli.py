@@ -1,4 +1,4 @@
-"""The ``fastdec`` command line: ``fastdec check``, ``fastdec decode``, ``fastdec bench``, ``fastdec batch``."""
+"""The ``fastdec`` command line: ``fastdec check``, ``decode``, ``bench``, ``batch``, ``train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -207,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch_cli.add_arguments(batch_parser)
     batch_parser.set_defaults(run=batch_cli.run)
+    from fastdec import eval as evaluation
+    from fastdec.train import cli as train_cli
+
+    train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")
+    train_cli.add_arguments(train_parser)
+    train_parser.set_defaults(run=train_cli.run)
+    eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
+    evaluation.add_arguments(eval_parser)
+    eval_parser.set_defaults(run=evaluation.run)
     args = parser.parse_args(argv)
     return args.run(args)
 
