@@ -66,9 +66,9 @@ def latent_batch_norm(latent_channels: int, eps: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(PATCH * PATCH * latent_channels, eps=eps, affine=False).eval()
 
 
-def decode_packed_or_raw(decoder: Decoder, bn: nn.BatchNorm2d, latents: Tensor, check_finite: bool | None) -> Tensor:
-    """The decode of a FLUX.2 decoder: packed latents are unpacked with ``bn`` first, raw ones go straight in."""
-    check_latents(latents, decoder, check_finite)
+def decode_packed_or_raw(decoder: Decoder, bn: nn.BatchNorm2d, latents: Tensor) -> Tensor:
+    """The decode of a FLUX.2 decoder, on checked latents: packed ones are unpacked with ``bn`` first, raw ones go
+    straight in."""
     if latents.shape[1] == decoder.packed_latent_channels:
         latents = unpack_latents(latents, bn)
     return Decoder.decode(decoder, latents, check_finite=False)  # checked above
@@ -90,7 +90,8 @@ class Flux2VAEDecoder(AutoencoderKLDecoder):
 
     def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
         """Raw or packed FLUX.2 latents (see the module docstring) -> images (B, 3, H', W') in [0, 1]."""
-        return decode_packed_or_raw(self, self.bn, latents, check_finite)
+        check_latents(latents, self, check_finite)
+        return decode_packed_or_raw(self, self.bn, latents)
 
     @classmethod
     def from_preset(cls, name: str = "flux2", **overrides) -> Flux2VAEDecoder:
@@ -169,7 +170,8 @@ class PackedLatentsDecoder(Decoder):
 
     def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
         """Raw or packed FLUX.2 latents -> images in [0, 1], through the inner decoder."""
-        return decode_packed_or_raw(self, self.bn, latents, check_finite)
+        check_latents(latents, self, check_finite)
+        return decode_packed_or_raw(self, self.bn, latents)
 
     def save_pretrained(self, directory) -> None:
         raise TypeError(
