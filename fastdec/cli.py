@@ -56,6 +56,8 @@ def _check(args: argparse.Namespace) -> int:
 def _read_latents(path: Path, key: str | None) -> torch.Tensor:
     """A latent tensor from .safetensors, .pt/.pth (torch.load, weights only), .npy or .npz; ``key`` picks one
     tensor of a file holding several."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: pass a latents file in it (.safetensors, .pt, .npy or .npz)")
     if not path.is_file():
         raise FileNotFoundError(f"latents file {path} not found")
     import pickle
@@ -78,8 +80,12 @@ def _read_latents(path: Path, key: str | None) -> torch.Tensor:
             content = np.load(path, allow_pickle=False)
             content = {name: content[name] for name in content.files} if suffix == ".npz" else content
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"could not read latents from {path} ({type(error).__name__}: {reason})") from error
+        from fastdec.read_errors import REFUSED_PICKLE_ADVICE, is_refused_pickle, read_error_reason
+
+        advice = f": {REFUSED_PICKLE_ADVICE}" if is_refused_pickle(error) else ""
+        raise ValueError(
+            f"could not read latents from {path} ({type(error).__name__}: {read_error_reason(error)}){advice}"
+        ) from error
     if isinstance(content, dict):
         tensors = {name: value for name, value in content.items() if hasattr(value, "shape")}
         if key is not None:
@@ -124,9 +130,12 @@ def _decode(args: argparse.Namespace) -> int:
         if latents.dim() not in (3, 4):
             raise ValueError(f"{args.latents}: latents must be (C, h, w) or (B, C, h, w), got {tuple(latents.shape)}")
         batch = latents.unsqueeze(0) if latents.dim() == 3 else latents
-        decoder = fastdec.load(args.decoder or default_decoder_name(batch.shape[1]), device=device, dtype=dtype)
-        images = fastdec.decode(batch.to(device), decoder, output="pil")
+        name = args.decoder or default_decoder_name(batch.shape[1], how="--decoder NAME_OR_PATH")
         output_dir = Path(args.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"-o {output_dir} is an existing file: pass a folder for the PNGs (created if missing)")
+        decoder = fastdec.load(name, device=device, dtype=dtype)
+        images = fastdec.decode(batch.to(device), decoder, output="pil")
         output_dir.mkdir(parents=True, exist_ok=True)
         digits = max(3, len(str(len(images) - 1)))
         for index, image in enumerate(images):
@@ -140,7 +149,17 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdec", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastdec", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="fastdec: diffusion latents to images, fast.\n\n"
+                    "  check   which backend runs each op here, each checked against its reference\n"
+                    "  decode  a latents file to PNG images\n"
+                    "  bench   every decoder timed against diffusers on this machine",
+        epilog="examples:\n"
+               "  fastdec decode latents.safetensors --decoder taesdxl -o out/\n"
+               "  fastdec bench --quick          (writes its tables, JSON and plot to the folder it names at the end)\n"
+               "\n'fastdec COMMAND --help' shows a command's options.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="show which backend runs each op and check each against its reference")
     check.set_defaults(run=_check)
