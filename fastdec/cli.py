@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.run)
-    args = parser.parse_args(argv)
+    typed = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(typed)
+    if args.command == "bench":  # the bench records its command as typed: fastdec bench ARGS
+        return bench.run(args, typed[typed.index("bench") + 1:])
     return args.run(args)
 
 
