@@ -28,6 +28,7 @@ from fastdec.kernels import attention as _attention
 from fastdec.kernels import group_norm_act as _group_norm_act
 from fastdec.kernels import patch_unembed as _patch_unembed
 from fastdec.kernels import pixel_shuffle as _pixel_shuffle
+from fastdec.kernels import rms_norm_act as _rms_norm_act
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton_interpreting
 
 try:
@@ -121,6 +122,51 @@ def _group_norm_act_backward(ctx, grad_out):
 
 
 group_norm_act.register_autograd(_group_norm_act_backward, setup_context=_group_norm_act_setup)
+
+
+# --- rms_norm_act ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdec::rms_norm_act", mutates_args=(), device_types="cpu")
+def rms_norm_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-6,
+    act: str = "none",
+    eps_mode: str = "add",
+) -> Tensor:
+    """act(x / rms_c(x) * weight + bias), channel RMS per position of 4-D/5-D x; eps_mode "add" (RMSNorm,
+    rsqrt(ms + eps)) or "clamp" (Wan, 1 / max(rms, eps)); see kernels/rms_norm_act.py."""
+    fn = _rms_norm_act.rms_norm_act_triton if _triton_on_cpu() else _rms_norm_act.rms_norm_act_reference
+    return fn(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_kernel("cuda")
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    fn = _rms_norm_act.rms_norm_act_triton if _triton_on_cuda() else _rms_norm_act.rms_norm_act_reference
+    return fn(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_fake
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    _rms_norm_act.check_rms_norm_act(x, weight, bias, eps, act, eps_mode)
+    return torch.empty_like(x)
+
+
+def _rms_norm_act_setup(ctx, inputs, output):
+    x, weight, bias, eps, act, eps_mode = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (eps, act, eps_mode)
+
+
+def _rms_norm_act_backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _rms_norm_act.rms_norm_act_backward(grad_out, x, weight, bias, *ctx.args)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+rms_norm_act.register_autograd(_rms_norm_act_backward, setup_context=_rms_norm_act_setup)
 
 
 # --- attention ---------------------------------------------------------------------------------------------------
@@ -238,7 +284,7 @@ def pixel_shuffle(x: Tensor, factor: int, phase_offset: int = 0) -> Tensor:
 
 # --- which backend runs where ------------------------------------------------------------------------------------
 
-TRITON_OPS = ("group_norm_act", "attention", "patch_unembed")
+TRITON_OPS = ("group_norm_act", "rms_norm_act", "attention", "patch_unembed")
 
 
 def _triton_backends() -> dict[str, str]:
