@@ -147,9 +147,12 @@ def _decode(args: argparse.Namespace) -> int:
                 f"{tuple(latents.shape)}"
             )
         batch = latents.unsqueeze(0) if latents.dim() == 3 else latents
-        decoder = fastdec.load(args.decoder or default_decoder_name(batch.shape[1]), device=device, dtype=dtype)
-        images = fastdec.decode(batch.to(device), decoder, output="pil")
+        name = args.decoder or default_decoder_name(batch.shape[1], how="--decoder NAME_OR_PATH")
         output_dir = Path(args.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"-o {output_dir} is an existing file: pass a folder for the PNGs (created if missing)")
+        decoder = fastdec.load(name, device=device, dtype=dtype)
+        images = fastdec.decode(batch.to(device), decoder, output="pil")
         output_dir.mkdir(parents=True, exist_ok=True)
         digits = max(3, len(str(len(images) - 1)))
         for index, image in enumerate(images):
@@ -163,7 +166,17 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdec", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastdec", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="fastdec: diffusion latents to images, fast.\n\n"
+                    "  check   which backend runs each op here, each checked against its reference\n"
+                    "  decode  a latents file to PNG images\n"
+                    "  bench   every decoder timed against diffusers on this machine",
+        epilog="examples:\n"
+               "  fastdec decode latents.safetensors --decoder taesdxl -o out/\n"
+               "  fastdec bench --quick          (writes its tables, JSON and plot to the folder it names at the end)\n"
+               "\n'fastdec COMMAND --help' shows a command's options.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="show which backend runs each op and check each against its reference")
     check.set_defaults(run=_check)
@@ -216,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
     evaluation.add_arguments(eval_parser)
     eval_parser.set_defaults(run=evaluation.run)
-    args = parser.parse_args(argv)
+    typed = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(typed)
+    if args.command == "bench":  # the bench records its command as typed: fastdec bench ARGS
+        return bench.run(args, typed[typed.index("bench") + 1:])
     return args.run(args)
 
 
