@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import relative_error
+from helpers import compile_fullgraph, relative_error
 from tolerances import DECODER_FP32_REL
 
 import fastdec
@@ -125,6 +125,14 @@ def test_stream_refuses_a_shape_change_and_bad_chunks():
         decoder.decode(torch.randn(1, 16, 2, 2, 2), chunk_frames=0)
     with pytest.raises(ValueError, match="before any push"):
         decoder.stream().flush()
+
+
+def test_compiles_fullgraph():
+    """Whole clip (chunks run the same run_frames; measured to compile too, left out for CI time)."""
+    torch.manual_seed(0)
+    decoder = TAEHVDecoder("taew2_1").eval()
+    compiled, eager = compile_fullgraph(decoder, torch.randn(1, 16, 2, 2, 2))
+    assert compiled.shape == (1, 5, 3, 16, 16) and relative_error(compiled, eager) <= DECODER_FP32_REL
 
 
 # --- every variant -------------------------------------------------------------------------------------------------
