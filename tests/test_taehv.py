@@ -7,6 +7,7 @@ reference ops run the same code apart from the op registry's switch; both are ch
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,31 @@ def test_decode_picks_chunks_over_the_memory_budget(decoder, reference, monkeypa
     chunked = decoder.decode(latents)
     monkeypatch.undo()
     assert relative_error(chunked, decoder.decode(latents)) <= DECODER_FP32_REL
+
+
+@torch.no_grad()
+def test_streaming_peak_memory_does_not_grow_with_the_clip():
+    """torch's CPU allocator peak (bench.call_peak_memory): whole-clip decoding grows with T, a stream that hands
+    each frame on does not."""
+    from fastdec.bench import call_peak_memory
+
+    torch.manual_seed(0)
+    decoder = TAEHVDecoder("taew2_1").eval()
+    cpu = torch.device("cpu")
+
+    def streamed(latents):
+        stream = decoder.stream()
+        for frame in latents.split(1, dim=2):
+            stream.push(frame)  # handed on (to a screen, an mp4): not kept
+
+    peaks = {}
+    for frames in (2, 8):
+        latents = torch.randn(1, 16, frames, 4, 4)
+        whole = functools.partial(decoder.decode, latents, chunk_frames=frames)  # chunk_frames=T: the whole clip
+        peaks["whole", frames] = call_peak_memory(whole, cpu)[1]
+        peaks["stream", frames] = call_peak_memory(lambda latents=latents: streamed(latents), cpu)[1]
+    assert peaks["whole", 8] > 2 * peaks["whole", 2], peaks  # measured 8.1 -> 21 MB for 5 -> 29 frames
+    assert peaks["stream", 8] <= 1.05 * peaks["stream", 2], peaks
 
 
 # --- streaming API -------------------------------------------------------------------------------------------------
