@@ -1,4 +1,4 @@
-"""The ``fastdec`` command line: ``fastdec check``, ``fastdec decode``, ``fastdec bench``."""
+"""The ``fastdec`` command line: ``fastdec check``, ``decode``, ``bench``, ``batch``, ``train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from fastdec.latents_io import read_latents
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -53,54 +55,6 @@ def _check(args: argparse.Namespace) -> int:
     if not checked:
         print("nothing checked: no fused kernel runs in this process (see the skipped lines)")
     return 1 if failures else 0
-
-
-def _read_latents(path: Path, key: str | None) -> torch.Tensor:
-    """A latent tensor from .safetensors, .pt/.pth (torch.load, weights only), .npy or .npz; ``key`` picks one
-    tensor of a file holding several."""
-    if not path.is_file():
-        raise FileNotFoundError(f"latents file {path} not found")
-    import pickle
-
-    from safetensors import SafetensorError
-
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".pth", ".npy", ".npz"):
-        raise ValueError(f"{path}: unsupported latents file type {suffix!r}; use .safetensors, .pt, .npy or .npz")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            content = load_file(str(path))
-        elif suffix in (".pt", ".pth"):
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            import numpy as np
-
-            content = np.load(path, allow_pickle=False)
-            content = {name: content[name] for name in content.files} if suffix == ".npz" else content
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"could not read latents from {path} ({type(error).__name__}: {reason})") from error
-    if isinstance(content, dict):
-        tensors = {name: value for name, value in content.items() if hasattr(value, "shape")}
-        if key is not None:
-            if key not in tensors:
-                raise ValueError(f"{path} has no tensor {key!r}; its tensors: {sorted(tensors)}")
-            content = tensors[key]
-        elif len(tensors) == 1:
-            content = next(iter(tensors.values()))
-        else:
-            raise ValueError(f"{path} holds {len(tensors)} tensors {sorted(tensors)}: pick one with --key")
-    elif key is not None:
-        raise ValueError(f"{path} holds a single tensor, not a dict: drop --key")
-    if not isinstance(content, torch.Tensor):
-        import numpy as np
-
-        if not isinstance(content, np.ndarray):
-            raise ValueError(f"{path} holds a {type(content).__name__}, not a tensor")
-        content = torch.from_numpy(content)
-    return content
 
 
 def _device(name: str | None) -> torch.device:
@@ -164,8 +118,9 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
 
             frames = chunks()
         else:
+            chunking = {} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}  # e.g. WanDecoder
             with torch.no_grad():
-                frames = decoder.decode(video, check_finite=False)
+                frames = decoder.decode(video, check_finite=False, **chunking)
             bar(frames_in, frames_in)
         paths.append(save_video(frames, output_dir / name, fps=args.fps))
     return paths
@@ -178,7 +133,7 @@ def _decode(args: argparse.Namespace) -> int:
     from fastdec.api import default_decoder_name, default_dtype
 
     try:
-        latents = _read_latents(Path(args.latents), args.key)
+        latents = read_latents(Path(args.latents), args.key)
         device = _device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
@@ -246,6 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.run)
+    from fastdec.batch import cli as batch_cli
+
+    batch_parser = commands.add_parser(
+        "batch", help="decode a dataset of latents (a folder of files or Parquet) to images, resumable, local or Ray"
+    )
+    batch_cli.add_arguments(batch_parser)
+    batch_parser.set_defaults(run=batch_cli.run)
+    from fastdec import eval as evaluation
+    from fastdec.train import cli as train_cli
+
+    train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")
+    train_cli.add_arguments(train_parser)
+    train_parser.set_defaults(run=train_cli.run)
+    eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
+    evaluation.add_arguments(eval_parser)
+    eval_parser.set_defaults(run=evaluation.run)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -17,7 +17,7 @@ import fastdec
 import fastdec.models
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.base import Decoder
-from fastdec.models.efficientvit import EfficientViTDecoder
+from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.taesd import TAESDDecoder
 from fastdec.models.vit import ViTDecoder
 from fastdec.validate import CHECK_FINITE_ENV
@@ -27,8 +27,8 @@ FAMILIES = {
     "taesd": lambda: TAESDDecoder(variant="taesd", blocks=(1, 1)),
     "autoencoder_kl": lambda: AutoencoderKLDecoder(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                                                    latent_channels=4),
-    "efficientvit": lambda: EfficientViTDecoder(widths=(16, 16, 16, 32), depths=(0, 1, 1, 0), norm_groups=8,
-                                                latent_channels=4),
+    "dcae": lambda: DCAEDecoder(4, block_out_channels=(16, 16, 16, 32), layers_per_block=(0, 1, 1, 0),
+                                norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 4),
     "vit": lambda: ViTDecoder(dim=32, depth=1, num_heads=2, latent_patch=2, latent_channels=4),
 }
 

@@ -115,6 +115,10 @@ def run_benchmark(settings: Settings, command: str) -> dict:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Runs ``fastdec bench`` from parsed arguments (for a subcommand parser built with add_arguments)."""
     command = shlex.join(["fastdec", "bench", *argv]) if argv is not None else shlex.join(sys.argv)
+    if getattr(args, "batch_throughput", False):
+        from fastdec.batch.bench import run_from_bench_args
+
+        return run_from_bench_args(args)
     try:
         if args.compare is not None and len(args.compare) > 2:
             raise ValueError("--compare takes OLD.json, or OLD.json NEW.json")
