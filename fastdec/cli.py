@@ -82,11 +82,12 @@ class _ProgressBar:
 
 
 def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch.device, dtype) -> list[Path]:
-    """5-D latents (B, C, T, h, w) -> one mp4 per video: <stem>.mp4 (a batch: <stem>_000.mp4, ...). A decoder with
-    a stream() (TAEHV) decodes chunks of latent frames and writes each as it is done (memory flat in T); others
-    decode the whole clip first."""
+    """5-D latents (B, C, T, h, w) -> one mp4 per video: <stem>.mp4 (a batch: <stem>_000.mp4, ...). TAEHV decodes
+    chunks of latent frames and writes each as it is done (memory flat in T); any other video decoder (latent_ndim
+    5) decodes the whole clip with its decode()."""
     import fastdec
     from fastdec.api import default_video_decoder_name
+    from fastdec.models.taehv import TAEHVDecoder
     from fastdec.validate import check_latents
     from fastdec.video import save_video
 
@@ -105,7 +106,7 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
         name = f"{stem}.mp4" if latents.shape[0] == 1 else f"{stem}_{index:03d}.mp4"
         bar = _ProgressBar(name, enabled=not args.no_progress)
         frames_in = video.shape[2]
-        if hasattr(decoder, "stream"):
+        if isinstance(decoder, TAEHVDecoder):
             chunk = args.chunk_frames or min(decoder.auto_chunk_frames(video), max(1, -(-frames_in // 10)))
             stream = decoder.stream(trim_start=decoder.frames_out(frames_in) < decoder.t_upscale * frames_in)
 
