@@ -290,3 +290,19 @@ def test_cli_writes_an_mp4(tmp_path):
     with av.open(str(tmp_path / "out" / "clip.mp4")) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
+
+
+def test_bench_entry_twin_is_the_same_decoder_in_diffusers():
+    """``fastdec bench --decoders wan2.1``: the diffusers twin carries the model's weights; the latents are video."""
+    from fastdec.bench.decoders import DEFAULT_DECODERS, ENTRIES
+
+    entry = ENTRIES["wan2.1"]
+    assert "wan2.1" not in DEFAULT_DECODERS  # opt-in: slow on CPU
+    model = WanDecoder.from_diffusers(tiny_vae(seed=16))
+    twin, reason = entry.diffusers_twin(model)
+    assert reason is None and isinstance(twin, AutoencoderKLWan)
+    assert entry.latent_shape(model, 64, 1, 8) == (1, 4, 2, 8, 8)
+    assert entry.latent_shape(model, 512, 1, 8) == (1, 4, 21, 64, 64)
+    z = latents(2, seed=17)
+    with torch.no_grad(), ops.reference_ops():
+        assert relative_error(model(z), entry.twin_decode(twin, z)) <= DECODER_FP32_REL
