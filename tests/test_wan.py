@@ -306,3 +306,28 @@ def test_bench_entry_twin_is_the_same_decoder_in_diffusers():
     z = latents(2, seed=17)
     with torch.no_grad(), ops.reference_ops():
         assert relative_error(model(z), entry.twin_decode(twin, z)) <= DECODER_FP32_REL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 3-D convolutions on CPU are far too slow")
+def test_bf16_error_no_larger_than_diffusers():
+    """bf16 against the fp32 reference: fastdec's error at most DECODER_LOW_PRECISION_VS_DIFFUSERS x diffusers' own."""
+    from tolerances import DECODER_LOW_PRECISION_VS_DIFFUSERS
+
+    def error_rms(out, ref):
+        assert torch.isfinite(out).all(), "non-finite output"
+        return ((out.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt()).item()
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        vae = tiny_vae(base_dim=96, z_dim=16, latents_mean=wan.WAN21_LATENTS_MEAN, latents_std=wan.WAN21_LATENTS_STD,
+                       num_res_blocks=2).cuda()
+        z = torch.randn(1, 16, 5, 24, 40, generator=torch.Generator().manual_seed(18)).cuda()
+        with torch.no_grad():
+            reference = vae.decode(z).sample
+            model = WanDecoder.from_diffusers(vae, device="cuda", dtype=torch.bfloat16)
+            ours = error_rms(model(z.bfloat16()), reference)
+            theirs = error_rms(vae.to(torch.bfloat16).decode(z.bfloat16()).sample, reference)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert ours <= DECODER_LOW_PRECISION_VS_DIFFUSERS * theirs, (ours, theirs)
