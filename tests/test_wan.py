@@ -240,6 +240,11 @@ def test_bad_latents_get_clear_errors(make, error, message):
         model.decode(make())
 
 
+def test_forward_refuses_other_shapes():
+    with pytest.raises(ValueError, match=r"\(B, 4, T, h, w\)"):
+        WanDecoder(**TINY)(torch.randn(1, 4, 3, 5))
+
+
 @pytest.mark.parametrize("chunk_frames", [0, -1, 1.5, True])
 def test_bad_chunk_size_is_refused(chunk_frames):
     with pytest.raises(ValueError, match="chunk_frames must be a positive int"):
