@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -466,3 +467,22 @@ def test_hub_repo_ids_resolve_repo_and_subfolder(offline, tmp_path, monkeypatch,
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(decoder(z), vae.decode(z).sample, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hub_id", ["madebyollin/taesd", "org/pipeline-repo", "org/repo/decoder_vae"])
+def test_hub_id_offline_advice_followed_literally_loads(offline, hub_id):
+    """The offline error names a folder under FASTDEC_HOME; files put exactly there are found by the same call."""
+    with pytest.raises(FileNotFoundError) as error:
+        fastdec.load(hub_id)
+    match = re.search(r"Fetch config\.json and (\S+) from .*? into (\S+)/ ", str(error.value))
+    assert match, str(error.value)
+    weights, folder = match.group(1), Path(match.group(2))
+    assert folder == offline / hub_id
+    tiny = tiny_autoencoder_tiny(seed=8)
+    if hub_id == "org/pipeline-repo":
+        tiny.save_pretrained(folder / "vae")  # a pipeline's layout: its VAE in vae/
+    else:
+        tiny.save_pretrained(folder)
+    assert (folder / weights).is_file() or (folder / "vae" / weights).is_file()
+    loaded = fastdec.load(hub_id)
+    assert_same_weights(loaded, fastdec.load(tiny))

@@ -53,7 +53,19 @@ def header_lines(result: dict) -> list[str]:
         f"weights: {'random' if settings['weights'] == 'random' else 'real'}",
         "",
         f"`{result['command']}`",
+        *(["", load_line(result["load_average"])] if result.get("load_average") else []),
     ]
+
+
+def load_line(load: dict) -> str:
+    """The machine's load during the run, in words (busy machines give noisy times)."""
+    if load["start"] is None:
+        return "load average: not available on this OS"
+    line = (f"load average (1 min) {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end, on "
+            f"{load['cpu_count']} cores with {load['torch_threads']} torch threads")
+    if load["busy"]:
+        line += ": the machine was busy during the run, times are noisy (goals say inconclusive when it shows)"
+    return line
 
 
 SUMMARY_VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile")

@@ -17,7 +17,7 @@ from fastdec.api import RandomWeightsWarning
 from fastdec.bench.cases import bench_decoder
 from fastdec.bench.compare import compare, read_result
 from fastdec.bench.contenders import build_contender
-from fastdec.bench.environment import environment
+from fastdec.bench.environment import environment, load_average, machine_load
 from fastdec.bench.goals import evaluate_goals
 from fastdec.bench.pipeline import pipeline_share
 from fastdec.bench.render import print_rich, render_markdown, write_outputs
@@ -56,7 +56,7 @@ class Progress:
 
 def run_benchmark(settings: Settings, command: str) -> dict:
     """Builds every decoder, measures every variant at every size and batch, evaluates the goals: the JSON dict."""
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), load_average()
     configs = [(side, batch) for side in settings.resolutions for batch in settings.batches]
     progress = Progress(len(settings.decoders) * len(configs) + (len(configs) if settings.pipeline_share else 0))
     rows: list[dict] = []
@@ -107,6 +107,7 @@ def run_benchmark(settings: Settings, command: str) -> dict:
         "goals": evaluate_goals(rows, settings.device.type, dtype_name(settings.dtype)),
         "pipeline_share": shares if settings.pipeline_share else None,
         "wall_s": time.perf_counter() - started,
+        "load_average": machine_load(load_start, load_average(), settings.threads or threads),
     }
 
 
@@ -114,6 +115,10 @@ def run_benchmark(settings: Settings, command: str) -> dict:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Runs ``fastdec bench`` from parsed arguments (for a subcommand parser built with add_arguments)."""
     command = shlex.join(["fastdec", "bench", *argv]) if argv is not None else shlex.join(sys.argv)
+    if getattr(args, "batch_throughput", False):
+        from fastdec.batch.bench import run_from_bench_args
+
+        return run_from_bench_args(args)
     try:
         if args.compare is not None and len(args.compare) > 2:
             raise ValueError("--compare takes OLD.json, or OLD.json NEW.json")

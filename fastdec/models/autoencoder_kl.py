@@ -51,10 +51,14 @@ class ResnetBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """diffusers' mid-block Attention(_from_deprecated_attn_block=True): one head over all H*W positions."""
+    """diffusers' mid-block Attention(_from_deprecated_attn_block=True) over all H*W positions: one head as wide as
+    the channels in the image VAEs; ``heads`` heads of channels / heads in the temporal mid-block (models.svd)."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, heads: int = 1):
         super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels do not split into {heads} attention heads")
+        self.heads = heads
         self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
         self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
@@ -62,8 +66,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = norm_act(self.group_norm, x, "none").flatten(2).transpose(1, 2)  # (B, HW, C), a view if NHWC
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
-        out = self.to_out[0](ops.attention(q, k, v).squeeze(1))
+        q, k, v = (proj(tokens).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, HW, C / heads)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.to_out[0](ops.attention(q, k, v).transpose(1, 2).flatten(2))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 

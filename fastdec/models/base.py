@@ -26,12 +26,19 @@ class Decoder(nn.Module):
     shift_factor: float = 0.0
     output_range: str = "-1,1"
     config: dict
+    tile_size: int | None = None  # set: decode() runs in exact slabs of this many pixel rows (fastdec.tiling)
 
     def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], in the decoder's dtype.
 
         The latents are checked first (fastdec.validate.check_latents: type, shape, channels, device, and NaN/Inf
-        unless ``check_finite=False``, compiled or captured); every override of decode does the same."""
+        unless ``check_finite=False``, compiled or captured); every override of decode does the same.
+        With ``tile_size`` set, the decode runs in exact slabs (fastdec.tiling.tiled_decode)."""
+        if self.tile_size is not None:
+            from fastdec import tiling
+
+            if not tiling.tiling_active():
+                return tiling.tiled_decode(self, latents, self.tile_size, check_finite)
         check_latents(latents, self, check_finite)
         image = self(self.to_decoder_space(latents))
         if self.output_range == "-1,1":
