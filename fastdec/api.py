@@ -246,6 +246,8 @@ def decode(
     batch = latents.unsqueeze(0) if unbatched else latents
     decoder = _decoder_for(batch, decoder)
     check_latents(batch, decoder, check_finite)
+    if hasattr(decoder, "raw_latents"):  # FLUX.2: packed latents unpacked before tiling sees them
+        batch = decoder.raw_latents(batch)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
         images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above

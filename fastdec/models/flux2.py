@@ -66,15 +66,24 @@ def latent_batch_norm(latent_channels: int, eps: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(PATCH * PATCH * latent_channels, eps=eps, affine=False).eval()
 
 
-def decode_packed_or_raw(decoder: Decoder, bn: nn.BatchNorm2d, latents: Tensor) -> Tensor:
-    """The decode of a FLUX.2 decoder, on checked latents: packed ones are unpacked with ``bn`` first, raw ones go
-    straight in."""
-    if latents.shape[1] == decoder.packed_latent_channels:
-        latents = unpack_latents(latents, bn)
-    return Decoder.decode(decoder, latents, check_finite=False)  # checked above
+class PackedLatents:
+    """What both FLUX.2 decoders add to a Decoder: ``bn`` (the latent statistics) and ``packed_latent_channels``.
+    ``fastdec.decode`` calls ``raw_latents`` before tiling, which sees raw latents only."""
+
+    bn: nn.BatchNorm2d
+    packed_latent_channels: int
+
+    def raw_latents(self, latents: Tensor) -> Tensor:
+        """Packed latents (4x the channels) unpacked as the pipeline does; raw latents unchanged."""
+        return unpack_latents(latents, self.bn) if latents.shape[1] == self.packed_latent_channels else latents
+
+    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
+        """Raw or packed FLUX.2 latents (see the module docstring) -> images in [0, 1]."""
+        check_latents(latents, self, check_finite)
+        return Decoder.decode(self, self.raw_latents(latents), check_finite=False)  # checked above
 
 
-class Flux2VAEDecoder(AutoencoderKLDecoder):
+class Flux2VAEDecoder(PackedLatents, AutoencoderKLDecoder):
     """AutoencoderKLFlux2's decoder (same keys: ``post_quant_conv.*``, ``decoder.*``, ``bn.*``).
 
     ``decode`` takes raw (B, 32, H, W) or packed (B, 128, H/2, W/2) latents; ``forward`` raw ones.
@@ -87,11 +96,6 @@ class Flux2VAEDecoder(AutoencoderKLDecoder):
         self.config.update(batch_norm_eps=batch_norm_eps)
         self.packed_latent_channels = PATCH * PATCH * latent_channels
         self.bn = latent_batch_norm(latent_channels, batch_norm_eps)
-
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Raw or packed FLUX.2 latents (see the module docstring) -> images (B, 3, H', W') in [0, 1]."""
-        check_latents(latents, self, check_finite)
-        return decode_packed_or_raw(self, self.bn, latents)
 
     @classmethod
     def from_preset(cls, name: str = "flux2", **overrides) -> Flux2VAEDecoder:
@@ -132,7 +136,7 @@ def _config_from_flux2(config: dict, source: str) -> dict:
     return {**_config_from_diffusers(as_kl, source), "batch_norm_eps": config["batch_norm_eps"]}
 
 
-class PackedLatentsDecoder(Decoder):
+class PackedLatentsDecoder(PackedLatents, Decoder):
     """Any 32-channel FLUX.2-space decoder (e.g. taef2) with the FLUX.2 VAE's latent statistics, so that it decodes
     packed latents too. ``stats``: an ``AutoencoderKLFlux2``, a ``Flux2VAEDecoder``, a swapped ``FastdecVAE``
     (anything with a ``bn``), or the BatchNorm itself. Built at run time: save the inner decoder, not this."""
@@ -167,11 +171,6 @@ class PackedLatentsDecoder(Decoder):
 
     def latent_affine(self) -> tuple[list[float], list[float]]:
         return self.decoder.latent_affine()
-
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Raw or packed FLUX.2 latents -> images in [0, 1], through the inner decoder."""
-        check_latents(latents, self, check_finite)
-        return decode_packed_or_raw(self, self.bn, latents)
 
     def save_pretrained(self, directory) -> None:
         raise TypeError(
