@@ -113,7 +113,7 @@ def _decode(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.latents}: latents must be (C, h, w) or (B, C, h, w), got {tuple(latents.shape)}")
         batch = latents.unsqueeze(0) if latents.dim() == 3 else latents
         decoder = fastdec.load(args.decoder or default_decoder_name(batch.shape[1]), device=device, dtype=dtype)
-        images = fastdec.decode(batch.to(device), decoder, output="pil")
+        images = fastdec.decode(batch.to(device), decoder, output="pil", tile_size=args.tile_size)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         digits = max(3, len(str(len(images) - 1)))
@@ -121,7 +121,7 @@ def _decode(args: argparse.Namespace) -> int:
             path = output_dir / f"{Path(args.latents).stem}_{index:0{digits}d}.png"
             image.save(path)
             print(path)
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError) as error:  # fastdec.tiling.TileError is a ValueError
         print(f"fastdec decode: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"],
         help="decoder dtype (default: bfloat16 on CUDA, else float32)",
+    )
+    decode.add_argument(
+        "--tile-size", type=int,
+        help="decode in exact slabs of this many pixel rows (bounded device memory, same pixels); 0: never; "
+        "default: only when the untiled decode would not fit in free GPU memory",
     )
     decode.set_defaults(run=_decode)
     from fastdec import bench  # imports only argparse-level code until a benchmark runs
