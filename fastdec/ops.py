@@ -16,7 +16,9 @@ Models call these ops only, never the kernels directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +28,7 @@ from fastdec.kernels import attention as _attention
 from fastdec.kernels import group_norm_act as _group_norm_act
 from fastdec.kernels import patch_unembed as _patch_unembed
 from fastdec.kernels import pixel_shuffle as _pixel_shuffle
+from fastdec.kernels import rms_norm_act as _rms_norm_act
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton_interpreting
 
 try:
@@ -58,6 +61,25 @@ def _triton_on_cpu() -> bool:
     return not _force_reference and interpreter_requested() and triton_interpreting()
 
 
+# Triton's interpreter patches triton.language process-wide while it runs a kernel, so two threads interpreting at
+# once break each other ("_semantic argument must be provided outside of JIT functions"): one launch at a time.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _interpreted(launcher):
+    """``launcher`` (a Triton launcher run on CPU through the interpreter) serialised by the interpreter lock."""
+    @functools.wraps(launcher)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    return locked
+
+
+def _cpu_kernel(launcher, reference):
+    """A Triton op's CPU kernel: the launcher in the interpreter (serialised) when requested, else the reference."""
+    return _interpreted(launcher) if _triton_on_cpu() else reference
+
+
 def _triton_on_cuda() -> bool:
     return not _force_reference and TRITON_IMPORT_ERROR is None and not triton_interpreting()
 
@@ -70,7 +92,7 @@ def group_norm_act(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-6, act: str = "none"
 ) -> Tensor:
     """act(group_norm(x)) for 4-D (N,C,H,W) or 5-D (N,C,T,H,W) x; act in {"none", "silu", "relu"}."""
-    fn = _group_norm_act.group_norm_act_triton if _triton_on_cpu() else _group_norm_act.group_norm_act_reference
+    fn = _cpu_kernel(_group_norm_act.group_norm_act_triton, _group_norm_act.group_norm_act_reference)
     return fn(x, num_groups, weight, bias, eps, act)
 
 
@@ -102,13 +124,58 @@ def _group_norm_act_backward(ctx, grad_out):
 group_norm_act.register_autograd(_group_norm_act_backward, setup_context=_group_norm_act_setup)
 
 
+# --- rms_norm_act ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdec::rms_norm_act", mutates_args=(), device_types="cpu")
+def rms_norm_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-6,
+    act: str = "none",
+    eps_mode: str = "add",
+) -> Tensor:
+    """act(x / rms_c(x) * weight + bias), channel RMS per position of 4-D/5-D x; eps_mode "add" (RMSNorm,
+    rsqrt(ms + eps)) or "clamp" (Wan, 1 / max(rms, eps)); see kernels/rms_norm_act.py."""
+    fn = _rms_norm_act.rms_norm_act_triton if _triton_on_cpu() else _rms_norm_act.rms_norm_act_reference
+    return fn(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_kernel("cuda")
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    fn = _rms_norm_act.rms_norm_act_triton if _triton_on_cuda() else _rms_norm_act.rms_norm_act_reference
+    return fn(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_fake
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    _rms_norm_act.check_rms_norm_act(x, weight, bias, eps, act, eps_mode)
+    return torch.empty_like(x)
+
+
+def _rms_norm_act_setup(ctx, inputs, output):
+    x, weight, bias, eps, act, eps_mode = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (eps, act, eps_mode)
+
+
+def _rms_norm_act_backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _rms_norm_act.rms_norm_act_backward(grad_out, x, weight, bias, *ctx.args)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+rms_norm_act.register_autograd(_rms_norm_act_backward, setup_context=_rms_norm_act_setup)
+
+
 # --- attention ---------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastdec::attention", mutates_args=(), device_types="cpu")
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """softmax(q k^T * scale) v for (B, H, N, D) tensors, head_dim up to 512; scale defaults to D ** -0.5."""
-    fn = _attention.attention_triton if _triton_on_cpu() else _attention.attention_reference
+    fn = _cpu_kernel(_attention.attention_triton, _attention.attention_reference)
     return fn(q, k, v, scale)
 
 
@@ -152,7 +219,7 @@ def patch_unembed(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """(B, grid_h*grid_w, p*p*C) tokens -> (B, C, grid_h*p, grid_w*p) image; see kernels/patch_unembed.py."""
-    fn = _patch_unembed.patch_unembed_triton if _triton_on_cpu() else _patch_unembed.patch_unembed_reference
+    fn = _cpu_kernel(_patch_unembed.patch_unembed_triton, _patch_unembed.patch_unembed_reference)
     return fn(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
 
 
@@ -217,7 +284,7 @@ def pixel_shuffle(x: Tensor, factor: int, phase_offset: int = 0) -> Tensor:
 
 # --- which backend runs where ------------------------------------------------------------------------------------
 
-TRITON_OPS = ("group_norm_act", "attention", "patch_unembed")
+TRITON_OPS = ("group_norm_act", "rms_norm_act", "attention", "patch_unembed")
 
 
 def _triton_backends() -> dict[str, str]:

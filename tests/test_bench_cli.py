@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -245,7 +246,8 @@ def test_goals_on_synthetic_gpu_rows():
     """The goal logic on made-up CUDA bf16 figures: each goal met or not met by its own row."""
     def row(decoder, variant, side, median_ms, memory=None):
         return {"decoder": decoder, "variant": variant, "resolution": side, "batch": 1, "median_ms": median_ms,
-                "peak_memory_bytes": memory, "ratio_vs_diffusers": None, "device": "cuda", "backend": "Triton ops"}
+                "q25_ms": median_ms, "q75_ms": median_ms, "peak_memory_bytes": memory, "ratio_vs_diffusers": None,
+                "device": "cuda", "backend": "Triton ops"}
 
     rows = [
         row("sd-vae", "fastdec", 512, 5.0), row("sd-vae", "diffusers", 512, 22.2),
@@ -268,3 +270,50 @@ def test_goals_on_synthetic_gpu_rows():
         "not measured here"
     )
     assert "<= 5.5 ms: met" in bench.goal_for_row(rows[0], list(goals.values()))
+
+
+def cpu_rows(fastdec_s: list[float], diffusers_s: list[float]) -> list[dict]:
+    """A fastdec and a diffusers row of one decoder, timed in the same rounds (seconds per round)."""
+    rows = []
+    for variant, seconds in (("fastdec", fastdec_s), ("diffusers", diffusers_s)):
+        row = {"decoder": "taesd", "variant": variant, "resolution": 128, "batch": 1, "device": "cpu",
+               "backend": "eager-reference ops, C++ pixel_shuffle", **bench.summary_ms(seconds)}
+        rows.append({**row, **bench.paired_ratio(seconds, diffusers_s)})
+    return rows
+
+
+@pytest.mark.parametrize(("fastdec_s", "diffusers_s", "status"), [
+    # As in the issue: the paired ratio's median is x1.40 (0.8, 0.9, 1.4, 1.5, 1.6 round by round) but its IQR,
+    # x0.90-x1.50, includes 1: no verdict either way.
+    ([0.700, 0.540, 1.050, 0.6112, 0.5728], [0.500, 0.600, 0.700, 0.764, 0.358], "inconclusive"),
+    ([0.50, 0.52, 0.49, 0.51, 0.50], [0.40, 0.41, 0.39, 0.40, 0.42], "not met"),
+    ([0.30, 0.31, 0.29, 0.30, 0.32], [0.40, 0.41, 0.39, 0.40, 0.42], "met"),
+])
+def test_cpu_goal_verdict_needs_the_paired_spread_to_exclude_1(fastdec_s, diffusers_s, status):
+    rows = cpu_rows(fastdec_s, diffusers_s)
+    goal = bench.evaluate_goals(rows, "cpu", "float32")[-1]
+    assert goal["goal"].startswith("CPU:") and goal["status"] == status, goal
+    mark = bench.goal_for_row(rows[0], [goal])
+    assert mark.startswith(f"not slower than diffusers: {status}"), mark
+    if status == "inconclusive":
+        assert rows[0]["ratio_q25"] <= 1.0 <= rows[0]["ratio_q75"]
+        assert "noisy" in goal["why"] and "--threads 1" in goal["why"] and "idle machine" in goal["why"]
+        assert "inconclusive (noisy: " in "\n".join(bench.goals_table({"goals": [goal]}))
+
+
+def test_gpu_time_goal_with_a_spread_across_the_limit_is_inconclusive():
+    row = {"decoder": "taesd", "variant": "fastdec", "resolution": 512, "batch": 1, "median_ms": 0.79,
+           "q25_ms": 0.6, "q75_ms": 1.1, "peak_memory_bytes": 1, "ratio_vs_diffusers": None, "device": "cuda",
+           "backend": "Triton ops"}
+    goals = bench.evaluate_goals([row], "cuda", "bfloat16")
+    taesd = next(goal for goal in goals if goal["goal"].startswith("TAESD decode 512x512"))
+    assert taesd["status"] == "inconclusive" and "noisy" in taesd["why"]
+
+
+def test_result_reports_the_load_average(result, run_dir):
+    load = result["load_average"]
+    assert len(load["start"]) == 3 and len(load["end"]) == 3 and isinstance(load["busy"], bool)
+    assert load["cpu_count"] == os.cpu_count()
+    markdown = (run_dir / "bench.md").read_text()
+    assert f"load average (1 min) {load['start'][0]:.2f} at the start" in markdown
+    assert ("the machine was busy" in markdown) == load["busy"]

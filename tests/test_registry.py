@@ -34,6 +34,11 @@ def sample_calls() -> dict[str, list[tuple]]:
             (cl, 2, None, None, 1e-5, "relu"),
             (r(1, 6, 2, 3, 4, grad=True), 3, r(6), r(6), 1e-6, "none"),
         ],
+        "rms_norm_act": [
+            (r(2, 8, 5, 3, grad=True), r(8, grad=True), r(8, grad=True), 1e-5, "none", "add"),
+            (cl, r(8), None, 1e-6, "silu", "clamp"),
+            (r(1, 6, 2, 3, 4, grad=True), None, None, 1e-6, "relu", "add"),
+        ],
         "attention": [
             (r(1, 2, 7, 16, grad=True), r(1, 2, 5, 16, grad=True), r(1, 2, 5, 16, grad=True), None),
             (r(2, 1, 9, 32), r(2, 1, 9, 32), r(2, 1, 9, 32), 0.3),
@@ -67,6 +72,7 @@ def test_opcheck(name, index):
 class EveryOp(torch.nn.Module):
     def forward(self, x, q, tokens):
         y = ops.group_norm_act(x, 4, None, None, 1e-6, "silu")
+        y = ops.rms_norm_act(y, None, None, 1e-6, "silu", "clamp")
         y = ops.pixel_shuffle(y, 2) + ops.pixel_shuffle(torch.nn.functional.pad(y, (0, 1, 0, 1)), 2, 1)
         a = ops.attention(q, q, q)
         img = ops.patch_unembed(tokens, 2, 2, 2, None, "to_unit", None)

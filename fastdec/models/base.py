@@ -40,11 +40,20 @@ class Decoder(nn.Module):
             if not tiling.tiling_active():
                 return tiling.tiled_decode(self, latents, self.tile_size, check_finite)
         check_latents(latents, self, check_finite)
-        z = latents / self.scaling_factor + self.shift_factor
-        image = self(z)
+        image = self(self.to_decoder_space(latents))
         if self.output_range == "-1,1":
             image = image * 0.5 + 0.5
         return image.clamp(0, 1)
+
+    def to_decoder_space(self, latents: Tensor) -> Tensor:
+        """Diffusion latents -> the decoder's own space: ``latents / scaling_factor + shift_factor``."""
+        return latents / self.scaling_factor + self.shift_factor
+
+    def latent_affine(self) -> tuple[list[float], list[float]]:
+        """``to_decoder_space`` as per-channel (scale, offset) lists, input = latents * scale + offset (swap_vae
+        composes it with the pipeline's own map)."""
+        channels = self.latent_channels
+        return [1.0 / self.scaling_factor] * channels, [float(self.shift_factor)] * channels
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes config.json (class and constructor arguments) and model.safetensors."""

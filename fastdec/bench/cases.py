@@ -1,0 +1,205 @@
+"""One decoder at one image size and batch: every variant built, probed, timed; one result row per variant."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fastdec import ops
+from fastdec.bench.contenders import Contender, image_of, latents_for, prepare
+from fastdec.bench.settings import VARIANT_LABELS, Settings, dtype_name
+from fastdec.bench.timing import (
+    call_peak_memory,
+    calls_per_round,
+    fidelity,
+    fused_backend,
+    interleaved_times,
+    paired_ratio,
+    summary_ms,
+    synchronize,
+)
+from fastdec.models.base import Decoder
+
+
+@dataclass
+class Variant:
+    name: str
+    fn: Callable[[], Tensor] | None = None
+    output_range: str = "-1,1"
+    backend: str = ""
+    reason: str | None = None  # why it did not run (n/a, or the error)
+    status: str = "ok"
+    compile_s: float | None = None
+    calls: int = 1
+    peak_memory_bytes: int | None = None
+    output: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def _reference_ops_if(enabled: bool) -> Iterator[None]:
+    if enabled:
+        with ops.reference_ops():
+            yield
+    else:
+        yield
+
+
+def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, latents: Tensor,
+              settings: Settings) -> list[Variant]:
+    fastdec_range = model.output_range
+    backend = fused_backend(settings.device)
+    twin_name = type(contender.diffusers).__name__ if contender.diffusers is not None else ""
+
+    def fastdec_call(reference: bool, module: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            with _reference_ops_if(reference):
+                return module(latents)
+        return run
+
+    variants = [
+        Variant("fastdec", fastdec_call(False, model), fastdec_range, backend),
+        Variant("fastdec-reference", fastdec_call(True, model), fastdec_range, "eager-reference ops"),
+    ]
+    if twin is None:
+        variants.append(Variant("diffusers", status="n/a", reason=contender.no_diffusers_reason))
+    else:
+        def twin_decode(z: Tensor) -> Tensor:
+            return contender.entry.twin_decode(twin, z)
+
+        variants.append(Variant("diffusers", lambda: twin_decode(latents), contender.entry.twin_output_range,
+                                backend=f"diffusers {twin_name}, eager"))
+    if settings.compile:
+        how = f"torch.compile(backend={settings.compile_backend!r})"
+        if twin is None:
+            variants.append(Variant("diffusers-compile", status="n/a", reason=contender.no_diffusers_reason))
+        else:
+            compiled_twin = torch.compile(twin_decode, backend=settings.compile_backend, dynamic=False)
+            variants.append(Variant("diffusers-compile", lambda: compiled_twin(latents),
+                                    contender.entry.twin_output_range,
+                                    backend=f"diffusers {twin_name}, {how}"))
+        compiled = torch.compile(model, backend=settings.compile_backend, fullgraph=True, dynamic=False)
+        variants.append(Variant("fastdec-compile", fastdec_call(False, compiled), fastdec_range,
+                                f"{backend}, {how}, fullgraph"))
+    return variants
+
+
+def _failed(variant: Variant, error: Exception) -> None:
+    variant.status, variant.fn = "error", None
+    variant.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def bench_decoder(contender: Contender, side: int, batch: int, settings: Settings) -> list[dict]:
+    """Every variant of one decoder at one image size and batch: one result row per variant."""
+    device, dtype = settings.device, settings.dtype
+    cuda = device.type == "cuda"
+    channels_last = cuda and contender.channels_last
+    latents_cpu = latents_for(contender, side, batch, settings.seed)
+    latents = latents_cpu.to(device=device, dtype=dtype)
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    model = prepare(copy.deepcopy(contender.model), device, dtype, channels_last)
+    twin = None
+    if contender.diffusers is not None:
+        with _quiet_diffusers():  # .to(dtype) logs a notice about from_pretrained(torch_dtype=...), not our case
+            twin = prepare(copy.deepcopy(contender.diffusers), device, dtype, False)
+    if settings.compile:
+        torch._dynamo.reset()  # fresh compile caches per case: stay under dynamo's recompile limit, never fall back
+    variants = _variants(contender, model, twin, latents, settings)
+
+    with torch.no_grad():
+        for variant in variants:
+            if variant.fn is None:
+                continue
+            try:
+                if variant.name.endswith("-compile"):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    variant.fn()
+                    synchronize(device)
+                    variant.compile_s = time.perf_counter() - start
+                for _ in range(settings.warmup):
+                    variant.fn()
+                variant.output, variant.peak_memory_bytes = call_peak_memory(variant.fn, device)
+                variant.calls = calls_per_round(variant.fn, device)
+            except Exception as error:  # an OOM or a compile failure is a result row, not the end of the run
+                _failed(variant, error)
+                if cuda:
+                    torch.cuda.empty_cache()
+
+        reference, fidelity_reason = None, None
+        reference_variant = next(v for v in variants if v.name == "fastdec-reference")
+        if dtype == torch.float32 and reference_variant.output is not None:
+            reference = image_of(reference_variant.output, model.output_range)
+        else:  # an fp32 copy of the same weights, every op on its eager reference
+            try:
+                reference_model = prepare(copy.deepcopy(contender.model), device, torch.float32, channels_last)
+                with ops.reference_ops():
+                    reference = image_of(reference_model(latents.float()), model.output_range)
+                del reference_model
+            except Exception as error:  # e.g. out of memory in fp32: the speed figures still stand
+                fidelity_reason = f"fp32 reference failed: {type(error).__name__}: {str(error).strip()[:200]}"
+                if cuda:
+                    torch.cuda.empty_cache()
+
+        running = {v.name: v.fn for v in variants if v.fn is not None}
+        times = interleaved_times(running, {v.name: v.calls for v in variants}, settings.repeats, device)
+
+    baseline = times.get("diffusers")
+    twin_name = type(contender.diffusers).__name__ if contender.diffusers is not None else ""
+    rows = []
+    for variant in variants:
+        row = {
+            "decoder": contender.name, "variant": variant.name, "label": VARIANT_LABELS[variant.name],
+            "resolution": side, "latent": list(latents_cpu.shape[2:]),
+            "latent_channels": contender.model.latent_channels,
+            "batch": batch, "dtype": dtype_name(dtype), "device": device.type,
+            "memory_format": "channels_last" if channels_last and variant.name.startswith("fastdec") else "contiguous",
+            "backend": variant.backend, "status": variant.status, "reason": variant.reason,
+            "median_ms": None, "q25_ms": None, "q75_ms": None, "iqr_ms": None, "min_ms": None, "max_ms": None,
+            "repeats": 0, "calls_per_repeat": variant.calls, "compile_s": variant.compile_s,
+            "peak_memory_bytes": variant.peak_memory_bytes, "max_abs_error": None, "psnr_db": None, "finite": None,
+            "fidelity_reason": None,
+            "ratio_vs_diffusers": None, "speedup_vs_diffusers": None, "ratio_q25": None, "ratio_q75": None,
+            "ratio_reason": None,
+        }
+        if variant.name in times:
+            row.update(summary_ms(times[variant.name]), repeats=len(times[variant.name]))
+            if variant.name.startswith("diffusers") and contender.entry.twin_is_other_model:
+                row["fidelity_reason"] = f"{twin_name} is another model than {contender.name}: no fidelity comparison"
+            elif reference is None:
+                row["fidelity_reason"] = fidelity_reason
+            else:
+                row.update(fidelity(image_of(variant.output, variant.output_range), reference))
+            if baseline is None:
+                row["ratio_reason"] = contender.no_diffusers_reason or "diffusers eager did not run"
+            else:
+                row.update(paired_ratio(times[variant.name], baseline))
+                if variant.name == "diffusers":
+                    row["ratio_reason"] = "the baseline itself"
+        else:
+            row["ratio_reason"] = variant.reason
+        rows.append(row)
+    del variants, model, twin
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+

@@ -1,0 +1,51 @@
+"""sd-vae: the exact fast path of SD's AutoencoderKL decoder, against diffusers' AutoencoderKL."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastdec.bench.spec import GIB, BenchDecoder, Goal, empty_diffusers_module
+from fastdec.models.base import Decoder
+
+
+def build() -> Decoder:
+    from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
+
+    return AutoencoderKLDecoder.from_preset("sd")
+
+
+def twin(model: Decoder) -> tuple[nn.Module, None]:
+    """diffusers' AutoencoderKL with ``model``'s decoder weights (the encoder is allocated, zeros, never run)."""
+    import diffusers
+
+    config = model.config
+    stages = len(config["block_out_channels"])
+    vae = empty_diffusers_module(
+        diffusers.AutoencoderKL, latent_channels=config["latent_channels"], out_channels=config["out_channels"],
+        block_out_channels=tuple(config["block_out_channels"]), layers_per_block=config["layers_per_block"],
+        norm_num_groups=config["norm_num_groups"], down_block_types=("DownEncoderBlock2D",) * stages,
+        up_block_types=("UpDecoderBlock2D",) * stages, use_post_quant_conv=config["use_post_quant_conv"],
+        mid_block_add_attention=config["mid_block_add_attention"], scaling_factor=config["scaling_factor"],
+        shift_factor=config["shift_factor"],
+    )
+    state = model.state_dict()
+    for part in ("decoder", "post_quant_conv"):
+        part_state = {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
+        if part_state:
+            getattr(vae, part).load_state_dict(part_state, strict=True)
+    return vae, None
+
+
+ENTRIES = (
+    BenchDecoder(
+        "sd-vae", build, "AutoencoderKLDecoder", twin, order=10,
+        goals=(
+            Goal("SD-VAE decode 512x512, exact fast path", "sd-vae", "fastdec", 512, 1, "median_ms", 5.5,
+                 "diffusers eager 22.2 ms, torch.compile 8.9 ms (H200)"),
+            Goal("SD-VAE decode 1024x1024, exact fast path", "sd-vae", "fastdec", 1024, 1, "median_ms", 22.0,
+                 "diffusers eager 87 ms (H200)"),
+            Goal("SD-VAE decode 1024x1024, peak extra memory", "sd-vae", "fastdec", 1024, 1, "peak_memory_bytes",
+                 1.2 * GIB, "diffusers eager 2.4 GiB"),
+        ),
+    ),
+)

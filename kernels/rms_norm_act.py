@@ -1,0 +1,292 @@
+"""Channel RMSNorm + activation, act(x / rms_c(x) * weight + bias) with act in {none, silu, relu}: the Triton
+kernel, the launcher, the eager reference and the backward.
+
+The statistic is per position, over the channel axis 1: ms = mean_c(x^2). Two ways to guard small norms
+(``eps_mode``) cover the channel RMSNorms of the video and DC-AE decoders with one op:
+
+* ``"add"``:   y = x * rsqrt(ms + eps)        (diffusers ``RMSNorm`` over channels, as DC-AE's ``RMSNorm2d`` use)
+* ``"clamp"``: y = x / max(sqrt(ms), eps)     (Wan's ``WanRMS_norm``: ``F.normalize(x, dim=1) * sqrt(C)``, whose
+  ``||x|| >= 1e-12`` clamp is ``rms >= 1e-12 / sqrt(C)``: pass ``eps = 1e-12 * C ** -0.5`` and ``weight = gamma``)
+
+then ``* weight + bias`` (each optional, shape (C,)) and the activation.
+
+Input: 4-D (N, C, H, W) or 5-D (N, C, T, H, W), float16/bfloat16/float32/float64, contiguous, channels_last /
+channels_last_3d or strided; the output is ``torch.empty_like(x)`` (layout kept).
+
+Kernel design: the tensor is viewed as (N, C, S) with one stride per axis (only a view whose spatial dims do not
+flatten to one stride is copied first). One program owns a block of BLOCK_S positions of one sample and all C
+channels: pass 1 sums x^2 over channel tiles of [BLOCK_C, BLOCK_S], pass 2 re-reads the same tiles (cache hits:
+the block was just read) and writes the normalized, activated values. Tiles are long along the contiguous axis
+(positions for NCHW, channels for channels_last). Traffic: 1 read from memory + 1 write, versus eager's read for
+the norm, a read and write of the normalized tensor, and another read and write for the activation. Statistics in
+fp32 (fp64 for fp64 input); loads convert to it at once, the result is cast to x's dtype on store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastdec.kernels._triton import tl, triton
+from fastdec.kernels.group_norm_act import (
+    _FLOAT_DTYPES,
+    ACTIVATIONS,
+    TILE_ELEMENTS,
+    _compute_dtype,
+    _flat_strides,
+)
+
+EPS_MODES = ("add", "clamp")
+
+
+def check_rms_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+    eps_mode: str,
+) -> None:
+    """Raises ValueError naming the first problem with the arguments of rms_norm_act."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            "fastdec.rms_norm_act: x must be a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) tensor, "
+            f"got {shape}; add a spatial dim of size 1 for (N, C, L) input"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"fastdec.rms_norm_act: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    channels = x.shape[1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if param.shape != (channels,):
+            raise ValueError(
+                f"fastdec.rms_norm_act: {name} must have shape ({channels},), got {tuple(param.shape)}; "
+                "reshape per-channel parameters such as Wan's (C, 1, 1) gamma to (C,)"
+            )
+        if param.device != x.device:
+            raise ValueError(f"fastdec.rms_norm_act: {name} is on {param.device} but x is on {x.device}")
+        if param.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"fastdec.rms_norm_act: {name} must be {x.dtype} (like x) or float32, got {param.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"fastdec.rms_norm_act: eps must be a finite number > 0, got {eps!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fastdec.rms_norm_act: act must be one of {ACTIVATIONS}, got {act!r}")
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"fastdec.rms_norm_act: eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+
+
+def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (1, C, 1, ...) in like's dtype, broadcastable against like."""
+    return t.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _inverse_rms(xc: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
+    """1 / rms per position, (N, 1, *spatial), from the compute-dtype input."""
+    # vector_norm: no full-size temporary for x^2 (the reference is fastdec's CPU path when triton is off)
+    rms = torch.linalg.vector_norm(xc, dim=1, keepdim=True) * xc.shape[1] ** -0.5
+    return (rms.square() + eps).rsqrt() if eps_mode == "add" else rms.clamp_min(eps).reciprocal()
+
+
+def rms_norm_act_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+    eps_mode: str = "add",
+) -> torch.Tensor:
+    """Eager reference in fp32 (fp64 for fp64 x), cast back; keeps x's layout. Also the CPU path without triton."""
+    check_rms_norm_act(x, weight, bias, eps, act, eps_mode)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    xc = x.to(_compute_dtype(x))
+    y = xc * _inverse_rms(xc, eps, eps_mode)
+    if weight is not None:
+        y.mul_(_per_channel(weight, y))
+    if bias is not None:
+        y.add_(_per_channel(bias, y))
+    if act == "silu":
+        y = F.silu(y, inplace=True)
+    elif act == "relu":
+        y = F.relu(y, inplace=True)
+    out.copy_(y)
+    return out
+
+
+def rms_norm_act_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+    eps_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Exact gradients of act(x * inv * weight + bias), in fp32 (fp64 for fp64 x).
+
+    With g the gradient at x * inv (after the activation and the weight) and inv = (ms + eps)^-1/2:
+    grad_x = inv * g - x * inv^3 * mean_c(g * x). In "clamp" mode inv = 1/eps is constant where the rms is
+    clamped, and there grad_x = inv * g.
+    """
+    xc = x.to(_compute_dtype(x))
+    inv = _inverse_rms(xc, eps, eps_mode)
+    xhat = xc * inv
+    grad_y = grad_out.to(xc.dtype)
+    if act != "none":
+        y = xhat * _per_channel(weight, xhat) if weight is not None else xhat
+        y = y + _per_channel(bias, y) if bias is not None else y
+        if act == "silu":
+            sig = torch.sigmoid(y)
+            grad_y = grad_y * sig * (1 + y * (1 - sig))
+        else:
+            grad_y = grad_y * (y > 0)
+    reduce_dims = [0, *range(2, x.dim())]
+    grad_weight = (grad_y * xhat).sum(reduce_dims).to(weight.dtype) if weight is not None else None
+    grad_bias = grad_y.sum(reduce_dims).to(bias.dtype) if bias is not None else None
+    g = grad_y * _per_channel(weight, xhat) if weight is not None else grad_y
+    projection = xc * inv.pow(3) * (g * xc).mean(1, keepdim=True)
+    if eps_mode == "clamp":
+        projection = projection * (xc.square().mean(1, keepdim=True).sqrt() > eps)
+    grad_x = torch.empty_like(x)
+    grad_x.copy_(inv * g - projection)
+    return grad_x, grad_weight, grad_bias
+
+
+# --- Triton kernel ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_act_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    C,
+    S,
+    num_position_blocks,
+    eps,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_on,
+    stride_oc,
+    stride_os,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INDEX: tl.constexpr,
+):
+    """One program: BLOCK_S positions of one sample, all channels. Pass 1: sum of squares; pass 2: normalize."""
+    pid = tl.program_id(0)
+    n = pid // num_position_blocks
+    positions = ((pid % num_position_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)).to(INDEX)
+    position_mask = positions < S
+    x_base = x_ptr + n.to(tl.int64) * stride_xn
+    out_base = out_ptr + n.to(tl.int64) * stride_on
+    sum_sq = tl.zeros([BLOCK_S], dtype=COMPUTE)
+    for c0 in range(0, C, BLOCK_C):
+        channels = (c0 + tl.arange(0, BLOCK_C)).to(INDEX)
+        mask = (channels < C)[:, None] & position_mask[None, :]
+        offsets = (channels * stride_xc)[:, None] + (positions * stride_xs)[None, :]
+        x = tl.load(x_base + offsets, mask=mask, other=0.0).to(COMPUTE)
+        sum_sq += tl.sum(x * x, axis=0)
+    mean_sq = sum_sq / C
+    if CLAMP:
+        inv = 1.0 / tl.maximum(tl.sqrt(mean_sq), eps)
+    else:
+        inv = 1.0 / tl.sqrt(mean_sq + eps)
+    for c0 in range(0, C, BLOCK_C):
+        channels = (c0 + tl.arange(0, BLOCK_C)).to(INDEX)
+        channel_mask = channels < C
+        mask = channel_mask[:, None] & position_mask[None, :]
+        offsets = (channels * stride_xc)[:, None] + (positions * stride_xs)[None, :]
+        x = tl.load(x_base + offsets, mask=mask, other=0.0).to(COMPUTE)
+        y = x * inv[None, :]
+        if HAS_WEIGHT:
+            y = y * tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(COMPUTE)[:, None]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(COMPUTE)[:, None]
+        if ACT == "silu":  # y * sigmoid(y) with exp(-|y|), which never overflows
+            decay = tl.exp(-tl.abs(y))
+            y = y * tl.where(y >= 0, 1.0, decay) / (1.0 + decay)
+        elif ACT == "relu":  # where, not maximum: NaN stays NaN as in torch.relu
+            y = tl.where(y < 0.0, 0.0, y)
+        out_offsets = (channels * stride_oc)[:, None] + (positions * stride_os)[None, :]
+        tl.store(out_base + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launcher --------------------------------------------------------------------------------------------------
+
+
+def tile_shape(channels: int, positions: int, channels_contiguous: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory: channels_last
+    tiles hold all channels (up to TILE_ELEMENTS) of a few positions, NCHW tiles up to TILE_ELEMENTS / 4
+    positions (512 on a GPU) of a few channels."""
+    pow2 = triton.next_power_of_2
+    if channels_contiguous:
+        block_c = min(pow2(channels), TILE_ELEMENTS)
+        block_s = min(pow2(positions), max(1, TILE_ELEMENTS // block_c))
+    else:
+        block_s = min(pow2(positions), TILE_ELEMENTS // 4)
+        block_c = min(pow2(channels), max(1, TILE_ELEMENTS // block_s))
+    return block_c, block_s
+
+
+def rms_norm_act_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+    eps_mode: str = "add",
+) -> torch.Tensor:
+    """Triton launcher: one launch, one program per (sample, block of positions)."""
+    check_rms_norm_act(x, weight, bias, eps, act, eps_mode)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    # Layouts whose spatial dims do not flatten to one stride (e.g. a transposed H/W view) run on a copy.
+    source = x if _flat_strides(x) is not None else x.contiguous()
+    target = out if _flat_strides(out) is not None else torch.empty_like(source)
+    x_strides, out_strides = _flat_strides(source), _flat_strides(target)
+
+    batch, channels = x.shape[:2]
+    spatial = math.prod(x.shape[2:])
+    block_c, block_s = tile_shape(channels, spatial, x_strides[1] == 1 and channels > 1)
+    num_position_blocks = triton.cdiv(spatial, block_s)
+    # int32 offsets inside one sample unless they can pass 2^31
+    span = (channels - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
+    compute = _compute_dtype(x)
+    _rms_norm_act_kernel[(batch * num_position_blocks,)](
+        source,
+        target,
+        weight.contiguous() if weight is not None else source,  # unused pointer when there is no weight
+        bias.contiguous() if bias is not None else source,
+        channels,
+        spatial,
+        num_position_blocks,
+        float(eps),
+        *x_strides,
+        *out_strides,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        ACT=act,
+        CLAMP=eps_mode == "clamp",
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
+        INDEX=tl.int64 if span >= 2**31 else tl.int32,
+        num_warps=4,
+    )
+    if target is not out:
+        out.copy_(target)
+    return out
