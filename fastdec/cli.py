@@ -153,14 +153,14 @@ def _decode(args: argparse.Namespace) -> int:
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"-o {output_dir} is an existing file: pass a folder for the PNGs (created if missing)")
         decoder = fastdec.load(name, device=device, dtype=dtype)
-        images = fastdec.decode(batch.to(device), decoder, output="pil")
+        images = fastdec.decode(batch.to(device), decoder, output="pil", tile_size=args.tile_size)
         output_dir.mkdir(parents=True, exist_ok=True)
         digits = max(3, len(str(len(images) - 1)))
         for index, image in enumerate(images):
             path = output_dir / f"{Path(args.latents).stem}_{index:0{digits}d}.png"
             image.save(path)
             print(path)
-    except (ValueError, TypeError, OSError, ImportError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:  # fastdec.tiling.TileError is a ValueError
         print(f"fastdec decode: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"],
         help="decoder dtype (default: bfloat16 on CUDA, else float32)",
+    )
+    decode.add_argument(
+        "--tile-size", type=int,
+        help="decode in exact slabs of this many pixel rows (bounded device memory, same pixels); 0: never; "
+        "default: only when the untiled decode would not fit in free GPU memory",
     )
     decode.set_defaults(run=_decode)
     from fastdec import bench  # imports only argparse-level code until a benchmark runs
