@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -371,7 +372,13 @@ def _finish(config: TrainConfig, output: Path, model: Decoder, student_class: st
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+    model = platform.processor() or platform.machine()
+    try:  # Linux: the CPU's marketing name
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({model}, {os.cpu_count()} cores)"
 
 
 def _jsonable(config: TrainConfig) -> dict:
