@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         description="fastdec: diffusion latents to images, fast.\n\n"
                     "  check   which backend runs each op here, each checked against its reference\n"
                     "  decode  a latents file to PNG images\n"
-                    "  bench   every decoder timed against diffusers on this machine",
+                    "  bench   every decoder timed against diffusers on this machine\n"
+                    "  batch   a whole dataset of latents to images or mp4s (local threads or Ray), resumable",
         epilog="examples:\n"
                "  fastdec decode latents.safetensors --decoder taesdxl -o out/\n"
                "  fastdec bench --quick          (writes its tables, JSON and plot to the folder it names at the end)\n"
