@@ -71,9 +71,12 @@ def _build_ext():
 
 
 setup(
-    # fastdec and every subpackage under fastdec/ (models, train, batch, ...), plus kernels/ as fastdec.kernels.
-    packages=["fastdec", *(f"fastdec.{name}" for name in find_packages("fastdec")), "fastdec.kernels"],
-    package_dir={"fastdec": "fastdec", "fastdec.kernels": "kernels"},
+    # fastdec and every subpackage under fastdec/ (models, train, batch, ...), plus kernels/ as fastdec.kernels and
+    # the trained decoders in weights/ as fastdec/weights/ (package data; fastdec.load finds them by name).
+    packages=["fastdec", *(f"fastdec.{name}" for name in find_packages("fastdec")), "fastdec.kernels",
+              "fastdec.weights"],
+    package_dir={"fastdec": "fastdec", "fastdec.kernels": "kernels", "fastdec.weights": "weights"},
+    package_data={"fastdec.weights": ["*/config.json", "*/model.safetensors", "*/model_card.json", "*.md"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

@@ -18,7 +18,7 @@ from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING
 import fastdec
 from fastdec import api
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-from fastdec.models.efficientvit import EfficientViTDecoder
+from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
 
 SHARED_TAEF2 = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "taef2"
@@ -104,7 +104,7 @@ def test_load_diffusers_autoencoder_tiny_decodes_like_diffusers():
 
 
 def test_load_rejects_other_modules_and_objects():
-    with pytest.raises(TypeError, match="diffusers AutoencoderKL / AutoencoderTiny"):
+    with pytest.raises(TypeError, match="AutoencoderKL / AutoencoderKLFlux2 / AutoencoderDC / AutoencoderTiny"):
         fastdec.load(torch.nn.Conv2d(4, 4, 1))
     with pytest.raises(TypeError, match="a name, a path"):
         fastdec.load(42)
@@ -122,7 +122,8 @@ def test_load_fastdec_saved_folder(tmp_path):
     assert isinstance(loaded, TAESDDecoder) and loaded.config == decoder.config
     assert_same_weights(loaded, decoder)
     torch.manual_seed(0)
-    other = EfficientViTDecoder(latent_channels=4, widths=(16, 16, 32), depths=(0, 1, 0), norm_groups=8).eval()
+    other = DCAEDecoder(latent_channels=4, block_out_channels=(16, 16, 32), layers_per_block=(0, 1, 0),
+                        qkv_multiscales=((),) * 3).eval()
     other.save_pretrained(tmp_path / "efficientvit")
     assert_same_weights(fastdec.load(str(tmp_path / "efficientvit")), other)
 

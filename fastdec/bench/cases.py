@@ -164,6 +164,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         times = interleaved_times(running, {v.name: v.calls for v in variants}, settings.repeats, device)
 
     baseline = times.get("diffusers")
+    twin_name = type(contender.diffusers).__name__ if contender.diffusers is not None else ""
     rows = []
     for variant in variants:
         row = {
@@ -182,7 +183,9 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         }
         if variant.name in times:
             row.update(summary_ms(times[variant.name]), repeats=len(times[variant.name]))
-            if reference is None:
+            if variant.name.startswith("diffusers") and contender.entry.twin_is_other_model:
+                row["fidelity_reason"] = f"{twin_name} is another model than {contender.name}: no fidelity comparison"
+            elif reference is None:
                 row["fidelity_reason"] = fidelity_reason
             else:
                 row.update(fidelity(image_of(variant.output, variant.output_range), reference))

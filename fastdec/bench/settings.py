@@ -111,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-config", choices=sorted(UNET_CONFIGS), default=None,
                         help="UNet of --pipeline-share: sd15 (SD1.5 size, default on CUDA) or tiny (same blocks, "
                              "widths /10, default on CPU)")
+    parser.add_argument("--batch-throughput", action="store_true",
+                        help="instead: items/s of `fastdec batch`, local engine vs Ray, for taesd, tae-192 and sd-vae "
+                             "(--resolution: first side, default 512; --threads, --out apply) and the time to decode "
+                             "100K 1024^2 images projected from it; more options: python -m fastdec.batch.bench -h")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and latents")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); on a shared machine 1 avoids the OpenMP "

@@ -188,6 +188,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
 
     latent_ndim = 5
     output_range = "0,1"
+    chunk_frames: int | None = None  # forward/decode: None picks whole clip or chunks; an int forces chunks
 
     def __init__(
         self,
@@ -229,9 +230,9 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         return self.t_upscale * (latent_frames - 1) + 1
 
     def forward(self, z: Tensor) -> Tensor:
-        """Latents (B, T, C, h, w) in madebyollin's layout -> every decoded frame (B, T * t_upscale, 3, H, W),
-        untrimmed and unclamped: one whole clip."""
-        return run_frames(self, z)
+        """Video latents (B, C, T, h, w) in the decoder's space -> frames (B, T_out, 3, H, W), start-up frames
+        dropped, not clamped; the whole clip at once or in chunks, as ``self.chunk_frames`` says (None: auto)."""
+        return self._frames(z, self.chunk_frames)
 
     def stream(self, trim_start: bool = True) -> TAEHVStream:
         """A streaming decoder over these weights: feed latent frames, get frames as soon as they are decoded."""
@@ -246,29 +247,34 @@ class TAEHVDecoder(Decoder, nn.Sequential):
     ) -> Tensor:
         """Video latents (B, C, T, h, w), diffusers' layout -> frames (B, T_out, 3, H, W) in [0, 1].
 
-        ``chunk_frames``: None decodes the whole clip at once when its largest activation fits in
-        WHOLE_CLIP_BUDGET_BYTES (1 GiB) and in chunks otherwise; an int decodes chunks of that many latent frames with
-        the state carried (peak memory set by the chunk, not the clip; the same frames). ``progress(done, total)``
-        is called after each chunk (latent frames).
+        ``chunk_frames`` (default: ``self.chunk_frames``, None): None decodes the whole clip at once when its largest
+        activation fits in WHOLE_CLIP_BUDGET_BYTES (1 GiB) and in chunks otherwise; an int decodes chunks of that
+        many latent frames with the state carried (peak memory set by the chunk, not the clip; the same frames).
+        ``progress(done, total)`` is called after each chunk (latent frames).
         """
         check_latents(latents, self, check_finite)
-        frames_in = latents.shape[2]
+        z = latents / self.scaling_factor + self.shift_factor
+        chunk_frames = self.chunk_frames if chunk_frames is None else chunk_frames
+        return self._frames(z, chunk_frames, progress).clamp(0, 1)
+
+    def _frames(self, z: Tensor, chunk_frames: int | None, progress: Progress | None = None) -> Tensor:
+        frames_in = z.shape[2]
         if chunk_frames is None:
-            chunk_frames = self.auto_chunk_frames(latents)
-        elif not isinstance(chunk_frames, int) or chunk_frames < 1:
+            chunk_frames = self.auto_chunk_frames(z)
+        elif isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive int (latent frames per chunk) or None: {chunk_frames}")
-        z = latents.transpose(1, 2)
         if chunk_frames >= frames_in:
-            frames = self._finish(self(z), frames_in)
+            frames = run_frames(self, z.transpose(1, 2))
+            frames = frames[:, frames.shape[1] - self.frames_out(frames_in):]
             if progress is not None:
                 progress(frames_in, frames_in)
             return frames
         stream, parts = self.stream(trim_start=self.frames_out(frames_in) < self.t_upscale * frames_in), []
         for start in range(0, frames_in, chunk_frames):
-            parts.append(stream.push(latents[:, :, start:start + chunk_frames], check_finite=False))
+            parts.append(stream.advance(z[:, :, start:start + chunk_frames]))
             if progress is not None:
                 progress(min(start + chunk_frames, frames_in), frames_in)
-        return torch.cat(parts + [stream.flush()], 1)
+        return torch.cat(parts, 1)
 
     def auto_chunk_frames(self, latents: Tensor) -> int:
         """The chunk size decode() picks: the whole clip if it fits the budget, else as many latent frames as do."""
@@ -277,11 +283,6 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         per_latent_frame = batch * self.t_upscale * DECODER_WIDTHS[3] * height * width * self.space_upscale**2
         per_latent_frame *= element * 2  # a block's input and output live together
         return max(1, min(frames, WHOLE_CLIP_BUDGET_BYTES // max(1, per_latent_frame)))
-
-    def _finish(self, frames: Tensor, latent_frames: int) -> Tensor:
-        """Drop the start-up frames of a whole clip and clamp to [0, 1]."""
-        keep = self.frames_out(latent_frames)
-        return frames[:, frames.shape[1] - keep:].clamp(0, 1)
 
     @classmethod
     def from_file(
@@ -315,19 +316,26 @@ class TAEHVStream:
 
     @torch.no_grad()
     def push(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
+        """Diffusion latents (B, C, t, h, w), t >= 1, any float dtype (cast to the decoder's, as fastdec.decode does)
+        -> the frames (B, n, 3, H, W) in [0, 1] they complete, in the decoder's dtype."""
         check_latents(latents, self.decoder, check_finite)
-        shape = (latents.shape[0], *latents.shape[3:], latents.dtype)
+        z = latents.to(self.decoder[1].weight.dtype) / self.decoder.scaling_factor + self.decoder.shift_factor
+        return self.advance(z).clamp(0, 1)
+
+    def advance(self, z: Tensor) -> Tensor:
+        """push() without the checks and the clamp, on latents in the decoder's space (differentiable)."""
+        shape = (z.shape[0], *z.shape[3:], z.dtype)
         if self._shape is not None and shape != self._shape:
             raise ValueError(
                 f"this stream decodes latents of batch, h, w, dtype {self._shape[:3]}, {self._shape[3]}; got "
                 f"{shape[:3]}, {shape[3]}: call reset() to start a clip of another shape"
             )
         self._shape = shape
-        frames = run_frames(self.decoder, latents.transpose(1, 2), self.memory)
+        frames = run_frames(self.decoder, z.transpose(1, 2), self.memory)
         start = max(0, self.decoder.frames_to_trim - self.frames_decoded) if self.trim_start else 0
-        self.latent_frames += latents.shape[2]
+        self.latent_frames += z.shape[2]
         self.frames_decoded += frames.shape[1]
-        return frames[:, start:].clamp(0, 1)
+        return frames[:, start:]
 
     def flush(self) -> Tensor:
         """Frames still pending at the end of a clip: none for TAEHV (every push returns all it completes); an empty

@@ -1,0 +1,318 @@
+"""``fastdec eval``: decoders compared on held-out images of one latent space.
+
+Every image of the folder (sorted; the first ``images`` of them) is turned to landscape when portrait, centre-cropped
+(to ``size``, or to a multiple of the encoder's downscale) and encoded once; each decoder then decodes the same
+latents. Per decoder: PSNR and SSIM against the original pixels, LPIPS when it can run here (else the reason), and
+speed (median ms per image on this device, after a warm-up decode). Two baselines are always in the table: the latent
+space's reference decoder when given (``reference``) and the latent preview, a least-squares linear map fitted on
+training images (fastdec.models.preview). Writes report.json, report.md and grid.png (original | each decoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdec.models.base import Decoder
+from fastdec.train.data import centre_crop, list_images, load_samples, read_rgb
+from fastdec.train.encoders import FrozenEncoder, load_encoder
+from fastdec.train.losses import load_lpips, lpips_unavailable_reason, psnr
+
+log = logging.getLogger("fastdec.eval")
+PREVIEW = "latent preview"
+
+
+def ssim(output: Tensor, target: Tensor) -> Tensor:
+    """Per-image SSIM (B,) of images in [0, 1] (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01,
+    K2 0.03, valid region only), averaged over the RGB channels."""
+    x, y = output.clamp(0, 1).double(), target.double()
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-coords**2 / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, window, groups=3)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return index.flatten(1).mean(1).float()
+
+
+def load_eval_images(folder: str | Path, count: int | None, size: tuple[int, int] | None, multiple: int
+                     ) -> list[tuple[str, Tensor]]:
+    """(name, RGB (3, H, W) in [0, 1]) of the first ``count`` images, portrait turned to landscape, centre-cropped
+    to ``size`` (H, W) or to a multiple of ``multiple``. An image that fails to read or is smaller than ``size`` is
+    an error here: an evaluation set must be complete."""
+    paths = list_images(folder)[:count]
+    images = []
+    for path in paths:
+        try:
+            image = read_rgb(path)
+        except Exception as error:
+            raise ValueError(f"cannot read evaluation image {path} ({type(error).__name__}: {error})") from error
+        if image.shape[1] > image.shape[2]:
+            image = image.rot90(1, (1, 2))  # landscape, as the reference measurements do
+        if size is not None:
+            height, width = image.shape[1:]
+            if height < size[0] or width < size[1]:
+                raise ValueError(f"{path} is {height}x{width} (landscape), smaller than --size {size[0]}x{size[1]}")
+            top, left = (height - size[0]) // 2, (width - size[1]) // 2
+            image = image[:, top:top + size[0], left:left + size[1]]
+        else:
+            image = centre_crop(image, multiple)
+        images.append((path.relative_to(Path(folder)).as_posix(), image.contiguous()))
+    return images
+
+
+def fit_preview(folders: list[str], encoder: FrozenEncoder, count: int, cache_dir: str | None) -> Decoder:
+    """The latent preview fitted on the first ``count`` images of the training folders (encoded or from the cache)."""
+    from fastdec.models.preview import LatentPreview
+
+    samples = []
+    for folder in folders:
+        found, _ = load_samples(folder, encoder.encode, encoder.downscale, encoder.downscale, encoder.description,
+                                cache_dir=cache_dir, flips=False)
+        samples += found
+    samples = samples[:count]
+    return LatentPreview.fit([s.latents for s in samples], [s.image.float() / 255 for s in samples],
+                             encoder.downscale)
+
+
+def _speed_ms(decoder: Decoder, latents: list[Tensor], runs: int) -> float:
+    """Median wall time of one decode, in ms, after one warm-up decode (CUDA synchronised)."""
+    times = []
+    with torch.no_grad():
+        decoder.decode(latents[0])
+        for z in (latents * runs)[:max(runs, 1)]:
+            if z.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            decoder.decode(z, check_finite=False)
+            if z.is_cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def measure(decoder: Decoder, latents: list[Tensor], images: list[Tensor], lpips=None, speed_runs: int = 3
+            ) -> tuple[dict, list[Tensor]]:
+    """Mean PSNR / SSIM (/ LPIPS) of ``decoder`` over the pairs, its speed, and its outputs (for the grid)."""
+    scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    outputs = []
+    with torch.no_grad():
+        for z, image in zip(latents, images, strict=True):
+            out = decoder.decode(z).float()
+            target = image[None].to(out.device)
+            if out.shape != target.shape:
+                raise ValueError(f"the decoder gives {tuple(out.shape)} for {tuple(z.shape)} latents, expected "
+                                 f"{tuple(target.shape)}: it does not belong to this encoder's latent space")
+            scores["psnr"].append(psnr(out, target).item())
+            scores["ssim"].append(ssim(out.cpu(), target.cpu()).item())
+            if lpips is not None:
+                scores["lpips"].append(lpips(out, target).item())
+            outputs.append(out[0].cpu())
+    result = {k: statistics.fmean(v) for k, v in scores.items() if v}
+    if speed_runs > 0:
+        result["ms_per_image"] = _speed_ms(decoder, latents, speed_runs)
+    result["params"] = sum(p.numel() for p in decoder.parameters())
+    return result, outputs
+
+
+def quick_eval(decoder: Decoder, folder: str, encoder: FrozenEncoder | None, count: int, device) -> dict | None:
+    """PSNR/SSIM of a freshly trained decoder on the first ``count`` images of ``folder`` (train's final eval)."""
+    if encoder is None:
+        return None
+    images = load_eval_images(folder, count, None, 16)
+    latents = [encoder.encode(image[None].to(device)) for _, image in images]
+    result, _ = measure(decoder.to(device), latents, [image for _, image in images], speed_runs=0)
+    return {"folder": str(folder), "images": len(images), **result}
+
+
+def evaluate(
+    decoders: dict[str, str | Decoder],
+    data: str,
+    encoder,
+    preview_data: list[str],
+    reference: str | Decoder | None = None,
+    images: int | None = None,
+    size: tuple[int, int] | None = None,
+    preview_images: int = 60,
+    speed_runs: int = 3,
+    grid_images: int = 3,
+    grid_crop: int | None = 192,
+    output: str | Path | None = None,
+    cache_dir: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Evaluates ``decoders`` ({label: name, path or Decoder}) plus the baselines; writes the report to ``output``
+    when given and returns it (a dict: setup, and one row per decoder)."""
+    import fastdec
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not preview_data:
+        raise ValueError("the latent preview baseline is fitted on training images: pass preview_data "
+                         "(--preview-data <training image folder>)")
+    frozen = encoder if isinstance(encoder, FrozenEncoder) else load_encoder(encoder, device)
+    pairs = load_eval_images(data, images, size, 16)
+    latents = [frozen.encode(image[None].to(device)) for _, image in pairs]
+    targets = [image for _, image in pairs]
+    log.info("encoded %d evaluation images from %s", len(pairs), data)
+
+    lineup: dict[str, Decoder] = {}
+    if reference is not None:
+        lineup[f"reference ({_label(reference)})"] = fastdec.load(reference, device=device, dtype=torch.float32)
+    lineup[PREVIEW] = fit_preview(preview_data, frozen, preview_images, cache_dir).to(device)
+    for label, decoder in decoders.items():
+        lineup[label] = fastdec.load(decoder, device=device, dtype=torch.float32)
+    for label, decoder in lineup.items():
+        if decoder.latent_channels != frozen.latent_channels:
+            raise ValueError(f"decoder {label!r} takes {decoder.latent_channels}-channel latents; the encoder "
+                             f"({frozen.description}) writes {frozen.latent_channels}")
+
+    lpips_reason = lpips_unavailable_reason()
+    lpips = load_lpips(device=device) if lpips_reason is None else None
+    rows, outputs = [], {}
+    for label, decoder in lineup.items():
+        decoder.eval()
+        result, outputs[label] = measure(decoder, latents, targets, lpips, speed_runs)
+        rows.append({"decoder": label, **result})
+        log.info("%s: %s", label, result)
+    report = {
+        "data": str(data), "images": [name for name, _ in pairs], "size": list(targets[0].shape[1:]),
+        "encoder": frozen.description, "preview_fitted_on": f"first {preview_images} images of {preview_data}",
+        "device": _device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "lpips": "alex" if lpips is not None else f"not available: {lpips_reason}",
+        "rows": rows,
+    }
+    if output is not None:
+        write_report(report, Path(output), targets[:grid_images], {k: v[:grid_images] for k, v in outputs.items()},
+                     grid_crop)
+    return report
+
+
+def write_report(report: dict, output: Path, originals: list[Tensor], outputs: dict[str, list[Tensor]],
+                 grid_crop: int | None) -> None:
+    """report.json, report.md (a table) and grid.png (rows: images; columns: original | each decoder)."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "report.md").write_text(markdown_table(report))
+    save_grid(output / "grid.png", originals, outputs, grid_crop)
+
+
+def markdown_table(report: dict) -> str:
+    has_lpips = any("lpips" in row for row in report["rows"])
+    header = "| decoder | params | PSNR (dB) | SSIM |" + (" LPIPS |" if has_lpips else "") + " ms / image |"
+    lines = [
+        f"{len(report['images'])} images of {report['data']} at {report['size'][0]}x{report['size'][1]}, encoder "
+        f"{report['encoder']}; {report['device']}, {report['threads']} thread(s), {report['date']}. "
+        f"LPIPS: {report['lpips']}.", "",
+        header, "|---" * (header.count("|") - 1) + "|",
+    ]
+    for row in report["rows"]:
+        cells = [row["decoder"], f"{row['params'] / 1e6:.2f}M", f"{row['psnr']:.2f}", f"{row['ssim']:.3f}"]
+        if has_lpips:
+            cells.append(f"{row['lpips']:.3f}" if "lpips" in row else "-")
+        ms = row.get("ms_per_image")
+        cells.append("-" if ms is None else f"{ms:.1f}" if ms < 10 else f"{ms:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(path: Path, originals: list[Tensor], outputs: dict[str, list[Tensor]], crop: int | None) -> None:
+    """A labelled PNG grid; ``crop``: a centred crop of that many pixels per cell (detail at 1:1), None: whole."""
+    from PIL import Image, ImageDraw
+
+    columns = {"original": originals, **outputs}
+    cells = {label: [centre_square(t, crop) for t in images] for label, images in columns.items()}
+    height, width = next(iter(cells.values()))[0].shape[1:]
+    label_h = 16
+    grid = Image.new("RGB", (width * len(cells), (height + label_h) * len(originals)), "white")
+    draw = ImageDraw.Draw(grid)
+    for col, (label, images) in enumerate(cells.items()):
+        for row, image in enumerate(images):
+            pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            grid.paste(Image.fromarray(pixels), (col * width, row * (height + label_h) + label_h))
+            draw.text((col * width + 3, row * (height + label_h) + 2), label[: width // 6], fill="black")
+    grid.save(path)
+
+
+def centre_square(image: Tensor, crop: int | None) -> Tensor:
+    if crop is None:
+        return image
+    height, width = image.shape[1:]
+    size_h, size_w = min(crop, height), min(crop, width)
+    top, left = (height - size_h) // 2, (width - size_w) // 2
+    return image[:, top:top + size_h, left:left + size_w]
+
+
+def _label(source) -> str:
+    return type(source).__name__ if isinstance(source, Decoder) else Path(str(source)).name
+
+
+def _device_name(device: torch.device) -> str:
+    from fastdec.train.loop import _device_name as name
+
+    return name(device)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size takes HxW, e.g. 320x480, got {text!r}") from None
+    return height, width
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("data", help="held-out image folder")
+    add("--decoder", action="append", default=[], metavar="[LABEL=]SOURCE",
+        help="a decoder to evaluate (name, save_pretrained folder, .pth); repeat for several")
+    add("--encoder", required=True, help="the latent space's encoder: a TAESD .pth or a diffusers VAE folder / Hub id")
+    add("--reference", help="the latent space's reference decoder (e.g. taef2_decoder.pth), a baseline row")
+    add("--preview-data", nargs="+", required=True, help="training image folder(s) to fit the latent preview on")
+    add("--preview-images", type=int, default=60, help="images the preview is fitted on (default: 60)")
+    add("--images", type=int, help="evaluate the first N images (sorted); default: all")
+    add("--size", type=_size, help="centre crop HxW after turning portraits to landscape, e.g. 320x480")
+    add("--speed-runs", type=int, default=3, help="timed decodes per decoder (median reported)")
+    add("--grid-images", type=int, default=3)
+    add("--grid-crop", type=int, default=192, help="pixels of the centred crop shown per grid cell; 0: whole image")
+    add("-o", "--output", default="eval", help="folder for report.json, report.md, grid.png (default: eval)")
+    add("--cache-dir", help="latent cache folder (shared with fastdec train)")
+    add("--device")
+    add("--threads", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    decoders = {}
+    for spec in args.decoder:
+        label, sep, source = spec.partition("=")
+        decoders[label if sep else Path(spec).name] = source if sep else spec
+    try:
+        report = evaluate(
+            decoders, args.data, args.encoder, args.preview_data, args.reference, args.images, args.size,
+            args.preview_images, args.speed_runs, args.grid_images, args.grid_crop or None, args.output,
+            args.cache_dir, args.device, args.threads,
+        )
+    except (ValueError, FileNotFoundError, TypeError, OSError) as error:
+        print(f"fastdec eval: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(report))
+    return 0

@@ -1,0 +1,135 @@
+"""The frozen encoder that defines a student's latent space: a TAESD-family encoder (.pth or diffusers
+AutoencoderTiny) or the encoder of a diffusers AutoencoderKL (instance, folder or Hub id).
+
+``encode`` maps RGB in [0, 1] to the *diffusion latents* (what a diffusion model produces and fastdec.decode takes):
+TAESD encoders already write them; an AutoencoderKL's mean latent z becomes (z - shift_factor) * scaling_factor.
+Students are trained on exactly these latents, so they decode them with scaling 1 and shift 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class FrozenEncoder:
+    """``module`` maps RGB (B, 3, H, W) in [0, 1] to diffusion latents (B, C, H/downscale, W/downscale)."""
+
+    module: nn.Module
+    latent_channels: int
+    downscale: int
+    description: str  # recorded in the model card and in the latent cache key
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        return self.module(images)
+
+
+class _TAESDEncode(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder.encode(images)
+
+
+class _KLEncode(nn.Module):
+    """diffusers AutoencoderKL: the posterior mean of images in [-1, 1], scaled to diffusion latents."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor or 1.0)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def forward(self, images: Tensor) -> Tensor:
+        z = self.vae.encode(images * 2 - 1).latent_dist.mode()
+        return (z - self.shift) * self.scale
+
+
+def taesd_variant_of_encoder(path: Path, latent_channels: int) -> str:
+    """The TAESD variant a file name starts with (taef2_encoder.pth), else the one for its channel count."""
+    from fastdec.api import DEFAULT_DECODERS
+    from fastdec.models.taesd import VARIANTS
+
+    stem = path.stem.lower()
+    for variant in sorted(VARIANTS, key=len, reverse=True):
+        if stem == variant or stem.startswith((f"{variant}_", f"{variant}-")):
+            return variant
+    if latent_channels not in DEFAULT_DECODERS:
+        raise ValueError(
+            f"{path}: no TAESD variant has {latent_channels} latent channels; name the file <variant>_encoder.pth"
+        )
+    return DEFAULT_DECODERS[latent_channels]
+
+
+def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
+    """A TAESD encoder .pth, a diffusers AutoencoderKL / AutoencoderTiny (instance, folder, or Hub id), frozen,
+    fp32, in eval mode."""
+    from fastdec.models.taesd import TAESDEncoder, _read_pth
+
+    if isinstance(source, nn.Module):
+        return _from_diffusers_module(source, type(source).__name__, device)
+    path = Path(str(source)).expanduser()
+    if path.suffix in (".pth", ".pt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder weights {path} not found")
+        state = _read_pth(path, "encoder")
+        if "0.weight" not in state:
+            raise ValueError(f"{path} is not a TAESD encoder state dict (no '0.weight'); a decoder file?")
+        last = max(int(k.partition(".")[0]) for k in state if k.partition(".")[0].isdigit())
+        variant = taesd_variant_of_encoder(path, state[f"{last}.weight"].shape[0])
+        encoder = TAESDEncoder.from_pth(path, variant)
+        module = _TAESDEncode(encoder)
+        description = f"TAESD encoder {variant} ({path.name})"
+        return _frozen(module, encoder.latent_channels, 8, description, device)
+    try:
+        import diffusers
+    except ImportError as error:
+        raise ValueError(
+            f"encoder {source!r} is not a TAESD .pth file; diffusers VAEs (folders, Hub ids) need diffusers "
+            "(pip install diffusers)"
+        ) from error
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    kwargs = {} if folder.exists() else {"subfolder": None}
+    config_source = str(folder) if folder.exists() else str(source)
+    try:
+        config = diffusers.AutoencoderKL.load_config(config_source, **kwargs)
+    except Exception:
+        try:  # a pipeline repo on the Hub: its VAE is in vae/
+            config = diffusers.AutoencoderKL.load_config(config_source, subfolder="vae")
+            kwargs = {"subfolder": "vae"}
+        except Exception as error:
+            raise FileNotFoundError(
+                f"encoder {source!r}: not a TAESD .pth file, a diffusers VAE folder or a reachable Hub id ({error})"
+            ) from error
+    kind = config.get("_class_name", "AutoencoderKL")
+    if kind not in ("AutoencoderKL", "AutoencoderTiny"):
+        raise ValueError(f"encoder {source!r} is a {kind}; supported: AutoencoderKL, AutoencoderTiny, TAESD .pth")
+    vae = getattr(diffusers, kind).from_pretrained(config_source, **{k: v for k, v in kwargs.items() if v})
+    return _from_diffusers_module(vae, f"{kind} {source}", device)
+
+
+def _from_diffusers_module(vae: nn.Module, description: str, device) -> FrozenEncoder:
+    from fastdec.api import _taesd_variant_for_channels
+    from fastdec.models.taesd import TAESDEncoder
+
+    names = [cls.__name__ for cls in type(vae).__mro__]
+    if "AutoencoderKL" in names:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return _frozen(_KLEncode(vae), vae.config.latent_channels, factor, description, device)
+    if "AutoencoderTiny" in names:
+        variant = _taesd_variant_for_channels(vae.config.latent_channels, description)
+        return _frozen(_TAESDEncode(TAESDEncoder.from_diffusers(vae, variant)), vae.config.latent_channels, 8,
+                       description, device)
+    raise TypeError(f"the encoder must be a diffusers AutoencoderKL or AutoencoderTiny, got {type(vae).__name__}")
+
+
+def _frozen(module: nn.Module, channels: int, downscale: int, description: str, device) -> FrozenEncoder:
+    module = module.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return FrozenEncoder(module, channels, downscale, description)
