@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", help="nccl or gloo (default: nccl with CUDA, else gloo)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
-    dist.init_process_group(args.backend or ("nccl" if cuda else "gloo"))
+    owns_group = not dist.is_initialized()  # torchrun: we start the group; a caller may have started it already
+    if owns_group:
+        dist.init_process_group(args.backend or ("nccl" if cuda else "gloo"))
     try:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 Image.fromarray(array).save(path)
                 print(path)
     finally:
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
     return 0
 
 

@@ -10,10 +10,12 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import relative_error
+from PIL import Image
 from torch import nn
 
 import fastdec
@@ -177,7 +179,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _parallel_worker(rank: int, world: int, port: int, results) -> None:
+def _parallel_worker(rank: int, world: int, port: int, results, folder: str) -> None:
     import torch.distributed as dist
 
     warnings.simplefilter("ignore")
@@ -186,7 +188,11 @@ def _parallel_worker(rank: int, world: int, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         with ops.reference_ops():
-            results.put((rank, _parallel_decodes()))
+            out = _parallel_decodes()
+            from fastdec import parallel  # the torchrun entry point, inside the group started here
+
+            out["main"] = parallel.main([f"{folder}/latents.pt", "--decoder", f"{folder}/decoder", "-o", folder])
+            results.put((rank, out))
     finally:
         dist.destroy_process_group()
 
@@ -218,13 +224,18 @@ def _parallel_decodes() -> dict:
     return out
 
 
-def test_parallel_equals_single_process_gloo():
+def test_parallel_equals_single_process_gloo(tmp_path):
     import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    TAESDDecoder("taesd", width=8, blocks=(1, 1)).save_pretrained(tmp_path / "decoder")
+    torch.save(_latents(TAESDDecoder("taesd"), rows=5, cols=4)[:1], tmp_path / "latents.pt")
 
     context = mp.get_context("spawn")
     results = context.Queue()
     port = _free_port()
-    workers = [context.Process(target=_parallel_worker, args=(rank, 2, port, results)) for rank in range(2)]
+    workers = [context.Process(target=_parallel_worker, args=(rank, 2, port, results, str(tmp_path)))
+               for rank in range(2)]
     for worker in workers:
         worker.start()
     got = dict(results.get(timeout=240) for _ in workers)
@@ -238,6 +249,26 @@ def test_parallel_equals_single_process_gloo():
             assert got[rank][name]["all"] < 1e-4 and got[rank][name]["shard"] < 1e-4
         assert got[0][name]["rows"] == (0, 3 * factor) and got[1][name]["rows"] == (3 * factor, 7 * factor)
     assert "world size 2 is larger than the number of latent rows 1" in got[0]["error"]
+    assert got[0]["main"] == got[1]["main"] == 0  # python -m fastdec.parallel: rank 0 writes the PNG
+    expected = fastdec.decode(torch.load(tmp_path / "latents.pt"), fastdec.load(tmp_path / "decoder"), output="uint8")
+    assert (torch.from_numpy(np.asarray(Image.open(tmp_path / "latents_000.png"))) == expected[0]).all()
+
+
+def test_cli_tile_size(tmp_path, capsys):
+    from fastdec.cli import main
+
+    torch.manual_seed(0)
+    TAESDDecoder("taesd", width=8, blocks=(1, 1)).save_pretrained(tmp_path / "decoder")
+    latents = _latents(TAESDDecoder("taesd"), rows=5, cols=4)
+    torch.save(latents, tmp_path / "z.pt")
+    args = ["decode", str(tmp_path / "z.pt"), "--decoder", str(tmp_path / "decoder"), "--device", "cpu"]
+    assert main([*args, "-o", str(tmp_path / "tiled"), "--tile-size", "4"]) == 0
+    assert main([*args, "-o", str(tmp_path / "whole"), "--tile-size", "0"]) == 0
+    for name in ("z_000.png", "z_001.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "tiled" / name)),
+                              np.asarray(Image.open(tmp_path / "whole" / name)))
+    assert main([*args, "--tile-size", "3"]) == 2
+    assert "not a multiple of TAESDDecoder's latent-to-pixel factor 2" in capsys.readouterr().err
 
 
 def test_parallel_needs_a_process_group():

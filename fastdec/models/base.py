@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents
 
 
@@ -126,10 +127,10 @@ def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
-        reason = str(error).splitlines()[0] if str(error) else ""
+        corrupt = f"the file is truncated or not a valid {class_name} checkpoint; re-download it"
+        advice = read_error_advice(error, corrupt)
         raise ValueError(
-            f"could not read {path} ({type(error).__name__}: {reason}): the file is truncated or not a valid "
-            f"{class_name} checkpoint; re-download it"
+            f"could not read {path} ({type(error).__name__}: {read_error_reason(error)}): {advice}"
         ) from error
     return config, state, str(path)
 
