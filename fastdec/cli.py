@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     "  check   which backend runs each op here, each checked against its reference\n"
                     "  decode  a latents file to PNG images (video latents to an mp4)\n"
                     "  bench   every decoder timed against diffusers on this machine\n"
-                    "  batch   a dataset of latents to images (resumable; local or Ray)\n"
+                    "  batch   a whole dataset of latents to images or mp4s (local threads or Ray), resumable\n"
                     "  train   a decoder on a frozen encoder's latent space\n"
                     "  eval    PSNR, SSIM, LPIPS and speed of decoders on held-out images",
         epilog="examples:\n"
