@@ -770,7 +770,7 @@ def tiled_decode(decoder: nn.Module, latents: Tensor, tile_size: int, check_fini
 
     Slabs not being computed are held on ``storage`` (host memory), so device memory is bounded by one slab;
     the image is returned on the decoder's device, like ``decode``. Works for every fastdec decoder (4-D image and
-    5-D video latents: the slabs split the height)."""
+    5-D video latents: the slabs split the height; a video decoder's own frame chunking runs inside)."""
     check_latents(latents, decoder, check_finite)
     rows = latent_tile_rows(decoder, latents, tile_size)
     h = latents.shape[-2]

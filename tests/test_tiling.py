@@ -174,6 +174,14 @@ def test_decode_api_and_decoder_option(caplog):
     assert "slabs of" in caplog.text and "GiB free" in caplog.text
 
 
+@torch.no_grad()
+def test_decode_api_video_latents():
+    decoder = families()["toy_video"].eval()
+    latents = _latents(decoder, rows=6)
+    frames = fastdec.decode(latents, decoder, tile_size=0)
+    assert relative_error(fastdec.decode(latents, decoder, tile_size=4), frames) < 1e-4
+
+
 def test_bad_input_errors():
     decoder = families()["taesd"].eval()
     latents = _latents(decoder, rows=4)
