@@ -249,25 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     taef2_sizes = [int(s) for s in args.taef2_sizes.split(",") if s] if (TAEF2 / "taef2_decoder.pth").is_file() else []
     if args.smoke:
         sizes, taef2_sizes = [256], []
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
-            rows += measure("sd-vae", size, MODES, args.device, Path(tmp), args.width_divisor)
-        for size in taef2_sizes:
-            rows += measure("taef2", size, MODES[:2], args.device, Path(tmp))
     date = datetime.date.today().isoformat()
     cores = len(os.sched_getaffinity(0))
     machine = f"{platform.processor() or platform.machine()} ({cores} cores)" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     meta = {"date": date, "machine": machine, "torch": torch.__version__, "device": args.device,
             "command": "python bench/tiling_check.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    text = report(rows, meta)
-    print(text)
-    if not args.smoke:
-        out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        (out / "tiling.md").write_text(text)
+    out = None if args.smoke else Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
+    plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]
+    plan.sort(key=lambda item: item[1])  # small sizes first; results are written after each, so a cut run keeps them
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for decoder, size, modes in plan:
+            rows += measure(decoder, size, modes, args.device, Path(tmp), args.width_divisor)
+            text = report(rows, meta)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+                (out / "tiling.md").write_text(text)
+    print(report(rows, meta))
     return 0
 
 
