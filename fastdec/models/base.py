@@ -88,6 +88,20 @@ class Decoder(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def read_diffusers_vae(vae_or_folder, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
+    """(config, state dict, source) of a diffusers ``class_name`` module, its save_pretrained folder or a pipeline
+    folder (see read_diffusers_folder): what every ``from_diffusers`` reads."""
+    if isinstance(vae_or_folder, (str, Path)):
+        return read_diffusers_folder(Path(vae_or_folder), class_name)
+    import diffusers
+
+    if not isinstance(vae_or_folder, getattr(diffusers, class_name)):
+        raise ValueError(
+            f"from_diffusers takes a diffusers.{class_name} or a folder, got a {type(vae_or_folder).__name__}"
+        )
+    return dict(vae_or_folder.config), vae_or_folder.state_dict(), f"the given diffusers.{class_name}"
+
+
 def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
     """(config, state dict, weights path) of a diffusers ``<class_name>.save_pretrained`` folder, or of the ``vae/``
     subfolder of a pipeline folder. Weights: diffusion_pytorch_model.safetensors, else the .bin (weights_only)."""

@@ -20,13 +20,11 @@ statistics of its own; ``PackedLatentsDecoder(taef2, stats)`` gives it the FLUX.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, _config_from_diffusers, _decoder_state
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, _config_from_diffusers
+from fastdec.models.base import Decoder
 from fastdec.validate import check_latents
 
 PATCH = 2  # FLUX.2 patchifies the VAE latents 2x2 (its pipelines hard-code it)
@@ -103,25 +101,11 @@ class Flux2VAEDecoder(PackedLatents, AutoencoderKLDecoder):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def from_diffusers(cls, vae_or_folder, device=None, dtype=None) -> Flux2VAEDecoder:
-        """From a ``diffusers.AutoencoderKLFlux2``, its folder, or a pipeline folder (its ``vae/``). The encoder's
-        weights are dropped; every other key (decoder, post_quant_conv, bn statistics) must match."""
-        if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderKLFlux2")
-        else:
-            from diffusers import AutoencoderKLFlux2
+    diffusers_class = "AutoencoderKLFlux2"  # from_diffusers: AutoencoderKLDecoder's, keeping the bn statistics
 
-            if not isinstance(vae_or_folder, AutoencoderKLFlux2):
-                raise ValueError(
-                    "Flux2VAEDecoder.from_diffusers takes a diffusers.AutoencoderKLFlux2 or a folder, "
-                    f"got a {type(vae_or_folder).__name__}"
-                )
-            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-            source = "the given diffusers.AutoencoderKLFlux2"
-        model = cls(**_config_from_flux2(config, source))
-        load_state_dict_strict(model, _decoder_state(state), source=source)
-        return model.to(device=device, dtype=dtype).eval()
+    @classmethod
+    def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:
+        return _config_from_flux2(config, source)
 
 
 def _config_from_flux2(config: dict, source: str) -> dict:
