@@ -316,6 +316,7 @@ LOCAL_OPS = {
     aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.linalg_vector_norm.default,
     aten.clamp_min.default, aten.clamp_max.default, aten.native_batch_norm.default,
     aten._native_batch_norm_legit_no_training.default, aten.masked_fill.Scalar, aten.where.self,
+    torch.ops.fastdec.rms_norm_act.default,  # a norm over the channels of each position: row by row (DC-AE, Wan)
 }
 
 

@@ -22,7 +22,7 @@ import fastdec
 from fastdec import ops, tiling
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.base import Decoder
-from fastdec.models.efficientvit import EfficientViTDecoder
+from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
 from fastdec.models.vit import ViTDecoder
 from fastdec.tiling import HostTiles, TiledRun, TileError, even_bounds, run_decode, tiled_decode
@@ -76,10 +76,12 @@ def families() -> dict[str, Decoder]:
             use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
         "taesd": TAESDDecoder("taesd", width=16, blocks=(1, 1, 1, 1)),
         "taef2": TAESDDecoder("taef2", width=16, blocks=(2, 1, 1, 1)),
-        "efficientvit": EfficientViTDecoder(widths=(16, 16, 32), depths=(0, 1, 1), norm="batch", norm_groups=4),
-        "efficientvit_group_attn": EfficientViTDecoder(
-            widths=(16, 16, 32), depths=(1, 1, 1), block_types=("res", "res", "attn"), norm="group", norm_groups=4,
-            head_dim=16, mlp_ratio=1.0),
+        "efficientvit": DCAEDecoder(latent_channels=4, block_out_channels=(16, 16, 32), layers_per_block=(0, 1, 1),
+                                    norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 3),
+        "dcae_linear_attention": DCAEDecoder(
+            latent_channels=4, block_out_channels=(16, 16, 32), layers_per_block=(1, 1, 1),
+            block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), qkv_multiscales=((), (), (5,)),
+            attention_head_dim=8, upsample_block_type="interpolate"),
         "vit": ViTDecoder(dim=32, depth=1, num_heads=2, mlp_ratio=1.0),
         "toy_video": ToyVideoDecoder(),
     }
@@ -104,7 +106,7 @@ def test_tiled_equals_untiled(name):
 def _check_tiled_equals_untiled(name, decoder, latents):
     reference = decoder.decode(latents)
     factor = tiling.spatial_factor(decoder, latents)
-    smallest = 2 if name == "vit" else 1  # the ViT's 2x2 latent patch
+    smallest = 2 if name in ("vit", "dcae_linear_attention") else 1  # the ViT's 2x2 patch, DC-AE's 5x5 multi-scale
     for rows in (smallest, 3):
         run = TiledRun(HostTiles("cpu"), 10, even_bounds(10, -(-10 // rows)))
         out = run.executor.gather(run_decode(decoder, latents, run))
