@@ -104,7 +104,7 @@ def test_load_diffusers_autoencoder_tiny_decodes_like_diffusers():
 
 
 def test_load_rejects_other_modules_and_objects():
-    with pytest.raises(TypeError, match="AutoencoderKL / AutoencoderKLFlux2 / AutoencoderDC / AutoencoderTiny"):
+    with pytest.raises(TypeError, match="AutoencoderKLFlux2 / AutoencoderDC / .*AutoencoderTiny modules"):
         fastdec.load(torch.nn.Conv2d(4, 4, 1))
     with pytest.raises(TypeError, match="a name, a path"):
         fastdec.load(42)
