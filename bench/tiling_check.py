@@ -3,7 +3,8 @@ seam measure, for fastdec's exact tiling and diffusers' ``enable_tiling()`` on t
 
     python bench/tiling_check.py [--sizes 256,512] [--taef2-sizes 512,1024] [--out DIR] [--smoke]
 
-Decoders: the SD VAE architecture (diffusers ``AutoencoderKL()``, seeded random weights, loaded into fastdec with
+Decoders: the SD VAE architecture (diffusers ``AutoencoderKL`` with sd-vae-ft-mse's config, ``--width-divisor``
+divides its widths and groups for a short CPU run; seeded random weights, loaded into fastdec with
 ``fastdec.load(vae)`` so both run the same weights; seeded random latents), and TAEF2 with its real weights on the
 latents of a real photo (no diffusers counterpart). Modes: fastdec untiled, fastdec exact tiled, diffusers untiled,
 diffusers ``enable_tiling()`` (its tile size set to 128 px so that images that fit a CPU run are tiled at all: 16x16
@@ -55,13 +56,15 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _sd_vae(seed: int = 0):
+def _sd_vae(width_divisor: int = 1, seed: int = 0):
+    """The SD 1.x VAE architecture (stabilityai/sd-vae-ft-mse's config), its widths divided by ``width_divisor``."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(  # the SD 1.x VAE architecture (stabilityai/sd-vae-ft-mse's config)
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+    return AutoencoderKL(
+        block_out_channels=tuple(w // width_divisor for w in (128, 256, 512, 512)),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+        latent_channels=4, sample_size=512, norm_num_groups=32 // width_divisor,
     ).eval()
 
 
@@ -77,7 +80,7 @@ def worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     latents = torch.load(spec["latents"], weights_only=True).to(device)
     if spec["decoder"] == "sd-vae":
-        vae = _sd_vae()
+        vae = _sd_vae(spec["width_divisor"])
         scale = vae.config.scaling_factor
         if spec["mode"].startswith("diffusers"):
             vae = vae.to(device)
@@ -176,12 +179,14 @@ def make_latents(decoder: str, size: int, path: Path) -> None:
     torch.save(latents, path)
 
 
-def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: Path) -> list[dict]:
+def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: Path, width_divisor: int = 1
+            ) -> list[dict]:
     latents = tmp / f"{decoder}-{size}-latents.pt"
     make_latents(decoder, size, latents)
     rows, images = [], {}
     for mode in modes:
         spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "tile": FASTDEC_TILE,
+                "width_divisor": width_divisor,
                 "latents": str(latents), "image": str(tmp / f"{decoder}-{size}-{mode}.pt")}
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -189,7 +194,8 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
             raise RuntimeError(f"{decoder} {mode} {size}: worker failed\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         images[mode] = torch.load(spec["image"], weights_only=True)
-        rows.append({"decoder": decoder, "size": size, "mode": mode, **result})
+        name = decoder if width_divisor == 1 or decoder != "sd-vae" else f"sd-vae/{width_divisor}"
+        rows.append({"decoder": name, "size": size, "mode": mode, **result})
         print(f"{decoder} {size} {mode}: peak {result['peak_bytes'] / 2**20:.0f} MiB, {result['seconds']:.1f} s",
               flush=True)
     for row in rows:
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="256,512", help="SD-VAE image sizes (default 256,512)")
     parser.add_argument("--taef2-sizes", default="512,1024", help="TAEF2 image sizes (default 512,1024; '' skips)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width-divisor", type=int, default=1,
+                        help="SD VAE widths / this (and groups / this): 4 keeps a CPU run short (default 1)")
     parser.add_argument("--out", help="output folder (default bench/results/<date>-<machine>-tiling)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, nothing written (tests)")
     args = parser.parse_args(argv)
@@ -241,25 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     taef2_sizes = [int(s) for s in args.taef2_sizes.split(",") if s] if (TAEF2 / "taef2_decoder.pth").is_file() else []
     if args.smoke:
         sizes, taef2_sizes = [256], []
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
-            rows += measure("sd-vae", size, MODES, args.device, Path(tmp))
-        for size in taef2_sizes:
-            rows += measure("taef2", size, MODES[:2], args.device, Path(tmp))
     date = datetime.date.today().isoformat()
     cores = len(os.sched_getaffinity(0))
     machine = f"{platform.processor() or platform.machine()} ({cores} cores)" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     meta = {"date": date, "machine": machine, "torch": torch.__version__, "device": args.device,
             "command": "python bench/tiling_check.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    text = report(rows, meta)
-    print(text)
-    if not args.smoke:
-        out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        (out / "tiling.md").write_text(text)
+    out = None if args.smoke else Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
+    plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]
+    plan.sort(key=lambda item: item[1])  # small sizes first; results are written after each, so a cut run keeps them
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for decoder, size, modes in plan:
+            rows += measure(decoder, size, modes, args.device, Path(tmp), args.width_divisor)
+            text = report(rows, meta)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+                (out / "tiling.md").write_text(text)
+    print(report(rows, meta))
     return 0
 
 

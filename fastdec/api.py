@@ -236,7 +236,7 @@ def decode(
 
         latents = tokens_to_grid(latents, *image_size)
     if latents.dim() == 5:
-        return _decode_video(latents, decoder, output, check_finite)
+        return _decode_video(latents, decoder, output, check_finite, tile_size)
     if latents.dim() not in (3, 4):
         raise ValueError(
             f"latents must be (C, h, w) or (B, C, h, w) image latents or (B, C, T, h, w) video latents, got shape "
@@ -265,13 +265,13 @@ def decode(
 # --- decode() helpers ----------------------------------------------------------------------------------------------
 
 
-def _decode_video(latents: Tensor, decoder, output: str, check_finite: bool | None):
+def _decode_video(latents: Tensor, decoder, output: str, check_finite: bool | None, tile_size: int | None = None):
     """decode() for (B, C, T, h, w): any Decoder with latent_ndim 5 (check_latents refuses an image decoder)."""
     decoder = _decoder_for(latents, decoder)
     check_latents(latents, decoder, check_finite)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
-        frames = decoder.decode(latents.to(weights_dtype), check_finite=False)  # checked above, before the cast
+        frames = tiling.decode(decoder, latents.to(weights_dtype), tile_size, check_finite=False)  # checked above
     if output == "tensor":
         return frames
     from fastdec.video import to_uint8_frames

@@ -316,7 +316,7 @@ LOCAL_OPS = {
     aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.linalg_vector_norm.default,
     aten.clamp_min.default, aten.clamp_max.default, aten.native_batch_norm.default,
     aten._native_batch_norm_legit_no_training.default, aten.masked_fill.Scalar, aten.where.self,
-    torch.ops.fastdec.rms_norm_act.default,  # a norm over the channels of each position: row by row (DC-AE, Wan)
+    torch.ops.fastdec.rms_norm_act.default,  # RMS over the channels of each pixel (Wan, DC-AE)
 }
 
 
@@ -647,6 +647,47 @@ def _native_group_norm_rule(run, func, args, kwargs):
     return out, mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
 
 
+def _new_tensor_rule(run, func, args, kwargs):
+    """x.new_zeros(size) and friends: x only lends dtype and device. A result with a known slab height is made
+    directly as slabs (e.g. a video decoder's zero cache frame), never whole."""
+    x = args[0]
+    if not _is_slab(x):
+        return func(*args, **kwargs)
+    out = func(torch.empty(0, dtype=x.dtype, device=run.executor.device), *args[1:], **kwargs)
+    bounds = run.bounds_for(out.shape[-2]) if out.dim() >= 4 else None
+    if bounds is None:
+        return out
+    hdim = out.dim() - 2
+    return run.slab({t: run.executor.keep(out.narrow(hdim, bounds[t], bounds[t + 1] - bounds[t]).clone())
+                     for t in run.executor.local(len(bounds) - 1)}, bounds, hdim, out.shape, out.dtype)
+
+
+def _bilinear_rule(run, func, args, kwargs):
+    """Bilinear upsampling (align_corners=False) by an integer factor: output row y reads input rows around
+    (y + 0.5) / f - 0.5, so a slab takes one halo row from each neighbour (none at the image border, where the
+    op clamps) and keeps its own output rows."""
+    x = args[0]
+    x = run.as_slab(x, x.dim() - 2) if x.dim() == 4 else x
+    align_corners = args[2] if len(args) > 2 else kwargs.get("align_corners", False)
+    if not _is_slab(x):
+        return func(*args, **kwargs)
+    out_shape = _meta_run(func, (x, *args[1:]), kwargs).shape
+    rows_in, rows_out = x.shape[x.hdim], out_shape[x.hdim]
+    factor = rows_out // rows_in
+    scales = [a for a in args[3:] if a is not None] if func == aten.upsample_bilinear2d.default else []
+    if align_corners or x.hdim != 2 or rows_out % rows_in or any(scale != factor for scale in scales[:1]):
+        return run.gathered(func, (x, *args[1:]), kwargs)
+    out_bounds = tuple(b * factor for b in x.bounds)
+    needs = [(max(o0 // factor - 1, 0), min(o1 // factor + 1, rows_in)) for o0, o1 in pairwise(out_bounds)]
+
+    def compute(rows, t):
+        start = needs[t][0] * factor
+        full = torch.nn.functional.interpolate(rows, size=(rows.shape[2] * factor, out_shape[3]), mode="bilinear",
+                                               align_corners=False)
+        return full[:, :, out_bounds[t] - start:out_bounds[t + 1] - start]
+    return run.stencil(x, out_bounds, needs, compute, out_shape, x.dtype, "a bilinear upsampling")
+
+
 RULES: dict = {
     aten.convolution.default: _conv_rule,
     aten.pixel_shuffle.default: _shuffle_rule,
@@ -659,6 +700,12 @@ RULES: dict = {
     aten._upsample_nearest_exact2d.default: _upsample_rule,
     aten._upsample_nearest_exact3d.default: _upsample_rule,
     aten.constant_pad_nd.default: _pad_rule,
+    aten.upsample_bilinear2d.default: _bilinear_rule,
+    aten.upsample_bilinear2d.vec: _bilinear_rule,
+    aten.new_zeros.default: _new_tensor_rule,
+    aten.new_empty.default: _new_tensor_rule,
+    aten.new_ones.default: _new_tensor_rule,
+    aten.new_full.default: _new_tensor_rule,
     aten.view.default: _view_rule,
     aten._unsafe_view.default: _view_rule,
     aten.reshape.default: _view_rule,
@@ -723,7 +770,7 @@ def tiled_decode(decoder: nn.Module, latents: Tensor, tile_size: int, check_fini
 
     Slabs not being computed are held on ``storage`` (host memory), so device memory is bounded by one slab;
     the image is returned on the decoder's device, like ``decode``. Works for every fastdec decoder (4-D image and
-    5-D video latents: the slabs split the height)."""
+    5-D video latents: the slabs split the height; a video decoder's own frame chunking runs inside)."""
     check_latents(latents, decoder, check_finite)
     rows = latent_tile_rows(decoder, latents, tile_size)
     h = latents.shape[-2]

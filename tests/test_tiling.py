@@ -22,9 +22,16 @@ import fastdec
 from fastdec import ops, tiling
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.base import Decoder
+from fastdec.models.dcae import PRESETS as DCAE_PRESETS
 from fastdec.models.dcae import DCAEDecoder
+from fastdec.models.flux2 import Flux2VAEDecoder
+from fastdec.models.preview import LatentPreview
+from fastdec.models.svd import SVDDecoder
+from fastdec.models.tae_temporal import TAETemporalDecoder
+from fastdec.models.taehv import TAEHVDecoder
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
 from fastdec.models.vit import ViTDecoder
+from fastdec.models.wan import WanDecoder
 from fastdec.tiling import HostTiles, TiledRun, TileError, even_bounds, run_decode, tiled_decode
 
 TAEF2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "taef2"
@@ -69,27 +76,39 @@ class WideHaloDecoder(Decoder):
 
 def families() -> dict[str, Decoder]:
     """Tiny configurations of every family (fp32, random weights)."""
+    evit = dict(DCAE_PRESETS["efficientvit"][1], block_out_channels=(8, 8, 8, 16, 16, 16),
+                layers_per_block=(0, 1, 1, 0, 0, 0))
     return {
         "autoencoder_kl": AutoencoderKLDecoder(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
         "autoencoder_kl_flux": AutoencoderKLDecoder(
             latent_channels=16, block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=4,
             use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        "flux2": Flux2VAEDecoder(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1),
         "taesd": TAESDDecoder("taesd", width=16, blocks=(1, 1, 1, 1)),
         "taef2": TAESDDecoder("taef2", width=16, blocks=(2, 1, 1, 1)),
-        "efficientvit": DCAEDecoder(latent_channels=4, block_out_channels=(16, 16, 32), layers_per_block=(0, 1, 1),
-                                    norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 3),
-        "dcae_linear_attention": DCAEDecoder(
-            latent_channels=4, block_out_channels=(16, 16, 32), layers_per_block=(1, 1, 1),
-            block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), qkv_multiscales=((), (), (5,)),
-            attention_head_dim=8, upsample_block_type="interpolate"),
+        "dcae": DCAEDecoder(block_out_channels=(8, 8, 16, 16, 32, 32), attention_head_dim=8),
+        "dcae_efficientvit": DCAEDecoder(**evit, latent_channels=4),
         "vit": ViTDecoder(dim=32, depth=1, num_heads=2, mlp_ratio=1.0),
+        "preview": LatentPreview(4),
+        "wan": WanDecoder(base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                          latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
+        "taehv": TAEHVDecoder("taew2_1"),
+        "svd": SVDDecoder(block_out_channels=(32, 32), layers_per_block=1),
+        "tae_temporal": TAETemporalDecoder(width=64, blocks=(1, 1), attention_head_dim=32),
         "toy_video": ToyVideoDecoder(),
     }
 
 
+# Latent rows per slab tried for each family (the rest: 1 and 3); the ViT's latent patch is 2x2, and the video
+# families are slower, so they get one split.
+TILE_ROWS = {"vit": (2, 3), "dcae": (1,), "wan": (2,), "taehv": (2,), "svd": (2,), "tae_temporal": (2,)}
+LATENT_ROWS = {"dcae": 4, "dcae_efficientvit": 4, "wan": 6, "taehv": 6}
+
+
 def _latents(decoder: Decoder, rows: int = 10, cols: int = 6, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (2, decoder.latent_channels) + ((3,) if decoder.latent_ndim == 5 else ()) + (rows, cols)
+    video = decoder.latent_ndim == 5
+    shape = (1 if video else 2, decoder.latent_channels) + ((2,) if video else ()) + (rows, cols)
     return torch.randn(shape, generator=g)
 
 
@@ -98,21 +117,21 @@ def _latents(decoder: Decoder, rows: int = 10, cols: int = 6, seed: int = 0) -> 
 def test_tiled_equals_untiled(name):
     torch.manual_seed(0)
     decoder = families()[name].eval()
-    latents = _latents(decoder)
+    latents = _latents(decoder, rows=LATENT_ROWS.get(name, 10), cols=3 if name.startswith("dcae") else 6)
     with ops.reference_ops():  # the decomposition is under test, not the kernels (their own tests cover them)
         _check_tiled_equals_untiled(name, decoder, latents)
 
 
 def _check_tiled_equals_untiled(name, decoder, latents):
     reference = decoder.decode(latents)
-    factor = tiling.spatial_factor(decoder, latents)
-    smallest = 2 if name in ("vit", "dcae_linear_attention") else 1  # the ViT's 2x2 patch, DC-AE's 5x5 multi-scale
-    for rows in (smallest, 3):
-        run = TiledRun(HostTiles("cpu"), 10, even_bounds(10, -(-10 // rows)))
-        out = run.executor.gather(run_decode(decoder, latents, run))
+    h = latents.shape[-2]
+    for rows in TILE_ROWS.get(name, (1, 3)):
+        run = TiledRun(HostTiles("cpu"), h, even_bounds(h, -(-h // rows)))
+        out = run_decode(decoder, latents, run)
+        assert isinstance(out, tiling.SlabTensor), "the image is made in slabs, never whole"
+        out = run.executor.gather(out)
         assert out.shape == reference.shape
         assert relative_error(out, reference) < 1e-4, (name, rows)
-        assert tiled_decode(decoder, latents, rows * factor).shape == reference.shape
         # Only latent-resolution tensors are ever seen whole (attention, tokens): memory stays bounded by a slab.
         assert all(shape[-2] <= latents.shape[-2] for _, shape in run.gathers), run.gathers
 
@@ -138,6 +157,7 @@ def test_decode_api_and_decoder_option(caplog):
     reference = fastdec.decode(latents, decoder, tile_size=0)
     assert relative_error(fastdec.decode(latents, decoder, tile_size=16), reference) < 1e-4
     assert relative_error(fastdec.decode(latents[0], decoder, tile_size=24, output="tensor"), reference[0]) < 1e-4
+    assert relative_error(tiled_decode(decoder, latents, 8), reference) < 1e-4
     decoder.tile_size = 16
     try:
         assert relative_error(decoder.decode(latents), reference) < 1e-4
@@ -152,6 +172,14 @@ def test_decode_api_and_decoder_option(caplog):
         size = tiling.auto_tile_size(decoder, latents, free_bytes=need // 2)
     assert size is not None and size % 8 == 0 and size < 6 * 8
     assert "slabs of" in caplog.text and "GiB free" in caplog.text
+
+
+@torch.no_grad()
+def test_decode_api_video_latents():
+    decoder = families()["toy_video"].eval()
+    latents = _latents(decoder, rows=6)
+    frames = fastdec.decode(latents, decoder, tile_size=0)
+    assert relative_error(fastdec.decode(latents, decoder, tile_size=4), frames) < 1e-4
 
 
 def test_bad_input_errors():
