@@ -81,6 +81,9 @@ def test_decoder(benchmark, measure, device, cases, name, impl):
     with torch.no_grad():
         output = measure(fn, rounds=None if CUDA else 2)
 
+    if impl == "diffusers" and contender.entry.twin_is_other_model:  # e.g. Wan's VAE against taew2_1: timed only
+        assert torch.isfinite(output).all(), f"{name} {impl}: non-finite output"
+        return
     quality = bench.fidelity(bench.image_of(output, output_range), reference)
     benchmark.extra_info.update(max_abs_error=quality["max_abs_error"], psnr_db=quality["psnr_db"])
     assert quality["finite"], f"{name} {impl}: non-finite output"

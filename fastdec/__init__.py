@@ -2,6 +2,7 @@
 
 from fastdec import ops
 from fastdec.api import decode, load
+from fastdec.video import save_video
 
 __version__ = "0.1.0"
-__all__ = ["decode", "load", "ops"]
+__all__ = ["decode", "load", "ops", "save_video"]

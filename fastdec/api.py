@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec import tiling
 from fastdec.models.base import Decoder
+from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
 
 # name -> (Hub repo, subfolder) of a diffusers AutoencoderKL: exact decoders with trained weights.
@@ -32,6 +34,18 @@ HUB_VAES: dict[str, tuple[str, str | None]] = {
     "sdxl": ("stabilityai/sdxl-vae", None),
     "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
     "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
+    "svd": ("stabilityai/stable-video-diffusion-img2vid-xt", "vae"),  # an AutoencoderKLTemporalDecoder (gated)
+    "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),  # AutoencoderKLFlux2
+    "dc-ae": ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", None),  # AutoencoderDC, SANA's VAE
+}
+# diffusers VAE class (config.json _class_name) -> the fastdec decoder that loads it (its from_diffusers).
+DIFFUSERS_CLASSES = {
+    "AutoencoderKL": "AutoencoderKLDecoder",
+    "AutoencoderKLFlux2": "Flux2VAEDecoder",
+    "AutoencoderDC": "DCAEDecoder",
+    "AutoencoderKLWan": "WanDecoder",
+    "AutoencoderKLQwenImage": "WanDecoder",
+    "AutoencoderKLTemporalDecoder": "SVDDecoder",
 }
 # TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
 # https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
@@ -40,10 +54,16 @@ TAESD_PTH_ONLY = ("taef2",)
 TAESD_GITHUB = "https://github.com/madebyollin/taesd"
 ALIASES = {"sd1": "sd", "sd2": "sd", "flux1": "flux"}
 # Randomly initialised architectures (no published weights): load() warns, config overrides pass through.
-RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-b")
+RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-b", "tae-temporal")
 # decode() without a decoder: the TAESD-family decoder of the latent space with this many channels. 16 channels
 # are FLUX.1's (taef1); SD3 latents also have 16: pass decoder="taesd3" for them.
 DEFAULT_DECODERS = {4: "taesd", 16: "taef1", 32: "taef2"}
+# Video latents (B, C, T, h, w): the TAEHV decoders (madebyollin/taehv, <name>.pth on GitHub only), and the one
+# decode() picks by channel count where a single variant has that many channels (16: Wan 2.1's taew2_1, also
+# read by taehv/taecvx for HunyuanVideo/CogVideoX latents: pass decoder="taehv" or "taecvx" for those).
+TAEHV_NAMES = ("taehv", "taew2_1", "taew2_2", "taehv1_5", "taecvx", "taeltx_2")
+TAEHV_GITHUB = "https://github.com/madebyollin/taehv"
+DEFAULT_VIDEO_DECODERS = {16: "taew2_1", 32: "taehv1_5", 48: "taew2_2", 128: "taeltx_2"}
 OUTPUTS = ("tensor", "uint8", "pil")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -70,7 +90,7 @@ def shipped_weights() -> dict[str, Path]:
 
 def names() -> list[str]:
     """Every name load() accepts."""
-    return [*TAESD_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS, *shipped_weights()]
+    return [*TAESD_NAMES, *TAEHV_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS, *shipped_weights()]
 
 
 def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
@@ -79,18 +99,21 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     ``source`` is one of:
 
     * a fastdec ``Decoder``: moved/cast in place and returned;
-    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder) or ``AutoencoderTiny`` (-> TAESDDecoder); device and
-      dtype default to the VAE's;
+    * a diffusers ``AutoencoderKL`` (-> AutoencoderKLDecoder), ``AutoencoderKLFlux2`` (-> Flux2VAEDecoder),
+      ``AutoencoderDC`` (-> DCAEDecoder), ``AutoencoderKLWan`` / ``AutoencoderKLQwenImage`` (-> WanDecoder),
+      ``AutoencoderKLTemporalDecoder`` (Stable Video Diffusion, -> SVDDecoder) or ``AutoencoderTiny``
+      (-> TAESDDecoder); device and dtype default to the VAE's;
     * a folder: a fastdec ``save_pretrained`` folder, a diffusers VAE folder (config.json ``_class_name``
-      AutoencoderKL or AutoencoderTiny) or a pipeline folder with a ``vae/`` subfolder;
+      one of the diffusers classes above) or a pipeline folder with a ``vae/`` subfolder;
     * a madebyollin TAESD ``.pth`` decoder file (variant from the file name, e.g. taesdxl_decoder.pth, else from
       the weights);
     * a Hub repo id: owner/repo (a diffusers VAE repo, or a pipeline repo whose VAE is in vae/) or
       owner/repo/subfolder;
     * a name: a decoder trained by fastdec and shipped with it (``shipped_weights()``, offline); taesd, taesdxl,
-      taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1): the
-      exact VAE decoder; tae-192, efficientvit, efficientvit-attn, vit-s, vit-b: random weights (a
-      RandomWeightsWarning says so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
+      taesd3, taef1, taef2 (TAESD family); sd (sd1, sd2), sdxl, sd3, flux (flux1), flux2, dc-ae (SANA's): the exact
+      VAE decoder; svd: Stable Video Diffusion's video VAE decoder; tae-192, efficientvit, efficientvit-attn (DC-AE
+      configurations), vit-s, vit-b, tae-temporal (a video decoder): random weights (a RandomWeightsWarning says
+      so), and ``config_overrides`` such as ``latent_channels=16`` pass through.
 
     An existing path wins over a name. Trained weights fix the architecture, so config overrides are only accepted
     for the random presets.
@@ -116,6 +139,9 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
         return _from_folder(shipped[name], device, dtype)
     if name in RANDOM_PRESETS:
         return _random_preset(name, device, dtype, config_overrides)
+    if name in TAEHV_NAMES:
+        _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
+        return _taehv_from_name(name, device, dtype)
     if name in TAESD_NAMES or name in HUB_VAES:
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_name(name, device, dtype)
@@ -128,14 +154,30 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     )
 
 
-def default_decoder_name(latent_channels: int) -> str:
-    """The TAESD-family decoder decode() uses for latents with this many channels."""
+def default_decoder_name(latent_channels: int,
+                         how: str = "decoder=<a name, path or Decoder for this latent space>") -> str:
+    """The TAESD-family decoder decode() uses for latents with this many channels; ``how`` says how to pass one
+    in the caller's words (the CLI: --decoder)."""
     if latent_channels not in DEFAULT_DECODERS:
         raise ValueError(
             f"no default decoder for {latent_channels}-channel latents (defaults exist for "
-            f"{sorted(DEFAULT_DECODERS)} channels): pass decoder=<a name, path or Decoder for this latent space>"
+            f"{sorted(DEFAULT_DECODERS)} channels): pass {how}"
         )
     return DEFAULT_DECODERS[latent_channels]
+
+
+def default_video_decoder_name(latent_channels: int) -> str:
+    """The video decoder decode() uses for video latents (B, C, T, h, w) with this many channels."""
+    if latent_channels not in DEFAULT_VIDEO_DECODERS:
+        from fastdec.models.taehv import VARIANTS
+
+        choices = ", ".join(f"{name} ({v.latents_of}, {v.latent_channels} ch)" for name, v in VARIANTS.items())
+        raise ValueError(
+            f"no default decoder for {latent_channels}-channel video latents (defaults exist for "
+            f"{sorted(DEFAULT_VIDEO_DECODERS)} channels): pass decoder=<a video decoder for this latent space>; "
+            f"the TAEHV choices: {choices}; Stable Video Diffusion (4 ch): svd, tae-temporal"
+        )
+    return DEFAULT_VIDEO_DECODERS[latent_channels]
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -146,11 +188,19 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: bool | None = None):
+def decode(
+    latents: Tensor,
+    decoder=None,
+    output: str = "tensor",
+    check_finite: bool | None = None,
+    image_size: tuple[int, int] | None = None,
+    tile_size: int | None = None,
+):
     """Diffusion latents -> images in [0, 1], through the decoder's own latent convention.
 
     ``latents`` are what a diffusion model produces (a diffusers pipeline's ``output_type="latent"``), shaped
-    (C, h, w) or (B, C, h, w), any float dtype (cast to the decoder's), on the decoder's device.
+    (C, h, w) or (B, C, h, w), or video latents (B, C, T, h, w), any float dtype (cast to the decoder's), on the
+    decoder's device.
 
     ``decoder``: None picks the TAESD-family decoder for the channel count (4: taesd, 16: taef1, 32: taef2; for SD3
     latents pass ``decoder="taesd3"``), loaded on the latents' device in ``default_dtype`` and cached. A name is
@@ -160,24 +210,47 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
     ``output``: "tensor": (B, 3, H, W) in the decoder's dtype; "uint8": (B, H, W, 3) uint8, round(255 * x);
     "pil": a list of PIL images. An unbatched (C, h, w) input gives one image: (3, H, W), (H, W, 3) or an Image.
 
+    Video latents (B, C, T, h, w) go to a video decoder (latent_ndim 5; None picks one by channel count: 16:
+    taew2_1, 32: taehv1_5, 48: taew2_2, 128: taeltx_2) and give frames: "tensor" (B, T_out, 3, H, W), "uint8"
+    (B, T_out, H, W, 3), "pil" one list of frames per video. TAEHV decoders decode the whole clip at once, or in
+    chunks of latent frames when the clip is large (see TAEHVDecoder.decode; the same frames either way).
+
     ``check_finite``: the NaN/Inf check on the latents (a host read-back); None runs it in eager use unless
     FASTDEC_CHECK_FINITE=0, False skips it; it never runs under torch.compile or CUDA-graph capture.
+
+    FLUX.2 (decoder "flux2", a loaded AutoencoderKLFlux2, or ``PackedLatentsDecoder(taef2, vae)``): raw VAE latents
+    (B, 32, H/8, W/8) and packed ones (B, 128, H/16, W/16) are told apart by their channels; the token sequence
+    ``Flux2Pipeline(output_type="latent")`` returns, (B, H*W/256, 128), needs ``image_size=(H, W)``, the size the
+    pipeline generated, to be laid out on its grid (fastdec.models.flux2).
+
+    ``tile_size``: decode in exact horizontal slabs of this many pixel rows (a multiple of the decoder's
+    latent-to-pixel factor, e.g. 8), same pixels as untiled, device memory bounded by one slab (fastdec.tiling);
+    0 never tiles; None (default) uses the decoder's ``tile_size`` attribute, else tiles only when the untiled
+    decode would not fit in free CUDA memory (and logs that it does).
     """
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
     check_latents_tensor(latents)
+    if image_size is not None:  # FLUX.2 tokens (B, N, C) -> the packed grid (B, C, h, w)
+        from fastdec.models.flux2 import tokens_to_grid
+
+        latents = tokens_to_grid(latents, *image_size)
+    if latents.dim() == 5:
+        return _decode_video(latents, decoder, output, check_finite, tile_size)
     if latents.dim() not in (3, 4):
         raise ValueError(
-            f"latents must be (C, h, w) or (B, C, h, w), got shape {tuple(latents.shape)}: "
-            "video latents (B, C, T, h, w) go frame by frame, e.g. latents.transpose(1, 2).flatten(0, 1)"
+            f"latents must be (C, h, w) or (B, C, h, w) image latents or (B, C, T, h, w) video latents, got shape "
+            f"{tuple(latents.shape)}"
         )
     unbatched = latents.dim() == 3
     batch = latents.unsqueeze(0) if unbatched else latents
     decoder = _decoder_for(batch, decoder)
     check_latents(batch, decoder, check_finite)
+    if hasattr(decoder, "raw_latents"):  # FLUX.2: packed latents unpacked before tiling sees them
+        batch = decoder.raw_latents(batch)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
-        images = decoder.decode(batch.to(weights_dtype), check_finite=False)  # checked above, before the cast
+        images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
     if output == "tensor":
         return images[0] if unbatched else images
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -192,11 +265,31 @@ def decode(latents: Tensor, decoder=None, output: str = "tensor", check_finite: 
 # --- decode() helpers ----------------------------------------------------------------------------------------------
 
 
+def _decode_video(latents: Tensor, decoder, output: str, check_finite: bool | None, tile_size: int | None = None):
+    """decode() for (B, C, T, h, w): any Decoder with latent_ndim 5 (check_latents refuses an image decoder)."""
+    decoder = _decoder_for(latents, decoder)
+    check_latents(latents, decoder, check_finite)
+    _, weights_dtype = weights_device_and_dtype(decoder)
+    with torch.no_grad():
+        frames = tiling.decode(decoder, latents.to(weights_dtype), tile_size, check_finite=False)  # checked above
+    if output == "tensor":
+        return frames
+    from fastdec.video import to_uint8_frames
+
+    pixels = torch.stack([to_uint8_frames(video) for video in frames])
+    if output == "uint8":
+        return pixels.to(frames.device)
+    from PIL import Image
+
+    return [[Image.fromarray(array) for array in video] for video in pixels.numpy()]
+
+
 def _decoder_for(latents: Tensor, decoder) -> Decoder:
     if isinstance(decoder, Decoder):
         return decoder
     if decoder is None:
-        decoder = default_decoder_name(latents.shape[1])
+        video = latents.dim() == 5
+        decoder = (default_video_decoder_name if video else default_decoder_name)(latents.shape[1])
     if isinstance(decoder, str) and not Path(decoder).expanduser().exists():
         return _cached_decoder(decoder.lower(), latents.device, default_dtype(latents.device))
     return load(decoder, device=latents.device, dtype=default_dtype(latents.device))
@@ -220,20 +313,28 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 
 def _decoder_classes() -> dict[str, type[Decoder]]:
     from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-    from fastdec.models.efficientvit import EfficientViTDecoder
+    from fastdec.models.dcae import DCAEDecoder
+    from fastdec.models.flux2 import Flux2VAEDecoder
     from fastdec.models.preview import LatentPreview
+    from fastdec.models.svd import SVDDecoder
+    from fastdec.models.tae_temporal import TAETemporalDecoder
+    from fastdec.models.taehv import TAEHVDecoder
     from fastdec.models.taesd import TAESDDecoder
     from fastdec.models.vit import ViTDecoder
+    from fastdec.models.wan import WanDecoder
 
-    classes = (AutoencoderKLDecoder, TAESDDecoder, EfficientViTDecoder, ViTDecoder, LatentPreview)
+    classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, DCAEDecoder, ViTDecoder, TAEHVDecoder,
+               SVDDecoder, TAETemporalDecoder, WanDecoder, LatentPreview)
     return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
-    from fastdec.models import efficientvit, vit
+    from fastdec.models import dcae, vit
+    from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taesd import TAESDDecoder
 
-    presets = {**efficientvit.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192"))}
+    presets = {**dcae.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192")),
+               "tae-temporal": (TAETemporalDecoder, {})}
     cls, config = presets[name]
     config = {"latent_channels": 4, **config, **config_overrides}
     with torch.device(device or "cpu"):  # initialise where it will run: no CPU copy of a large model
@@ -249,20 +350,18 @@ def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
 
 def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
-    kind = None
+    kind, kinds = None, (*DIFFUSERS_CLASSES, "AutoencoderTiny")
     if diffusers is not None:
-        kind = next((k for k in ("AutoencoderKL", "AutoencoderTiny") if isinstance(vae, getattr(diffusers, k))), None)
+        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k, ()))), None)
     if kind is None:
         raise TypeError(
-            f"load() takes fastdec Decoders and diffusers AutoencoderKL / AutoencoderTiny modules, got a "
+            f"load() takes fastdec Decoders and diffusers {' / '.join(kinds)} modules, got a "
             f"{type(vae).__module__}.{type(vae).__name__}"
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
     device, dtype = device or weights_device, dtype or weights_dtype
-    if kind == "AutoencoderKL":
-        from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-
-        return AutoencoderKLDecoder.from_diffusers(vae, device=device, dtype=dtype)
+    if kind in DIFFUSERS_CLASSES:
+        return _decoder_classes()[DIFFUSERS_CLASSES[kind]].from_diffusers(vae, device=device, dtype=dtype)
     from fastdec.models.taesd import TAESDDecoder
 
     variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
@@ -272,6 +371,10 @@ def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
 def _from_path(path: Path, device, dtype) -> Decoder:
     if path.is_dir():
         return _from_folder(path, device, dtype)
+    if _is_taehv_file(path):
+        from fastdec.models.taehv import TAEHVDecoder
+
+        return _reading(path, lambda: TAEHVDecoder.from_file(path)).to(device=device, dtype=dtype)
     if path.suffix in (".pth", ".pt"):
         from fastdec.models.taesd import TAESDDecoder
 
@@ -306,16 +409,16 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
         cls = classes[config["class"]]
         return _reading(folder, lambda: cls.from_pretrained(folder)).to(device=device, dtype=dtype)
     kind = config.get("_class_name")
-    if kind == "AutoencoderKL":
-        cls = classes["AutoencoderKLDecoder"]
+    if kind in DIFFUSERS_CLASSES:
+        cls = classes[DIFFUSERS_CLASSES[kind]]
         return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
     if kind == "AutoencoderTiny":
         variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
         cls = classes["TAESDDecoder"]
         return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
     raise ValueError(
-        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers AutoencoderKL or "
-        f"AutoencoderTiny (_class_name is {kind!r})"
+        f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers "
+        f"{', '.join(DIFFUSERS_CLASSES)} or AutoencoderTiny (_class_name is {kind!r})"
     )
 
 
@@ -332,9 +435,9 @@ def _reading(source: Path, read):
     except FileNotFoundError:
         raise
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
+        advice = read_error_advice(error, "the file is truncated or corrupt; re-download it")
         raise ValueError(
-            f"could not read the weights in {source} ({type(error).__name__}: {str(error).splitlines()[0]}): the "
-            "file is truncated or corrupt; re-download it"
+            f"could not read the weights in {source} ({type(error).__name__}: {read_error_reason(error)}): {advice}"
         ) from error
 
 
@@ -398,10 +501,44 @@ def _from_name(name: str, device, dtype) -> Decoder:
     return _from_folder(_hub_folder(name, repo, subfolder, home), device, dtype, variant)
 
 
+def _is_taehv_file(path: Path) -> bool:
+    """madebyollin's TAEHV files: a variant's name (taew2_1.pth), or weights keyed decoder.N.* (a TAESD .pth is
+    keyed N.*; a diffusers .safetensors sits next to a config.json)."""
+    from fastdec.models.taehv import variant_of_name
+
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        return False
+    if variant_of_name(path.stem) is not None:
+        return True
+    if path.suffix == ".safetensors":
+        return not (path.parent / "config.json").is_file()
+    from fastdec.models.taesd import _read_pth
+
+    return "decoder.1.weight" in _reading(path, lambda: _read_pth(path, "decoder"))
+
+
+def _taehv_from_name(name: str, device, dtype) -> Decoder:
+    """<name>.safetensors or <name>.pth in $FASTDEC_HOME (madebyollin publishes them on GitHub, not the Hub)."""
+    from fastdec.models.taehv import TAEHVDecoder
+
+    home = fastdec_home()
+    for path in (home / f"{name}.safetensors", home / f"{name}.pth"):
+        if path.is_file():
+            return _reading(path, lambda path=path: TAEHVDecoder.from_file(path, name)).to(device=device, dtype=dtype)
+    raise FileNotFoundError(
+        f"fastdec.load({name!r}): {name}.pth not found in {home} (FASTDEC_HOME). It is published on GitHub: download "
+        f"{TAEHV_GITHUB}/raw/main/{name}.pth into {home}/, or pass its path: fastdec.load('/path/to/{name}.pth')"
+    )
+
+
 def _from_hub_id(hub_id: str, device, dtype) -> Decoder:
     """owner/repo (a VAE repo, or a pipeline repo whose VAE is in vae/) or owner/repo/subfolder on the Hub."""
     owner, repo, *subfolder = hub_id.split("/")
     repo_id, home = f"{owner}/{repo}", fastdec_home()
+    # $FASTDEC_HOME/<hub id>/ first: where the offline error tells the user to put the files (a pipeline's vae/ too).
+    for local in (home / hub_id, home / hub_id / "vae"):
+        if (local / "config.json").is_file():
+            return _from_folder(local, device, dtype, None)
     if subfolder:
         return _from_folder(_hub_folder(hub_id, repo_id, subfolder[0], home), device, dtype, None)
     try:

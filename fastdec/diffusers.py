@@ -6,7 +6,8 @@ VAE's config: ``z = x / scaling_factor + shift_factor`` (SD, SDXL, SD3, FLUX.1, 
 pipeline). FLUX.2's VAE has no scaling_factor in its config and its pipeline passes the raw VAE latents, which is
 the space the taef2 decoder reads. ``FastdecVAE`` keeps the original VAE's config, so the pipeline computes the
 same z and the same ``vae_scale_factor``; it maps z back to x and into the fastdec decoder's convention
-(``x / decoder.scaling_factor + decoder.shift_factor``, one per-channel affine map, skipped when it is the identity)
+(``decoder.latent_affine()``: ``x / scaling_factor + shift_factor``, or the decoder's own latents_mean/std; one
+per-channel affine map, skipped when it is the identity)
 and returns images in [-1, 1], as the pipeline's postprocessing expects.
 
 Precision follows the pipeline: ``force_upcast`` in the wrapper's config says whether *the fastdec decoder*
@@ -40,9 +41,10 @@ class FastdecVAE(nn.Module):
     def __init__(self, original: nn.Module, decoder: Decoder, force_upcast: bool | None = None):
         super().__init__()
         config = dict(original.config)
-        if config.get("latent_channels", decoder.latent_channels) != decoder.latent_channels:
+        channels = config.get("latent_channels", config.get("z_dim", decoder.latent_channels))  # z_dim: video VAEs
+        if channels != decoder.latent_channels:
             raise ValueError(
-                f"the pipeline's VAE has {config['latent_channels']} latent channels but {type(decoder).__name__} "
+                f"the pipeline's VAE has {channels} latent channels but {type(decoder).__name__} "
                 f"decodes {decoder.latent_channels}: swap in a decoder of this latent space"
             )
         if force_upcast is None:
@@ -74,24 +76,40 @@ class FastdecVAE(nn.Module):
             raise AttributeError(f"the original {type(self.original).__name__} has no 'bn' (latent statistics)")
         return self.original.bn
 
-    def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
+    def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None,
+               num_frames: int | None = None):
         """The VAE's decode: latents in the VAE's space -> images in [-1, 1] (``DecoderOutput`` or a 1-tuple).
 
-        ``generator`` is accepted for the pipelines that pass it; decoding is deterministic.
+        ``generator`` is accepted for the pipelines that pass it; decoding is deterministic. ``num_frames``: see
+        ``forward``.
         """
-        image = self(z)
+        image = self(z, num_frames)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
-    def forward(self, z: Tensor) -> Tensor:
-        if z.dim() != 4:
-            raise ValueError(f"FastdecVAE decodes image latents (B, C, h, w), got shape {tuple(z.shape)}")
+    def forward(self, z: Tensor, num_frames: int | None = None) -> Tensor:
+        """``num_frames``: StableVideoDiffusionPipeline passes per-frame latents (B*T, C, h, w), clip after clip, with
+        the clip length T (it looks for this parameter in ``forward``'s signature). Decoders of per-frame video
+        latents (``decode_frames``: SVDDecoder, TAETemporalDecoder) need it; image decoders decode every frame on
+        its own and do not use it. Video decoders of (B, C, T, h, w) latents (``latent_ndim`` 5, e.g. WanDecoder)
+        take what WanPipeline passes, 5-D latents."""
+        per_frame_video, video = hasattr(self.decoder, "decode_frames"), _takes_5d_latents(self.decoder)
+        if z.dim() != (5 if video else 4):
+            layout = "video latents (B, C, T, h, w)" if video else "image latents (B, C, h, w)"
+            raise ValueError(f"FastdecVAE with a {type(self.decoder).__name__} decodes {layout}, got {tuple(z.shape)}")
+        if per_frame_video and num_frames is None:
+            raise ValueError(
+                f"{type(self.decoder).__name__} decodes clips of per-frame latents: pass num_frames (frames per clip), "
+                "as StableVideoDiffusionPipeline does"
+            )
         z = z.to(self.dtype)
         if self.input_scale is not None:
-            shape = (1, -1, 1, 1)
+            shape = (1, -1) + (1,) * (z.dim() - 2)
             scale = torch.tensor(self.input_scale, dtype=z.dtype, device=z.device).view(shape)
             offset = torch.tensor(self.input_offset, dtype=z.dtype, device=z.device).view(shape)
             z = z * scale + offset
-        image = self.decoder(z)
+        if video:  # the video contract: decode(diffusion latents) -> frames (B, T, 3, H, W) in [0, 1]
+            return self.decoder.decode(z, check_finite=False).transpose(1, 2) * 2 - 1
+        image = self.decoder.decode_frames(z, num_frames) if per_frame_video else self.decoder(z)
         return image * 2 - 1 if self.decoder.output_range == "0,1" else image
 
     def encode(self, *args, **kwargs):
@@ -99,11 +117,21 @@ class FastdecVAE(nn.Module):
         return self.original.encode(*args, **kwargs)
 
 
+def _takes_5d_latents(decoder: Decoder) -> bool:
+    """A video decoder that the pipeline hands (B, C, T, h, w) latents (WanPipeline); per-frame video decoders
+    (``decode_frames``: SVD, tae-temporal) get (B*T, C, h, w) from StableVideoDiffusionPipeline instead."""
+    return getattr(decoder, "latent_ndim", 4) == 5 and not hasattr(decoder, "decode_frames")
+
+
 def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list[float] | None]:
     """Per-channel (scale, offset) taking the pipeline's z to the decoder's input, or (None, None) for identity.
 
     z -> diffusion latents x: x = (z - shift) * s, or x = (z - mean) * s / std with latents_mean/std; then the
-    decoder's input is x / s_d + t_d. Computed in float64, cast once at decode time.
+    decoder's input is x * scale_d + offset_d (``decoder.latent_affine()``: 1 / s_d and t_d, or std_d / s_d and
+    mean_d for a decoder with its own latents_mean/std). Computed in float64, cast once at decode time; a map within
+    float64 rounding of the identity (the decoder of the pipeline's own VAE) is skipped. Video decoders of 5-D
+    latents (_takes_5d_latents) are called through ``decode``, which takes x itself and applies their own
+    convention: there the map ends at x.
     """
     channels = decoder.latent_channels
     scaling = config.get("scaling_factor") or 1.0
@@ -113,9 +141,15 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
             raise ValueError(f"latents_mean/latents_std of the VAE config need {channels} values each")
     else:
         mean, std = [config.get("shift_factor") or 0.0] * channels, [1.0] * channels
-    scale = [scaling / (s * decoder.scaling_factor) for s in std]
-    offset = [decoder.shift_factor - m * a for m, a in zip(mean, scale, strict=True)]
-    if all(a == 1.0 for a in scale) and all(b == 0.0 for b in offset):
+    decoder_scale, decoder_offset = decoder.latent_affine()
+    if _takes_5d_latents(decoder):
+        decoder_scale, decoder_offset = [1.0] * channels, [0.0] * channels
+    scale = [scaling / s * a for s, a in zip(std, decoder_scale, strict=True)]
+    offset = [b - m * a for m, a, b in zip(mean, scale, decoder_offset, strict=True)]
+    identity = all(abs(a - 1.0) <= 1e-12 for a in scale) and all(
+        abs(b) <= 1e-12 * (1 + abs(m)) for b, m in zip(offset, mean, strict=True)
+    )
+    if identity:
         return None, None
     return scale, offset
 
@@ -133,10 +167,12 @@ def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
     if not isinstance(decoder, Decoder):
         decoder = load(decoder, device=original.device, dtype=original.dtype)
     wrapper = FastdecVAE(original, decoder, force_upcast)
-    expected = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(original.config.block_out_channels) - 1)
-    probe = torch.zeros(1, decoder.latent_channels, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
+    expected = (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)  # video
+                or 2 ** (len(original.config.block_out_channels) - 1))
+    frames = (1,) if _takes_5d_latents(decoder) else ()
+    probe = torch.zeros(1, decoder.latent_channels, *frames, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
     with torch.no_grad():
-        factor = wrapper(probe).shape[-1] // 2
+        factor = wrapper(probe, num_frames=1).shape[-1] // 2
     if factor != expected:
         raise ValueError(
             f"{type(decoder).__name__} upsamples latents {factor}x but the pipeline expects its VAE to upsample "

@@ -16,7 +16,9 @@ Models call these ops only, never the kernels directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -59,6 +61,25 @@ def _triton_on_cpu() -> bool:
     return not _force_reference and interpreter_requested() and triton_interpreting()
 
 
+# Triton's interpreter patches triton.language process-wide while it runs a kernel, so two threads interpreting at
+# once break each other ("_semantic argument must be provided outside of JIT functions"): one launch at a time.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _interpreted(launcher):
+    """``launcher`` (a Triton launcher run on CPU through the interpreter) serialised by the interpreter lock."""
+    @functools.wraps(launcher)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    return locked
+
+
+def _cpu_kernel(launcher, reference):
+    """A Triton op's CPU kernel: the launcher in the interpreter (serialised) when requested, else the reference."""
+    return _interpreted(launcher) if _triton_on_cpu() else reference
+
+
 def _triton_on_cuda() -> bool:
     return not _force_reference and TRITON_IMPORT_ERROR is None and not triton_interpreting()
 
@@ -71,7 +92,7 @@ def group_norm_act(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-6, act: str = "none"
 ) -> Tensor:
     """act(group_norm(x)) for 4-D (N,C,H,W) or 5-D (N,C,T,H,W) x; act in {"none", "silu", "relu"}."""
-    fn = _group_norm_act.group_norm_act_triton if _triton_on_cpu() else _group_norm_act.group_norm_act_reference
+    fn = _cpu_kernel(_group_norm_act.group_norm_act_triton, _group_norm_act.group_norm_act_reference)
     return fn(x, num_groups, weight, bias, eps, act)
 
 
@@ -117,7 +138,7 @@ def rms_norm_act(
 ) -> Tensor:
     """act(x / rms_c(x) * weight + bias), channel RMS per position of 4-D/5-D x; eps_mode "add" (RMSNorm,
     rsqrt(ms + eps)) or "clamp" (Wan, 1 / max(rms, eps)); see kernels/rms_norm_act.py."""
-    fn = _rms_norm_act.rms_norm_act_triton if _triton_on_cpu() else _rms_norm_act.rms_norm_act_reference
+    fn = _cpu_kernel(_rms_norm_act.rms_norm_act_triton, _rms_norm_act.rms_norm_act_reference)
     return fn(x, weight, bias, eps, act, eps_mode)
 
 
@@ -154,7 +175,7 @@ rms_norm_act.register_autograd(_rms_norm_act_backward, setup_context=_rms_norm_a
 @torch.library.custom_op("fastdec::attention", mutates_args=(), device_types="cpu")
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """softmax(q k^T * scale) v for (B, H, N, D) tensors, head_dim up to 512; scale defaults to D ** -0.5."""
-    fn = _attention.attention_triton if _triton_on_cpu() else _attention.attention_reference
+    fn = _cpu_kernel(_attention.attention_triton, _attention.attention_reference)
     return fn(q, k, v, scale)
 
 
@@ -198,7 +219,7 @@ def patch_unembed(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """(B, grid_h*grid_w, p*p*C) tokens -> (B, C, grid_h*p, grid_w*p) image; see kernels/patch_unembed.py."""
-    fn = _patch_unembed.patch_unembed_triton if _triton_on_cpu() else _patch_unembed.patch_unembed_reference
+    fn = _cpu_kernel(_patch_unembed.patch_unembed_triton, _patch_unembed.patch_unembed_reference)
     return fn(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
 
 

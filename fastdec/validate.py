@@ -78,12 +78,16 @@ def check_latents(latents: object, decoder: nn.Module, check_finite: bool | None
         else:
             advice = f"reshape them to {layout}"
         raise ValueError(f"{name} expects latents shaped {layout}, got shape {shape}: {advice}")
-    if shape[1] != decoder.latent_channels:
-        from fastdec.api import DEFAULT_DECODERS  # the names registry; imported here, api imports this module
+    packed = getattr(decoder, "packed_latent_channels", None)  # FLUX.2 decoders also take packed latents
+    if shape[1] != decoder.latent_channels and shape[1] != packed:
+        from fastdec.api import DEFAULT_DECODERS, DEFAULT_VIDEO_DECODERS  # imported here: api imports this module
 
-        example = f" (e.g. decoder={DEFAULT_DECODERS[shape[1]]!r})" if shape[1] in DEFAULT_DECODERS else ""
+        defaults = DEFAULT_VIDEO_DECODERS if ndim == 5 else DEFAULT_DECODERS
+        example = f" (e.g. decoder={defaults[shape[1]]!r})" if shape[1] in defaults else ""
         raise ValueError(
-            f"latents have {shape[1]} channels but {name} expects {decoder.latent_channels}: pass a decoder for "
+            f"latents have {shape[1]} channels but {name} expects {decoder.latent_channels}"
+            + (f" (or {packed}: FLUX.2's packed latents)" if packed else "")
+            + f": pass a decoder for "
             f"{shape[1]}-channel latents{example}, or check the channel axis (dim 1 of {layout})"
         )
     if 0 in shape:

@@ -33,7 +33,7 @@ def triton_launches(monkeypatch) -> collections.Counter:
 @pytest.fixture
 def offline(tmp_path, monkeypatch) -> Path:
     """No test reaches the network or a real cache: Hub offline, empty Hub cache, empty FASTDEC_HOME (returned)."""
-    import huggingface_hub
+    import huggingface_hub.constants
 
     from fastdec import api
 
@@ -45,3 +45,25 @@ def offline(tmp_path, monkeypatch) -> Path:
     api._cached_decoder.cache_clear()
     yield home
     api._cached_decoder.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def batch_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder of 40 small latent files and 3 bad ones, tiny saved TAESD decoder): helpers.make_latent_dataset."""
+    from helpers import make_latent_dataset
+
+    return make_latent_dataset(tmp_path_factory.mktemp("batch"))
+
+
+@pytest.fixture(scope="module")
+def batch_local_run(batch_dataset, tmp_path_factory) -> Path:
+    """The output folder of one uninterrupted local ``fastdec batch`` run over batch_dataset (batch size 3)."""
+    from helpers import BATCH_FAILED, BATCH_ITEMS
+
+    from fastdec.batch import decode_dataset
+
+    folder, decoder = batch_dataset
+    out = tmp_path_factory.mktemp("local") / "out"
+    report = decode_dataset(folder, out, str(decoder), batch_size=3, progress=False)
+    assert (report.done, report.skipped, report.failed) == (BATCH_ITEMS, 0, len(BATCH_FAILED))
+    return out

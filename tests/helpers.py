@@ -95,3 +95,67 @@ def compile_fullgraph(module, *args) -> tuple[torch.Tensor, torch.Tensor]:
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         return compiled(*args), module(*args)
+
+
+def make_latent_dataset(root, files: int = 40, side: int = 6) -> tuple:
+    """A tiny batch-decoding dataset under ``root``: (folder of ``files`` latent files, saved tiny TAESD decoder).
+    Files alternate .safetensors/.pt/.npy and hold one latent (C, h, w) or a batch of 2 or 3; two latent sizes;
+    plus ``corrupt.pt`` (not a tensor file), ``channels16.npy`` (16 channels for a 4-channel decoder) and
+    ``nan_batch.pt`` (a batch of 3 whose middle latent is NaN)."""
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from fastdec.models.taesd import TAESDDecoder
+
+    root = Path(root)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    decoder = root / "decoder"
+    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(decoder)
+    folder = root / "latents"
+    folder.mkdir()
+    for index in range(files):
+        count = (None, 2, 3)[index % 3]
+        size = side if index % 4 else side + 2
+        shape = (4, size, size) if count is None else (count, 4, size, size)
+        latents = torch.randn(*shape, generator=generator)
+        name = folder / f"sample{index:03d}"
+        if index % 3 == 0:
+            save_file({"latents": latents}, str(name.with_suffix(".safetensors")))
+        elif index % 3 == 1:
+            torch.save(latents, name.with_suffix(".pt"))
+        else:
+            np.save(name.with_suffix(".npy"), latents.numpy())
+    (folder / "corrupt.pt").write_bytes(b"not a torch file")
+    np.save(folder / "channels16.npy", torch.randn(16, side, side, generator=generator).numpy())
+    nan_batch = torch.randn(3, 4, side, side, generator=generator)
+    nan_batch[1, 0, 0, 0] = float("nan")
+    torch.save(nan_batch, folder / "nan_batch.pt")
+    return folder, decoder
+
+
+BATCH_ITEMS = 81  # make_latent_dataset: 79 latents in the 40 sample files + 2 good latents of nan_batch.pt
+BATCH_FAILED = {"corrupt", "channels16_000", "nan_batch_001"}
+
+
+def batch_manifest(out) -> dict[str, dict]:
+    """manifest.jsonl of a ``fastdec batch`` output folder by id, checking that no id is listed twice."""
+    import json
+
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    by_id = {record["id"]: record for record in records}
+    assert len(by_id) == len(records), "an id is listed twice"
+    return by_id
+
+
+def batch_failures(out) -> dict[str, str]:
+    import json
+
+    return {r["id"]: r["reason"] for r in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+
+
+def batch_images(out) -> dict[str, bytes]:
+    """The image files of an output folder, name -> bytes."""
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir()) if path.suffix in (".png", ".webp", ".jpg")}

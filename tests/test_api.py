@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING
 import fastdec
 from fastdec import api
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-from fastdec.models.efficientvit import EfficientViTDecoder
+from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
 
 SHARED_TAEF2 = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "taef2"
@@ -103,7 +104,7 @@ def test_load_diffusers_autoencoder_tiny_decodes_like_diffusers():
 
 
 def test_load_rejects_other_modules_and_objects():
-    with pytest.raises(TypeError, match="diffusers AutoencoderKL / AutoencoderTiny"):
+    with pytest.raises(TypeError, match="AutoencoderKL / AutoencoderKLFlux2 / AutoencoderDC / AutoencoderTiny"):
         fastdec.load(torch.nn.Conv2d(4, 4, 1))
     with pytest.raises(TypeError, match="a name, a path"):
         fastdec.load(42)
@@ -121,7 +122,8 @@ def test_load_fastdec_saved_folder(tmp_path):
     assert isinstance(loaded, TAESDDecoder) and loaded.config == decoder.config
     assert_same_weights(loaded, decoder)
     torch.manual_seed(0)
-    other = EfficientViTDecoder(latent_channels=4, widths=(16, 16, 32), depths=(0, 1, 0), norm_groups=8).eval()
+    other = DCAEDecoder(latent_channels=4, block_out_channels=(16, 16, 32), layers_per_block=(0, 1, 0),
+                        qkv_multiscales=((),) * 3).eval()
     other.save_pretrained(tmp_path / "efficientvit")
     assert_same_weights(fastdec.load(str(tmp_path / "efficientvit")), other)
 
@@ -412,9 +414,10 @@ def test_decode_bad_inputs_say_what_to_do(decoder):
         poisoned[0, 1, 1, 0] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
             fastdec.decode(poisoned, decoder)
-    for shape in [(4, 2), (1, 1, 4, 2, 2)]:
-        with pytest.raises(ValueError, match="\\(C, h, w\\) or \\(B, C, h, w\\)"):
-            fastdec.decode(latents(*shape), decoder)
+    with pytest.raises(ValueError, match="\\(C, h, w\\) or \\(B, C, h, w\\)"):
+        fastdec.decode(latents(4, 2), decoder)
+    with pytest.raises(ValueError, match="look like video latents \\(B, C, T, h, w\\).*use a video decoder"):
+        fastdec.decode(latents(1, 1, 4, 2, 2), decoder)  # 5-D: the video path, which refuses an image decoder
     with pytest.raises(TypeError, match="float tensor.*latents.float\\(\\)"):
         fastdec.decode(torch.ones(1, 4, 2, 2, dtype=torch.int64), decoder)
     with pytest.raises(TypeError, match="torch.from_numpy"):
@@ -465,3 +468,22 @@ def test_hub_repo_ids_resolve_repo_and_subfolder(offline, tmp_path, monkeypatch,
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(decoder(z), vae.decode(z).sample, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hub_id", ["madebyollin/taesd", "org/pipeline-repo", "org/repo/decoder_vae"])
+def test_hub_id_offline_advice_followed_literally_loads(offline, hub_id):
+    """The offline error names a folder under FASTDEC_HOME; files put exactly there are found by the same call."""
+    with pytest.raises(FileNotFoundError) as error:
+        fastdec.load(hub_id)
+    match = re.search(r"Fetch config\.json and (\S+) from .*? into (\S+)/ ", str(error.value))
+    assert match, str(error.value)
+    weights, folder = match.group(1), Path(match.group(2))
+    assert folder == offline / hub_id
+    tiny = tiny_autoencoder_tiny(seed=8)
+    if hub_id == "org/pipeline-repo":
+        tiny.save_pretrained(folder / "vae")  # a pipeline's layout: its VAE in vae/
+    else:
+        tiny.save_pretrained(folder)
+    assert (folder / weights).is_file() or (folder / "vae" / weights).is_file()
+    loaded = fastdec.load(hub_id)
+    assert_same_weights(loaded, fastdec.load(tiny))

@@ -169,7 +169,8 @@ def test_strict_loading_names_the_bad_key(vae_folder, edit, named_key):
     [
         ({"act_fn": "relu"}, "act_fn"),
         ({"up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}, "up_block_types"),
-        ({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}, "latents_mean"),
+        ({"latents_mean": [0.0] * 4, "latents_std": None}, "latents_mean and latents_std come together"),
+        ({"latents_mean": [0.0] * 3, "latents_std": [1.0] * 3}, "4 values each"),
         ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
     ],
 )
@@ -179,6 +180,21 @@ def test_unsupported_configs_are_refused(vae_folder, change, message):
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=message):
         AutoencoderKLDecoder.from_diffusers(folder)
+
+
+def test_latents_mean_and_std_decode_like_sdxls_pipeline(tmp_path):
+    """Playground v2.5-style VAE config: the pipeline decodes vae.decode(x * std / s + mean), per channel."""
+    mean, std = [0.58, 0.25, -0.2, 0.1], [3.5, 2.0, 1.5, 4.0]
+    vae = diffusers_vae(**TINY["sd_style"], scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    model = AutoencoderKLDecoder.from_diffusers(vae)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), ops.reference_ops():  # the latent convention is under test here, not the kernels
+        z = x * torch.tensor(std).view(1, 4, 1, 1) / 0.5 + torch.tensor(mean).view(1, 4, 1, 1)
+        expected = (vae.decode(z).sample * 0.5 + 0.5).clamp(0, 1)
+        assert relative_error(model.decode(x), expected) <= DECODER_FP32_REL
+        model.save_pretrained(tmp_path)  # the statistics live in the config, not in the weights (as in diffusers)
+        assert "latents_mean" not in model.state_dict()
+        assert relative_error(AutoencoderKLDecoder.from_pretrained(tmp_path).decode(x), expected) <= DECODER_FP32_REL
 
 
 def test_wrong_latent_channels_are_refused():

@@ -226,6 +226,25 @@ def test_latents_mean_and_std_are_undone():
     torch.testing.assert_close(image, expected, **OUTPUT_ROUNDING[torch.float32])
 
 
+def test_exact_decoder_of_a_latents_mean_and_std_vae():
+    """The exact decoder of a Playground v2.5-style VAE: the wrapper passes z untouched and matches the VAE; a
+    decoder of another convention gets the composed per-channel map."""
+    vae = tiny_vae(scaling_factor=0.5, latents_mean=[0.58, 0.25, -0.2, 0.1], latents_std=[3.5, 2.0, 1.5, 4.0])
+    wrapper = swap_vae(types.SimpleNamespace(vae=vae, vae_scale_factor=2), AutoencoderKLDecoder.from_diffusers(vae))
+    assert wrapper.input_scale is None
+    x = latents(1, 4, 3, 3)
+    with torch.no_grad():
+        reference = sdxl_decode_step(vae, x, [])
+        assert (sdxl_decode_step(wrapper, x, []) - reference).abs().max() <= DECODER_FP32_REL * reference.abs().max()
+        other_vae = tiny_vae(seed=1, scaling_factor=0.25, latents_mean=[0.0, 1.0, 2.0, 3.0],
+                             latents_std=[1.0, 2.0, 3.0, 4.0])
+        other = AutoencoderKLDecoder.from_diffusers(other_vae)
+        mapped = swap_vae(types.SimpleNamespace(vae=vae, vae_scale_factor=2), other)
+        expected = other(other.to_decoder_space(x))
+        image = sdxl_decode_step(mapped, x, [])
+    assert (image - expected).abs().max() <= DECODER_FP32_REL * expected.abs().max()
+
+
 def test_scaling_and_shift_map_to_the_decoders_convention():
     """FLUX.1/SD3-style config (z = x / s + t) into a decoder with another convention (x / s_d + t_d)."""
     vae = tiny_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, norm_num_groups=16)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastdec.cli import main
 from fastdec.eval import ssim
-from fastdec.models.efficientvit import EfficientViTDecoder
+from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.preview import LatentPreview
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
 from fastdec.train import TrainConfig, train
@@ -30,9 +30,10 @@ def tiny_student() -> TAESDDecoder:
     return TAESDDecoder("tae-192", CHANNELS, width=8, blocks=(1, 1, 1, 1))
 
 
-def tiny_efficientvit() -> EfficientViTDecoder:  # 8x: two upsample stages and the head's x2; BatchNorm
+def tiny_efficientvit() -> DCAEDecoder:  # 8x: two upsample stages and the head's x2; BatchNorm
     torch.manual_seed(0)
-    return EfficientViTDecoder(CHANNELS, widths=(8, 8, 8, 8), depths=(0, 1, 1, 1), norm_groups=4)
+    return DCAEDecoder(CHANNELS, block_out_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 1, 1),
+                       norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 4)
 
 
 def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
@@ -200,7 +201,8 @@ def test_channel_mismatch_and_bad_upsampling_are_errors(workspace, tmp_path):
         run(workspace, tmp_path / "a", decoder=TAESDDecoder("tae-192", 16, width=8, blocks=(1, 1, 1, 1)))
     with pytest.raises(ValueError, match="does not match the encoder"):
         run(workspace, tmp_path / "b", decoder="tae-192", latent_channels=32)
-    twice = EfficientViTDecoder(CHANNELS, widths=(8, 8), depths=(1, 1), norm_groups=4)  # 2x, not 8x
+    twice = DCAEDecoder(CHANNELS, block_out_channels=(8, 8), layers_per_block=(1, 1),  # 2x, not 8x
+                        norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 2)
     with pytest.raises(ValueError, match="upsampling does not match"):
         run(workspace, tmp_path / "c", decoder=twice)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from fastdec.bench.timing import (
     fidelity,
     fused_backend,
     interleaved_times,
+    paired_ratio,
     summary_ms,
     synchronize,
 )
@@ -164,6 +164,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         times = interleaved_times(running, {v.name: v.calls for v in variants}, settings.repeats, device)
 
     baseline = times.get("diffusers")
+    twin_name = type(contender.diffusers).__name__ if contender.diffusers is not None else ""
     rows = []
     for variant in variants:
         row = {
@@ -182,18 +183,16 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         }
         if variant.name in times:
             row.update(summary_ms(times[variant.name]), repeats=len(times[variant.name]))
-            if reference is None:
+            if variant.name.startswith("diffusers") and contender.entry.twin_is_other_model:
+                row["fidelity_reason"] = f"{twin_name} is another model than {contender.name}: no fidelity comparison"
+            elif reference is None:
                 row["fidelity_reason"] = fidelity_reason
             else:
                 row.update(fidelity(image_of(variant.output, variant.output_range), reference))
             if baseline is None:
                 row["ratio_reason"] = contender.no_diffusers_reason or "diffusers eager did not run"
             else:
-                ratios = [t / b for t, b in zip(times[variant.name], baseline, strict=True)]
-                ratio = statistics.median(ratios)
-                ratio_q25, _, ratio_q75 = statistics.quantiles(ratios, n=4, method="inclusive")
-                row.update(ratio_vs_diffusers=ratio, speedup_vs_diffusers=1 / ratio, ratio_q25=ratio_q25,
-                           ratio_q75=ratio_q75)
+                row.update(paired_ratio(times[variant.name], baseline))
                 if variant.name == "diffusers":
                     row["ratio_reason"] = "the baseline itself"
         else:

@@ -59,3 +59,20 @@ def _nvidia_driver() -> str | None:
         return result.stdout.strip().splitlines()[0]
     return None
 
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_load(start: list[float] | None, end: list[float] | None, threads: int) -> dict:
+    """The load during a run and whether the machine was busy: another process held about a core or more at the
+    start, or the load at the end exceeds what this run's own threads account for by a core."""
+    busy = None
+    if start is not None and end is not None:
+        busy = start[0] >= 1.0 or end[0] - threads >= 1.0
+    return {"start": start, "end": end, "cpu_count": os.cpu_count(), "torch_threads": threads, "busy": busy}

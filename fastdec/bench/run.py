@@ -17,7 +17,7 @@ from fastdec.api import RandomWeightsWarning
 from fastdec.bench.cases import bench_decoder
 from fastdec.bench.compare import compare, read_result
 from fastdec.bench.contenders import build_contender
-from fastdec.bench.environment import environment
+from fastdec.bench.environment import environment, load_average, machine_load
 from fastdec.bench.goals import evaluate_goals
 from fastdec.bench.pipeline import pipeline_share
 from fastdec.bench.render import print_rich, render_markdown, write_outputs
@@ -56,7 +56,7 @@ class Progress:
 
 def run_benchmark(settings: Settings, command: str) -> dict:
     """Builds every decoder, measures every variant at every size and batch, evaluates the goals: the JSON dict."""
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), load_average()
     configs = [(side, batch) for side in settings.resolutions for batch in settings.batches]
     progress = Progress(len(settings.decoders) * len(configs) + (len(configs) if settings.pipeline_share else 0))
     rows: list[dict] = []
@@ -107,13 +107,32 @@ def run_benchmark(settings: Settings, command: str) -> dict:
         "goals": evaluate_goals(rows, settings.device.type, dtype_name(settings.dtype)),
         "pipeline_share": shares if settings.pipeline_share else None,
         "wall_s": time.perf_counter() - started,
+        "load_average": machine_load(load_start, load_average(), settings.threads or threads),
     }
 
 
 
+def typed_command(argv: list[str] | None) -> str:
+    """The command as a user types it (``fastdec bench ARGS``), never the executable's path on this machine."""
+    if argv is None:
+        typed = sys.argv[1:]
+        argv = typed[typed.index("bench") + 1:] if "bench" in typed else typed
+    return shlex.join(["fastdec", "bench", *argv])
+
+
+def default_out_dir(result: dict) -> Path:
+    """Where ``--quick`` writes without ``--out``: fastdec-bench/<date>-<time>-<device>-quick in the current folder."""
+    stamp = result["date"][:19].replace(":", "").replace("T", "-")
+    return Path("fastdec-bench") / f"{stamp}-{result['device']['type']}-quick"
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Runs ``fastdec bench`` from parsed arguments (for a subcommand parser built with add_arguments)."""
-    command = shlex.join(["fastdec", "bench", *argv]) if argv is not None else shlex.join(sys.argv)
+    command = typed_command(argv)
+    if getattr(args, "batch_throughput", False):
+        from fastdec.batch.bench import run_from_bench_args
+
+        return run_from_bench_args(args)
     try:
         if args.compare is not None and len(args.compare) > 2:
             raise ValueError("--compare takes OLD.json, or OLD.json NEW.json")
@@ -131,9 +150,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     else:
         print(render_markdown(result, full=True))
     print(f"wall time: {result['wall_s']:.1f} s")
-    if args.out:
-        for path in write_outputs(result, Path(args.out)):
+    out = Path(args.out) if args.out else (default_out_dir(result) if args.quick else None)
+    if out is not None:
+        paths = write_outputs(result, out)
+        for path in paths:
             print(f"wrote {path}")
+        print(f"results in {out}/ (the plot: {paths[1]})" + ("" if args.out else "; choose the folder with --out"))
     if old is not None:
         print()
         print(compare(old, result))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdec.bench.decoders import DECODERS, ENTRIES
+from fastdec.bench.decoders import DECODERS, DEFAULT_DECODERS, ENTRIES
 
 VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile")
 VARIANT_LABELS = {
@@ -80,8 +80,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastdec bench`` (also ``python -m fastdec.bench``)."""
-    parser.add_argument("--decoders", default=",".join(DECODERS),
-                        help=f"comma-separated subset of {','.join(DECODERS)} (default: all)")
+    parser.add_argument("--decoders", default=",".join(DEFAULT_DECODERS),
+                        help=f"comma-separated subset of {','.join(DECODERS)} (default: "
+                             f"{','.join(DEFAULT_DECODERS)}; the others are slow and run when named)")
     parser.add_argument("--resolution", type=_int_list, default=None,
                         help="image side(s) in pixels, comma-separated; latents are side/8 (default: 512,1024 on "
                              "CUDA, 256 on CPU; --quick: 512 on CUDA, 128 on CPU)")
@@ -110,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-config", choices=sorted(UNET_CONFIGS), default=None,
                         help="UNet of --pipeline-share: sd15 (SD1.5 size, default on CUDA) or tiny (same blocks, "
                              "widths /10, default on CPU)")
+    parser.add_argument("--batch-throughput", action="store_true",
+                        help="instead: items/s of `fastdec batch`, local engine vs Ray, for taesd, tae-192 and sd-vae "
+                             "(--resolution: first side, default 512; --threads, --out apply) and the time to decode "
+                             "100K 1024^2 images projected from it; more options: python -m fastdec.batch.bench -h")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and latents")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); on a shared machine 1 avoids the OpenMP "

@@ -62,6 +62,7 @@ class BenchDecoder:
     no_twin_reason: str | None = None  # when twin is None; default: "no diffusers implementation of ..."
     twin_decode: Callable[[nn.Module, Tensor], Tensor] = diffusers_decode
     twin_output_range: str = "-1,1"
+    twin_is_other_model: bool = False  # the twin is another model (what users run otherwise): timed, no fidelity
     downsample: int = 8  # pixels per latent along a side
     side_multiple: int = 8  # image sides must be multiples of this (e.g. 16 for 2x2-latent patches)
     latent_shape: Callable[[Decoder, int, int, int], tuple[int, ...]] = image_latent_shape  # (model, side, batch, ds)
@@ -69,6 +70,7 @@ class BenchDecoder:
     lightweight: bool = False  # a replacement for the SD VAE (SD latents): pipeline share, the 25x goal
     goals: tuple[Goal, ...] = ()  # GPU goals on this decoder's rows
     order: int = 100  # position in the default --decoders list (ties: module name, then ENTRIES order)
+    default: bool = True  # in the default --decoders list; False: a slow family that runs only when named
 
     def diffusers_twin(self, model: Decoder) -> tuple[nn.Module | None, str | None]:
         if self.twin is None:

@@ -92,6 +92,15 @@ def summary_ms(seconds: list[float]) -> dict[str, float]:
             "min_ms": ms[0], "max_ms": ms[-1]}
 
 
+def paired_ratio(seconds: list[float], baseline: list[float]) -> dict[str, float]:
+    """Round by round, time / baseline time of the same round: its median (and inverse) and quartiles."""
+    ratios = [t / b for t, b in zip(seconds, baseline, strict=True)]
+    ratio = statistics.median(ratios)
+    ratio_q25, _, ratio_q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"ratio_vs_diffusers": ratio, "speedup_vs_diffusers": 1 / ratio, "ratio_q25": ratio_q25,
+            "ratio_q75": ratio_q75}
+
+
 def fidelity(image: Tensor, reference: Tensor) -> dict[str, float | bool | None]:
     """max |image - reference| and PSNR (peak: the reference's range); psnr_db None when identical; finite False
     (and both None) when the output holds NaN or Inf."""

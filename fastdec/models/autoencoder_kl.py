@@ -13,12 +13,11 @@ channels_last is the preferred layout: ``model.to(memory_format=torch.channels_l
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv, norm_act
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
@@ -50,10 +49,14 @@ class ResnetBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """diffusers' mid-block Attention(_from_deprecated_attn_block=True): one head over all H*W positions."""
+    """diffusers' mid-block Attention(_from_deprecated_attn_block=True) over all H*W positions: one head as wide as
+    the channels in the image VAEs; ``heads`` heads of channels / heads in the temporal mid-block (models.svd)."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, heads: int = 1):
         super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels do not split into {heads} attention heads")
+        self.heads = heads
         self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS)
         self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
@@ -61,8 +64,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = norm_act(self.group_norm, x, "none").flatten(2).transpose(1, 2)  # (B, HW, C), a view if NHWC
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
-        out = self.to_out[0](ops.attention(q, k, v).squeeze(1))
+        q, k, v = (proj(tokens).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, HW, C / heads)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.to_out[0](ops.attention(q, k, v).transpose(1, 2).flatten(2))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -152,8 +156,17 @@ class AutoencoderKLDecoder(Decoder):
         scaling_factor: float = 0.18215,
         shift_factor: float = 0.0,
         force_upcast: bool = False,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
     ):
         super().__init__()
+        if (latents_mean is None) != (latents_std is None) or (
+            latents_mean is not None and not len(latents_mean) == len(latents_std) == latent_channels
+        ):
+            raise ValueError(
+                f"latents_mean and latents_std come together, {latent_channels} values each (one per latent "
+                f"channel), got {latents_mean} and {latents_std}"
+            )
         self.config = dict(
             latent_channels=latent_channels,
             out_channels=out_channels,
@@ -166,6 +179,8 @@ class AutoencoderKLDecoder(Decoder):
             shift_factor=shift_factor,
             force_upcast=force_upcast,
         )
+        if latents_mean is not None:  # only in the config when set: older saved configs stay valid
+            self.config.update(latents_mean=list(latents_mean), latents_std=list(latents_std))
         self.latent_channels = latent_channels
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.force_upcast = force_upcast
@@ -175,6 +190,25 @@ class AutoencoderKLDecoder(Decoder):
             latent_channels, out_channels, tuple(block_out_channels), layers_per_block, norm_num_groups,
             mid_block_add_attention,
         )
+        # Per-channel latent statistics (Playground v2.5-style SDXL VAEs): not in diffusers' state dict, so not in
+        # ours (persistent=False); buffers so that .to() moves them.
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            buffer = None if values is None else torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+            self.register_buffer(name, buffer, persistent=False)
+
+    def to_decoder_space(self, latents: Tensor) -> Tensor:
+        """``latents / scaling_factor + shift_factor``; with latents_mean/latents_std, per channel
+        ``latents * latents_std / scaling_factor + latents_mean``, in the order SDXL's pipeline computes it."""
+        if self.latents_mean is None:
+            return super().to_decoder_space(latents)
+        mean, std = (t.to(latents.device, latents.dtype) for t in (self.latents_mean, self.latents_std))
+        return latents * std / self.scaling_factor + mean
+
+    def latent_affine(self) -> tuple[list[float], list[float]]:
+        if self.latents_mean is None:
+            return super().latent_affine()
+        mean, std = self.config["latents_mean"], self.config["latents_std"]
+        return [s / self.scaling_factor for s in std], [float(m) for m in mean]
 
     def forward(self, z: Tensor) -> Tensor:
         """Latents in the VAE's own space (B, latent_channels, h, w) -> images (B, 3, 8h, 8w) in ~[-1, 1]."""
@@ -194,28 +228,24 @@ class AutoencoderKLDecoder(Decoder):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    diffusers_class = "AutoencoderKL"  # what from_diffusers reads (a module of this class, or its folder)
+
     @classmethod
     def from_diffusers(cls, vae_or_folder, device=None, dtype=None) -> AutoencoderKLDecoder:
-        """From a ``diffusers.AutoencoderKL`` or its saved folder (config.json, diffusion_pytorch_model.*).
+        """From a diffusers ``diffusers_class`` module or its saved folder (config.json, diffusion_pytorch_model.*).
 
         A pipeline folder works too (its ``vae/`` subfolder is read). Only the decoder's weights are kept
         (``decoder.*``, ``post_quant_conv.*``): the encoder's are dropped, any other key is an error.
         """
-        if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderKL")
-        else:
-            from diffusers import AutoencoderKL
-
-            if not isinstance(vae_or_folder, AutoencoderKL):
-                raise ValueError(
-                    "from_diffusers takes a diffusers.AutoencoderKL or a folder, "
-                    f"got a {type(vae_or_folder).__name__}"
-                )
-            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-            source = "the given diffusers.AutoencoderKL"
-        model = cls(**_config_from_diffusers(config, source))
+        config, state, source = read_diffusers_vae(vae_or_folder, cls.diffusers_class)
+        model = cls(**cls.kwargs_from_diffusers(config, source))
         load_state_dict_strict(model, _decoder_state(state), source=source)
         return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:
+        """The diffusers config as this class's constructor arguments."""
+        return _config_from_diffusers(config, source)
 
 
 def _config_from_diffusers(config: dict, source: str) -> dict:
@@ -230,8 +260,6 @@ def _config_from_diffusers(config: dict, source: str) -> dict:
         problems.append(f"up_block_types={up_blocks} (only UpDecoderBlock2D, one per block_out_channels)")
     if config.get("act_fn", "silu") != "silu":
         problems.append(f"act_fn={config['act_fn']!r} (only 'silu')")
-    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
-        problems.append("latents_mean/latents_std (decode() applies scalar scaling_factor, shift_factor)")
     if problems:
         raise ValueError(f"{source}: AutoencoderKLDecoder does not implement " + "; ".join(problems))
     return dict(
@@ -245,6 +273,8 @@ def _config_from_diffusers(config: dict, source: str) -> dict:
         scaling_factor=config.get("scaling_factor", 0.18215),
         shift_factor=config.get("shift_factor") or 0.0,
         force_upcast=config.get("force_upcast", True),
+        latents_mean=config.get("latents_mean"),
+        latents_std=config.get("latents_std"),
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents
 
 
@@ -26,18 +27,34 @@ class Decoder(nn.Module):
     shift_factor: float = 0.0
     output_range: str = "-1,1"
     config: dict
+    tile_size: int | None = None  # set: decode() runs in exact slabs of this many pixel rows (fastdec.tiling)
 
     def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], in the decoder's dtype.
 
         The latents are checked first (fastdec.validate.check_latents: type, shape, channels, device, and NaN/Inf
-        unless ``check_finite=False``, compiled or captured); every override of decode does the same."""
+        unless ``check_finite=False``, compiled or captured); every override of decode does the same.
+        With ``tile_size`` set, the decode runs in exact slabs (fastdec.tiling.tiled_decode)."""
+        if self.tile_size is not None:
+            from fastdec import tiling
+
+            if not tiling.tiling_active():
+                return tiling.tiled_decode(self, latents, self.tile_size, check_finite)
         check_latents(latents, self, check_finite)
-        z = latents / self.scaling_factor + self.shift_factor
-        image = self(z)
+        image = self(self.to_decoder_space(latents))
         if self.output_range == "-1,1":
             image = image * 0.5 + 0.5
         return image.clamp(0, 1)
+
+    def to_decoder_space(self, latents: Tensor) -> Tensor:
+        """Diffusion latents -> the decoder's own space: ``latents / scaling_factor + shift_factor``."""
+        return latents / self.scaling_factor + self.shift_factor
+
+    def latent_affine(self) -> tuple[list[float], list[float]]:
+        """``to_decoder_space`` as per-channel (scale, offset) lists, input = latents * scale + offset (swap_vae
+        composes it with the pipeline's own map)."""
+        channels = self.latent_channels
+        return [1.0 / self.scaling_factor] * channels, [float(self.shift_factor)] * channels
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes config.json (class and constructor arguments) and model.safetensors."""
@@ -71,6 +88,20 @@ class Decoder(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def read_diffusers_vae(vae_or_folder, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
+    """(config, state dict, source) of a diffusers ``class_name`` module, its save_pretrained folder or a pipeline
+    folder (see read_diffusers_folder): what every ``from_diffusers`` reads."""
+    if isinstance(vae_or_folder, (str, Path)):
+        return read_diffusers_folder(Path(vae_or_folder), class_name)
+    import diffusers
+
+    if not isinstance(vae_or_folder, getattr(diffusers, class_name)):
+        raise ValueError(
+            f"from_diffusers takes a diffusers.{class_name} or a folder, got a {type(vae_or_folder).__name__}"
+        )
+    return dict(vae_or_folder.config), vae_or_folder.state_dict(), f"the given diffusers.{class_name}"
+
+
 def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
     """(config, state dict, weights path) of a diffusers ``<class_name>.save_pretrained`` folder, or of the ``vae/``
     subfolder of a pipeline folder. Weights: diffusion_pytorch_model.safetensors, else the .bin (weights_only)."""
@@ -96,10 +127,10 @@ def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
-        reason = str(error).splitlines()[0] if str(error) else ""
+        corrupt = f"the file is truncated or not a valid {class_name} checkpoint; re-download it"
+        advice = read_error_advice(error, corrupt)
         raise ValueError(
-            f"could not read {path} ({type(error).__name__}: {reason}): the file is truncated or not a valid "
-            f"{class_name} checkpoint; re-download it"
+            f"could not read {path} ({type(error).__name__}: {read_error_reason(error)}): {advice}"
         ) from error
     return config, state, str(path)
 

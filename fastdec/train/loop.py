@@ -122,13 +122,13 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     """Recomputes each residual/transformer block in the backward pass instead of storing its activations."""
     from torch.utils.checkpoint import checkpoint
 
-    from fastdec.models.efficientvit import AttentionStage, ResBlock
+    from fastdec.models.dcae import EfficientViTBlock, ResBlock
     from fastdec.models.taesd import Block
     from fastdec.models.vit import TransformerBlock
 
     count = 0
     for module in model.modules():
-        if isinstance(module, (Block, ResBlock, TransformerBlock, AttentionStage)):
+        if isinstance(module, (Block, ResBlock, TransformerBlock, EfficientViTBlock)):
             forward = module.forward
             module.forward = functools.partial(checkpoint, forward, use_reentrant=False)
             count += 1
