@@ -124,6 +124,7 @@ def measure(decoder: Decoder, latents: list[Tensor], images: list[Tensor], lpips
                 scores["lpips"].append(lpips(out, target).item())
             outputs.append(out[0].cpu())
     result = {k: statistics.fmean(v) for k, v in scores.items() if v}
+    result["per_image"] = {k: v for k, v in scores.items() if v}
     if speed_runs > 0:
         result["ms_per_image"] = _speed_ms(decoder, latents, speed_runs)
     result["params"] = sum(p.numel() for p in decoder.parameters())
