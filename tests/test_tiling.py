@@ -335,3 +335,15 @@ def test_taef2_real_weights_1536_photo_tiled_equals_untiled():
     assert latents.shape == (1, 32, 192, 192) and tiled.shape == (1, 3, 1536, 1536)
     assert (tiled - reference).abs().max().item() <= 1e-5
     print(f"taef2 768x768 encode + 1536x1536 untiled and tiled decodes: {time.perf_counter() - start:.1f} s")
+
+
+def test_seam_measure():
+    """fastdec.bench.tiling's seam ratio: 1 for an image without seams, > 1 for a brightness step at a border."""
+    from fastdec.bench.tiling import diffusers_borders, seam_ratio
+
+    smooth = torch.linspace(0, 1, 64).repeat(1, 3, 64, 1)  # the same horizontal gradient everywhere
+    assert seam_ratio(smooth, [], [16, 32]) == pytest.approx(1.0, rel=1e-4)
+    stepped = smooth.clone()
+    stepped[..., 32:, :] += 0.2  # a seam between rows 31 and 32
+    assert seam_ratio(stepped + torch.rand(1, 3, 64, 64) * 0.01, [32], []) > 10
+    assert diffusers_borders(256) == [96, 192]
