@@ -42,10 +42,10 @@ from unittest import mock
 
 import torch
 
-from fastdec.kernels import attention, group_norm_act, patch_unembed
+from fastdec.kernels import attention, group_norm_act, patch_unembed, rms_norm_act
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
-KERNEL_MODULES = (group_norm_act, attention, patch_unembed)
+KERNEL_MODULES = (group_norm_act, attention, patch_unembed, rms_norm_act)
 DEFAULT_MAX_SPILL = 256  # bytes of spill stores or loads per thread
 
 
@@ -67,6 +67,8 @@ _DIVISIBILITY = [["tt.divisibility", 16]]
 # (1, 128, 512, 512) take the split path (stats, combine, normalize), (1, 192, 32, 32) the single-program path.
 GROUP_NORM_SHAPES = ((1, 512, 64, 64), (1, 128, 512, 512), (1, 192, 32, 32))
 GROUP_NORM_GROUPS = 32
+# rms_norm_act: the Wan 2.1 decoder at 480x832, one chunk of 4 frames: 384 channels at 1/8 size, 96 at full size.
+RMS_NORM_SHAPES = ((1, 384, 4, 60, 104), (1, 96, 4, 480, 832))
 # attention (B, H, N, D): ViT-S at 512 px (6 heads of 64), 96/128-wide heads at the same length, the SD-VAE
 # mid-block at 512 px (one head of 512). On an H100 each is short of one program per SM with the larger query
 # tiles, so the tuner's key-split configs (and the combine kernel) compile too.
@@ -191,8 +193,25 @@ def patch_unembed_configs(arch: int, quick: bool) -> list[Config]:
     return configs
 
 
+def rms_norm_configs(arch: int, quick: bool) -> list[Config]:
+    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), RMS_NORM_SHAPES, ("silu", "none"))
+    if quick:
+        cases = (("bf16", True, (1, 96, 4, 480, 832), "silu"), ("fp32", False, (1, 384, 4, 60, 104), "none"))
+    configs = []
+    for dtype, channels_last, shape, act in cases:
+        with recorded_launches(rms_norm_act, arch) as launches:
+            x = _cuda(shape, dtype)
+            x = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+            weight = _cuda(shape[1:2], dtype)
+            rms_norm_act.rms_norm_act_triton(x, weight, None, 1e-12 * shape[1] ** -0.5, act, "clamp")
+        layout = "channels_last_3d" if channels_last else "NCTHW"
+        configs.append(Config(f"{dtype} {layout} {_shape(shape)} {act}", launches))
+    return configs
+
+
 CONFIG_BUILDERS: dict[str, Callable[[int, bool], list[Config]]] = {
     "group_norm_act": group_norm_configs,
+    "rms_norm_act": rms_norm_configs,
     "attention": attention_configs,
     "patch_unembed": patch_unembed_configs,
 }

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fastdec import tiling
 from fastdec.models.base import Decoder
+from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
 
 # name -> (Hub repo, subfolder) of a diffusers AutoencoderKL: exact decoders with trained weights.
@@ -153,12 +154,14 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     )
 
 
-def default_decoder_name(latent_channels: int) -> str:
-    """The TAESD-family decoder decode() uses for latents with this many channels."""
+def default_decoder_name(latent_channels: int,
+                         how: str = "decoder=<a name, path or Decoder for this latent space>") -> str:
+    """The TAESD-family decoder decode() uses for latents with this many channels; ``how`` says how to pass one
+    in the caller's words (the CLI: --decoder)."""
     if latent_channels not in DEFAULT_DECODERS:
         raise ValueError(
             f"no default decoder for {latent_channels}-channel latents (defaults exist for "
-            f"{sorted(DEFAULT_DECODERS)} channels): pass decoder=<a name, path or Decoder for this latent space>"
+            f"{sorted(DEFAULT_DECODERS)} channels): pass {how}"
         )
     return DEFAULT_DECODERS[latent_channels]
 
@@ -243,6 +246,8 @@ def decode(
     batch = latents.unsqueeze(0) if unbatched else latents
     decoder = _decoder_for(batch, decoder)
     check_latents(batch, decoder, check_finite)
+    if hasattr(decoder, "raw_latents"):  # FLUX.2: packed latents unpacked before tiling sees them
+        batch = decoder.raw_latents(batch)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
         images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
@@ -430,9 +435,9 @@ def _reading(source: Path, read):
     except FileNotFoundError:
         raise
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
+        advice = read_error_advice(error, "the file is truncated or corrupt; re-download it")
         raise ValueError(
-            f"could not read the weights in {source} ({type(error).__name__}: {str(error).splitlines()[0]}): the "
-            "file is truncated or corrupt; re-download it"
+            f"could not read the weights in {source} ({type(error).__name__}: {read_error_reason(error)}): {advice}"
         ) from error
 
 

@@ -82,11 +82,12 @@ class _ProgressBar:
 
 
 def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch.device, dtype) -> list[Path]:
-    """5-D latents (B, C, T, h, w) -> one mp4 per video: <stem>.mp4 (a batch: <stem>_000.mp4, ...). A decoder with
-    a stream() (TAEHV) decodes chunks of latent frames and writes each as it is done (memory flat in T); others
-    decode the whole clip first."""
+    """5-D latents (B, C, T, h, w) -> one mp4 per video: <stem>.mp4 (a batch: <stem>_000.mp4, ...). TAEHV decodes
+    chunks of latent frames and writes each as it is done (memory flat in T); any other video decoder (latent_ndim
+    5) decodes the whole clip with its decode()."""
     import fastdec
     from fastdec.api import default_video_decoder_name
+    from fastdec.models.taehv import TAEHVDecoder
     from fastdec.validate import check_latents
     from fastdec.video import save_video
 
@@ -105,7 +106,7 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
         name = f"{stem}.mp4" if latents.shape[0] == 1 else f"{stem}_{index:03d}.mp4"
         bar = _ProgressBar(name, enabled=not args.no_progress)
         frames_in = video.shape[2]
-        if hasattr(decoder, "stream"):
+        if isinstance(decoder, TAEHVDecoder):
             chunk = args.chunk_frames or min(decoder.auto_chunk_frames(video), max(1, -(-frames_in // 10)))
             stream = decoder.stream(trim_start=decoder.frames_out(frames_in) < decoder.t_upscale * frames_in)
 
@@ -147,9 +148,12 @@ def _decode(args: argparse.Namespace) -> int:
                 f"{tuple(latents.shape)}"
             )
         batch = latents.unsqueeze(0) if latents.dim() == 3 else latents
-        decoder = fastdec.load(args.decoder or default_decoder_name(batch.shape[1]), device=device, dtype=dtype)
-        images = fastdec.decode(batch.to(device), decoder, output="pil", tile_size=args.tile_size)
+        name = args.decoder or default_decoder_name(batch.shape[1], how="--decoder NAME_OR_PATH")
         output_dir = Path(args.output_dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"-o {output_dir} is an existing file: pass a folder for the PNGs (created if missing)")
+        decoder = fastdec.load(name, device=device, dtype=dtype)
+        images = fastdec.decode(batch.to(device), decoder, output="pil", tile_size=args.tile_size)
         output_dir.mkdir(parents=True, exist_ok=True)
         digits = max(3, len(str(len(images) - 1)))
         for index, image in enumerate(images):
@@ -163,7 +167,20 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdec", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastdec", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="fastdec: diffusion latents to images, fast.\n\n"
+                    "  check   which backend runs each op here, each checked against its reference\n"
+                    "  decode  a latents file to PNG images (video latents to an mp4)\n"
+                    "  bench   every decoder timed against diffusers on this machine\n"
+                    "  batch   a whole dataset of latents to images or mp4s (local threads or Ray), resumable\n"
+                    "  train   a decoder on a frozen encoder's latent space\n"
+                    "  eval    PSNR, SSIM, LPIPS and speed of decoders on held-out images",
+        epilog="examples:\n"
+               "  fastdec decode latents.safetensors --decoder taesdxl -o out/\n"
+               "  fastdec bench --quick          (writes its tables, JSON and plot to the folder it names at the end)\n"
+               "\n'fastdec COMMAND --help' shows a command's options.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="show which backend runs each op and check each against its reference")
     check.set_defaults(run=_check)
@@ -221,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
     evaluation.add_arguments(eval_parser)
     eval_parser.set_defaults(run=evaluation.run)
-    args = parser.parse_args(argv)
+    typed = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(typed)
+    if args.command == "bench":  # the bench records its command as typed: fastdec bench ARGS
+        return bench.run(args, typed[typed.index("bench") + 1:])
     return args.run(args)
 
 

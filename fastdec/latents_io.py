@@ -12,6 +12,8 @@ LATENT_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy", ".npz")
 def read_latents(path: Path, key: str | None = None) -> torch.Tensor:
     """A latent tensor from .safetensors, .pt/.pth (torch.load, weights only), .npy or .npz; ``key`` picks one
     tensor of a file holding several."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: pass a latents file in it (.safetensors, .pt, .npy or .npz)")
     if not path.is_file():
         raise FileNotFoundError(f"latents file {path} not found")
     import pickle
@@ -34,8 +36,12 @@ def read_latents(path: Path, key: str | None = None) -> torch.Tensor:
             content = np.load(path, allow_pickle=False)
             content = {name: content[name] for name in content.files} if suffix == ".npz" else content
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"could not read latents from {path} ({type(error).__name__}: {reason})") from error
+        from fastdec.read_errors import REFUSED_PICKLE_ADVICE, is_refused_pickle, read_error_reason
+
+        advice = f": {REFUSED_PICKLE_ADVICE}" if is_refused_pickle(error) else ""
+        raise ValueError(
+            f"could not read latents from {path} ({type(error).__name__}: {read_error_reason(error)}){advice}"
+        ) from error
     if isinstance(content, dict):
         tensors = {name: value for name, value in content.items() if hasattr(value, "shape")}
         if key is not None:

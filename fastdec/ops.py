@@ -138,7 +138,7 @@ def rms_norm_act(
 ) -> Tensor:
     """act(x / rms_c(x) * weight + bias), channel RMS per position of 4-D/5-D x; eps_mode "add" (RMSNorm,
     rsqrt(ms + eps)) or "clamp" (Wan, 1 / max(rms, eps)); see kernels/rms_norm_act.py."""
-    fn = _rms_norm_act.rms_norm_act_triton if _triton_on_cpu() else _rms_norm_act.rms_norm_act_reference
+    fn = _cpu_kernel(_rms_norm_act.rms_norm_act_triton, _rms_norm_act.rms_norm_act_reference)
     return fn(x, weight, bias, eps, act, eps_mode)
 
 

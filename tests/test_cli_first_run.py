@@ -1,18 +1,23 @@
-"""What a new user meets first on the command line: ``fastdec check`` only says "ok" where a fused kernel ran against
-its reference, and says when there is no GPU."""
+"""What a new user meets first: ``fastdec check`` only says "ok" where a fused kernel ran against its reference and
+says when there is no GPU; ``fastdec decode``'s messages speak CLI and name the problem; refused pickles and corrupt
+files get one clean line without torch's weights_only=False advice; ``fastdec --help`` is plain text with examples;
+installing raises no setuptools deprecation warning."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import fastdec
 from fastdec import ops
 from fastdec.cli import main
+from fastdec.models.taesd import TAESDDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +59,75 @@ def test_check_without_the_interpreter_skips_the_triton_ops():
         assert lines[op, "cpu"].startswith("skip"), lines[op, "cpu"]
         assert "no fused backend runs here" in lines[op, "cpu"] and "FASTDEC_TRITON_INTERPRET=1" in lines[op, "cpu"]
     assert "no GPU here" in result.stdout and "not checked" in result.stdout
+
+
+def decode_error(args: list[str], capsys) -> str:
+    assert main(["decode", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdec decode: error: ")
+    return err
+
+
+@pytest.fixture
+def decoder_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(tmp_path / "decoder")
+    return tmp_path / "decoder"
+
+
+def test_decode_messages_name_the_problem_in_cli_words(tmp_path, decoder_dir, capsys):
+    err = decode_error([str(tmp_path)], capsys)
+    assert "is a directory: pass a latents file" in err and "not found" not in err
+    torch.save(torch.randn(1, 4, 2, 2), tmp_path / "z.pt")
+    (tmp_path / "taken").write_text("")
+    err = decode_error([str(tmp_path / "z.pt"), "--decoder", str(decoder_dir), "-o", str(tmp_path / "taken")], capsys)
+    assert "is an existing file: pass a folder" in err and "Errno" not in err
+    torch.save(torch.randn(1, 5, 2, 2), tmp_path / "five.pt")
+    err = decode_error([str(tmp_path / "five.pt")], capsys)
+    assert "no default decoder for 5-channel latents" in err and "--decoder" in err and "decoder=<" not in err
+
+
+class Namespaced:  # a pickled class: torch.load(weights_only=True) refuses its global
+    def __init__(self):
+        self.tensor = torch.zeros(2)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt"])
+def test_refused_pickles_and_random_bytes_read_cleanly(tmp_path, capsys, suffix):
+    refused, garbage = tmp_path / f"taesd_decoder{suffix}", tmp_path / f"taesd_random{suffix}"
+    torch.save({"a": Namespaced()}, refused)
+    garbage.write_bytes(bytes(range(256)) * 8)
+    messages = []
+    for path in (refused, garbage):
+        if suffix == ".pth":
+            with pytest.raises(ValueError) as error:
+                fastdec.load(path)
+            messages.append(str(error.value))
+        else:
+            messages.append(decode_error([str(path)], capsys))
+    for message in messages:
+        assert "\x1b[" not in message and "\n" not in message.strip(), message
+        assert "weights_only=False" not in message and "`False`" not in message and "two options" not in message
+        assert "Weights only load failed" in message
+    assert "GLOBAL" in messages[0] and "never unpickles" in messages[0] and "re-download" not in messages[0]
+    assert "never unpickles" not in messages[1]
+
+
+def test_top_level_help_is_plain_text_with_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text
+    examples = text.split("examples:")[1]
+    assert "fastdec decode " in examples and "fastdec bench --quick" in examples
+
+
+def test_pyproject_installs_without_setuptools_deprecation_warnings():
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distribution = apply_configuration(Distribution(), REPO / "pyproject.toml")
+    assert [str(w.message).splitlines()[0] for w in caught] == []
+    assert distribution.metadata.license_expression == "MIT"

@@ -21,7 +21,7 @@ Result = compile_check.Result
 
 LAUNCHED_KERNELS = {
     "_group_norm_stats_kernel", "_group_norm_combine_kernel", "_group_norm_act_kernel",
-    "_attention_forward_kernel", "_combine_splits_kernel", "_patch_unembed_kernel",
+    "_attention_forward_kernel", "_combine_splits_kernel", "_patch_unembed_kernel", "_rms_norm_act_kernel",
 }  # fmt: skip
 
 

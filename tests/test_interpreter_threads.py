@@ -3,13 +3,14 @@ so ops and decoders called from several threads at once give the reference's res
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
 from helpers import needs_interpreter
 
 from fastdec import ops
-from fastdec.kernels import attention, group_norm_act, patch_unembed
+from fastdec.kernels import attention, group_norm_act, patch_unembed, rms_norm_act
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 
 THREADS = 4
@@ -36,7 +37,14 @@ def run_in_threads(work) -> list[str]:
     return errors
 
 
-@needs_interpreter("group_norm_act", "attention", "patch_unembed")
+def test_every_triton_op_runs_on_cpu_through_the_locked_launcher():
+    """Each Triton op's CPU kernel picks its launcher through ops._cpu_kernel (the lock), never directly."""
+    source = inspect.getsource(ops)
+    assert source.count("if _triton_on_cpu() else") == 1, "a CPU kernel picks its Triton launcher without the lock"
+    assert all(f"_cpu_kernel(_{name}.{name}_triton" in source for name in ops.TRITON_OPS), ops.TRITON_OPS
+
+
+@needs_interpreter("group_norm_act", "rms_norm_act", "attention", "patch_unembed")
 def test_every_triton_op_from_threads_matches_its_reference():
     def work(index: int) -> None:
         g = torch.Generator().manual_seed(index)
@@ -47,6 +55,8 @@ def test_every_triton_op_from_threads_matches_its_reference():
             q, k, v = torch.randn(3, 1, 2, 17, 16, generator=g)
             torch.testing.assert_close(ops.attention(q, k, v), attention.attention_reference(q, k, v, None),
                                        rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ops.rms_norm_act(x, None, None, 1e-6, "silu"),
+                                       rms_norm_act.rms_norm_act_reference(x, None, None, 1e-6, "silu"))
             tokens = torch.randn(1, 6, 2 * 2 * 3, generator=g)
             torch.testing.assert_close(ops.patch_unembed(tokens, 2, 2, 3),
                                        patch_unembed.patch_unembed_reference(tokens, 2, 2, 3))

@@ -27,9 +27,14 @@ from fastdec.models.tae_temporal import TAETemporalDecoder
 TINY = dict(width=64, blocks=(1, 1), attention_head_dim=32)
 
 
-def tiny(seed: int = 0) -> TAETemporalDecoder:
+def tiny(seed: int = 0, **overrides) -> TAETemporalDecoder:
     torch.manual_seed(seed)
-    return TAETemporalDecoder(**TINY)
+    return TAETemporalDecoder(**{**TINY, **overrides})
+
+
+# One stage (no upsampling) at width 32, one head: the smallest graph with every kind of layer, for compile and
+# training loops.
+SMALLEST = dict(width=32, blocks=(1,), attention_head_dim=32)
 
 
 def latents(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -84,9 +89,9 @@ def test_frames_of_a_clip_interact_and_clips_do_not():
 
 
 def test_every_parameter_gets_a_gradient_and_adam_lowers_the_loss():
-    model = tiny().train()
+    model = tiny(**SMALLEST).train()
     z = latents(1, 4, 3, 4, 4)
-    target = torch.rand(1, 3, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    target = torch.rand(1, 3, 3, 4, 4, generator=torch.Generator().manual_seed(7))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for step in range(6):
@@ -127,10 +132,28 @@ def test_fused_ops_match_reference_ops(triton_launches):
 
 
 def test_compiles_to_one_graph():
-    model = tiny().eval()
+    model = tiny(**SMALLEST).eval()
     with torch.no_grad(), ops.reference_ops():
         assert relative_error(*compile_fullgraph(model, latents(1, 4, 3, 4, 4))) <= DECODER_FP32_REL
     torch._dynamo.reset()
+
+
+def test_frame_count_check_accepts_a_dynamic_frame_count():
+    """Under torch.compile with the frame axis traced as dynamic (dynamic=True, or automatically after a second clip
+    length), num_frames is a SymInt: the frame check takes it (and still refuses clips that do not divide)."""
+    model = tiny(**SMALLEST)
+
+    def checked(z: torch.Tensor) -> torch.Tensor:
+        model.check_frames(z, z.shape[0] // 2)
+        return z + 1
+
+    compiled = torch.compile(checked, fullgraph=True, dynamic=True, backend="eager")
+    for frames in (4, 6):
+        z = latents(frames, 4, 2, 2)
+        assert torch.equal(compiled(z), z + 1)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="not whole clips"):
+        model.check_frames(latents(5, 4, 2, 2), 2)
 
 
 @pytest.mark.parametrize(

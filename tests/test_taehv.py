@@ -7,11 +7,12 @@ reference ops run the same code apart from the op registry's switch; both are ch
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import relative_error
+from helpers import compile_fullgraph, relative_error
 from tolerances import DECODER_FP32_REL
 
 import fastdec
@@ -110,6 +111,31 @@ def test_decode_picks_chunks_over_the_memory_budget(decoder, reference, monkeypa
     assert relative_error(chunked, decoder.decode(latents)) <= DECODER_FP32_REL
 
 
+@torch.no_grad()
+def test_streaming_peak_memory_does_not_grow_with_the_clip():
+    """torch's CPU allocator peak (bench.call_peak_memory): whole-clip decoding grows with T, a stream that hands
+    each frame on does not."""
+    from fastdec.bench import call_peak_memory
+
+    torch.manual_seed(0)
+    decoder = TAEHVDecoder("taew2_1").eval()
+    cpu = torch.device("cpu")
+
+    def streamed(latents):
+        stream = decoder.stream()
+        for frame in latents.split(1, dim=2):
+            stream.push(frame)  # handed on (to a screen, an mp4): not kept
+
+    peaks = {}
+    for frames in (2, 8):
+        latents = torch.randn(1, 16, frames, 4, 4)
+        whole = functools.partial(decoder.decode, latents, chunk_frames=frames)  # chunk_frames=T: the whole clip
+        peaks["whole", frames] = call_peak_memory(whole, cpu)[1]
+        peaks["stream", frames] = call_peak_memory(lambda latents=latents: streamed(latents), cpu)[1]
+    assert peaks["whole", 8] > 2 * peaks["whole", 2], peaks  # measured 8.1 -> 21 MB for 5 -> 29 frames
+    assert peaks["stream", 8] <= 1.05 * peaks["stream", 2], peaks
+
+
 # --- streaming API -------------------------------------------------------------------------------------------------
 
 
@@ -125,6 +151,14 @@ def test_stream_refuses_a_shape_change_and_bad_chunks():
         decoder.decode(torch.randn(1, 16, 2, 2, 2), chunk_frames=0)
     with pytest.raises(ValueError, match="before any push"):
         decoder.stream().flush()
+
+
+def test_compiles_fullgraph():
+    """Whole clip (chunks run the same run_frames; measured to compile too, left out for CI time)."""
+    torch.manual_seed(0)
+    decoder = TAEHVDecoder("taew2_1").eval()
+    compiled, eager = compile_fullgraph(decoder, torch.randn(1, 16, 2, 2, 2))
+    assert compiled.shape == (1, 5, 3, 16, 16) and relative_error(compiled, eager) <= DECODER_FP32_REL
 
 
 # --- every variant -------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastdec.cli import main
 from fastdec.eval import ssim
-from fastdec.models.efficientvit import EfficientViTDecoder
+from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.preview import LatentPreview
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
 from fastdec.train import TrainConfig, train
@@ -30,9 +30,10 @@ def tiny_student() -> TAESDDecoder:
     return TAESDDecoder("tae-192", CHANNELS, width=8, blocks=(1, 1, 1, 1))
 
 
-def tiny_efficientvit() -> EfficientViTDecoder:  # 8x: two upsample stages and the head's x2; BatchNorm
+def tiny_efficientvit() -> DCAEDecoder:  # 8x: two upsample stages and the head's x2; BatchNorm
     torch.manual_seed(0)
-    return EfficientViTDecoder(CHANNELS, widths=(8, 8, 8, 8), depths=(0, 1, 1, 1), norm_groups=4)
+    return DCAEDecoder(CHANNELS, block_out_channels=(8, 8, 8, 8), layers_per_block=(0, 1, 1, 1),
+                       norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 4)
 
 
 def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
@@ -200,7 +201,8 @@ def test_channel_mismatch_and_bad_upsampling_are_errors(workspace, tmp_path):
         run(workspace, tmp_path / "a", decoder=TAESDDecoder("tae-192", 16, width=8, blocks=(1, 1, 1, 1)))
     with pytest.raises(ValueError, match="does not match the encoder"):
         run(workspace, tmp_path / "b", decoder="tae-192", latent_channels=32)
-    twice = EfficientViTDecoder(CHANNELS, widths=(8, 8), depths=(1, 1), norm_groups=4)  # 2x, not 8x
+    twice = DCAEDecoder(CHANNELS, block_out_channels=(8, 8), layers_per_block=(1, 1),  # 2x, not 8x
+                        norm_types="batch_norm", act_fns="relu", qkv_multiscales=((),) * 2)
     with pytest.raises(ValueError, match="upsampling does not match"):
         run(workspace, tmp_path / "c", decoder=twice)
 
@@ -229,3 +231,28 @@ def test_lpips_without_local_weights_says_what_to_install():
         pytest.skip("LPIPS weights are on this machine")
     with pytest.raises(LPIPSUnavailable, match="LPIPS is not available: .*(pip install lpips|download)"):
         load_lpips()
+
+
+def test_shipped_decoders_load_offline_by_name(monkeypatch):
+    """Every decoder committed under weights/ loads by its folder name without the network: fp16 safetensors of at
+    most 16 MB with a model card, decoding 32-channel TAEF2 latents to 8x the size."""
+    import fastdec
+    from fastdec.api import shipped_weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shipped = shipped_weights()
+    if not shipped:
+        pytest.skip("no decoder under weights/")
+    from safetensors import safe_open
+
+    for name, folder in shipped.items():
+        weights = folder / "model.safetensors"
+        assert weights.stat().st_size <= 16 * 2**20, name
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, name
+        card = json.loads((folder / "model_card.json").read_text())
+        assert card["steps"] > 0 and card["latent_space"]["latent_channels"] == 32
+        decoder = fastdec.load(name)
+        images = decoder.decode(torch.zeros(1, 32, 4, 6))
+        assert images.shape == (1, 3, 32, 48) and torch.isfinite(images).all(), name
+        assert name in fastdec.api.names()

@@ -11,8 +11,10 @@ import torch
 
 import fastdec
 from fastdec import cli
+from fastdec.models.base import Decoder
 from fastdec.models.taehv import TAEHVDecoder
 from fastdec.models.taesd import TAESDDecoder
+from fastdec.validate import check_latents
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 WEIGHTS = SHARED / "taehv" / "taew2_1_arch_random.safetensors"
@@ -50,6 +52,34 @@ def test_decode_video_latents_in_every_output_kind(decoder):
     assert torch.equal(pixels, (frames * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2))
     pils = fastdec.decode(latents, decoder, output="pil")
     assert [len(video) for video in pils] == [5, 5] and pils[1][4].size == (32, 24)
+
+
+class FrameByFrame(Decoder):
+    """The smallest video decoder: any Decoder with latent_ndim 5 goes through fastdec.decode's video path."""
+
+    latent_ndim, latent_channels, output_range = 5, 4, "-1,1"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3 * 4, 1)
+        self.config = {}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        frames = z.transpose(1, 2).flatten(0, 1)
+        images = torch.nn.functional.pixel_shuffle(self.conv(frames), 2)
+        return images.unflatten(0, z.shape[:1] + z.shape[2:3])
+
+    def decode(self, latents, check_finite=None):
+        check_latents(latents, self, check_finite)
+        return (self(latents) * 0.5 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def test_any_video_decoder_goes_through_decode():
+    decoder = FrameByFrame().eval()
+    latents = torch.randn(2, 4, 3, 5, 6)
+    assert fastdec.decode(latents, decoder).shape == (2, 3, 3, 10, 12)
+    assert fastdec.decode(latents, decoder, output="uint8").shape == (2, 3, 10, 12, 3)
 
 
 @needs_weights

@@ -240,6 +240,11 @@ def test_bad_latents_get_clear_errors(make, error, message):
         model.decode(make())
 
 
+def test_forward_refuses_other_shapes():
+    with pytest.raises(ValueError, match=r"\(B, 4, T, h, w\)"):
+        WanDecoder(**TINY)(torch.randn(1, 4, 3, 5))
+
+
 @pytest.mark.parametrize("chunk_frames", [0, -1, 1.5, True])
 def test_bad_chunk_size_is_refused(chunk_frames):
     with pytest.raises(ValueError, match="chunk_frames must be a positive int"):
@@ -290,3 +295,44 @@ def test_cli_writes_an_mp4(tmp_path):
     with av.open(str(tmp_path / "out" / "clip.mp4")) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
+
+
+def test_bench_entry_twin_is_the_same_decoder_in_diffusers():
+    """``fastdec bench --decoders wan2.1``: the diffusers twin carries the model's weights; the latents are video."""
+    from fastdec.bench.decoders import DEFAULT_DECODERS, ENTRIES
+
+    entry = ENTRIES["wan2.1"]
+    assert "wan2.1" not in DEFAULT_DECODERS  # opt-in: slow on CPU
+    model = WanDecoder.from_diffusers(tiny_vae(seed=16))
+    twin, reason = entry.diffusers_twin(model)
+    assert reason is None and isinstance(twin, AutoencoderKLWan)
+    assert entry.latent_shape(model, 64, 1, 8) == (1, 4, 2, 8, 8)
+    assert entry.latent_shape(model, 512, 1, 8) == (1, 4, 21, 64, 64)
+    z = latents(2, seed=17)
+    with torch.no_grad(), ops.reference_ops():
+        assert relative_error(model(z), entry.twin_decode(twin, z)) <= DECODER_FP32_REL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 3-D convolutions on CPU are far too slow")
+def test_bf16_error_no_larger_than_diffusers():
+    """bf16 against the fp32 reference: fastdec's error at most DECODER_LOW_PRECISION_VS_DIFFUSERS x diffusers' own."""
+    from tolerances import DECODER_LOW_PRECISION_VS_DIFFUSERS
+
+    def error_rms(out, ref):
+        assert torch.isfinite(out).all(), "non-finite output"
+        return ((out.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt()).item()
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        vae = tiny_vae(base_dim=96, z_dim=16, latents_mean=wan.WAN21_LATENTS_MEAN, latents_std=wan.WAN21_LATENTS_STD,
+                       num_res_blocks=2).cuda()
+        z = torch.randn(1, 16, 5, 24, 40, generator=torch.Generator().manual_seed(18)).cuda()
+        with torch.no_grad():
+            reference = vae.decode(z).sample
+            model = WanDecoder.from_diffusers(vae, device="cuda", dtype=torch.bfloat16)
+            ours = error_rms(model(z.bfloat16()), reference)
+            theirs = error_rms(vae.to(torch.bfloat16).decode(z.bfloat16()).sample, reference)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert ours <= DECODER_LOW_PRECISION_VS_DIFFUSERS * theirs, (ours, theirs)

@@ -58,8 +58,6 @@ def _dataset(root: Path, name: str, count: int, side: int, channels: int) -> Pat
 
 
 def run(args: argparse.Namespace) -> dict:
-    from fastdec.bench.environment import environment, load_average
-
     decoders = [name.strip() for name in args.decoders.split(",") if name.strip()]
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     counts = _counts(args.items, DEFAULT_ITEMS, decoders)
@@ -87,22 +85,33 @@ def run(args: argparse.Namespace) -> dict:
                     row["decoder"] = name
                     rows.append(row)
                     print(_row_line(row), flush=True)
+                    if args.out:  # after every row: a slow run that is stopped keeps what it measured
+                        _write(Path(args.out), _result(args, rows))
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"date": datetime.date.today().isoformat(), "command": args.command_line, "side": args.side,
-              "batch_size": args.batch_size, "rows": rows, "projection": projection(rows),
-              "load_average": load_average(), **environment(device)}
+    result = _result(args, rows)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "bench.md").write_text(markdown(result))
-        print(f"wrote {out}/bench.json and bench.md")
+        _write(Path(args.out), result)
+        print(f"wrote {args.out}/bench.json and bench.md")
     return result
+
+
+def _result(args: argparse.Namespace, rows: list[dict]) -> dict:
+    from fastdec.bench.environment import environment, load_average
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"date": datetime.date.today().isoformat(), "command": args.command_line, "side": args.side,
+            "batch_size": args.batch_size, "rows": rows, "projection": projection(rows),
+            "load_average": load_average(), **environment(device)}
+
+
+def _write(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(result))
 
 
 def projection(rows: list[dict]) -> list[dict]:
@@ -145,7 +154,10 @@ def markdown(result: dict) -> str:
     device = result["device"]
     lines = [f"**{device['name']} ({device['cpu_count']} cores, {device['torch_threads']} torch threads)** · "
              f"{result['date']} · torch {result['versions']['torch']} · fastdec {result['versions']['fastdec']} · "
-             f"float32 · weights: random", "", f"`{result['command']}`", "",
+             f"float32 · weights: random · load average (1/5/15 min) at the end "
+             f"{'/'.join(f'{x:.1f}' for x in result.get('load_average') or []) or 'n/a'} on "
+             f"{device['cpu_count']} cores: a shared machine, the times are as slow as its load made them", "",
+             f"`{result['command']}`", "",
              "| decoder | image | engine | items | items/s | items/s after the first | first output s | wall s | "
              "read s | decode s | encode+write s | workers |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

@@ -132,7 +132,11 @@ def count_items(source: Source) -> int | None:
             import numpy as np
 
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-        else:  # .pt / .npz: no cheap header
+        elif suffix in (".pt", ".pth"):  # memory-mapped: the header, not the data
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            tensors = list(content.values()) if isinstance(content, dict) else [content]
+            shape = tensors[0].shape if len(tensors) == 1 and isinstance(tensors[0], Tensor) else None
+        else:  # .npz: no cheap header
             shape = read_latents(path).shape
         return None if shape is None else _items_in(list(shape))
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read, not counted here

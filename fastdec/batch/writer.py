@@ -130,8 +130,8 @@ class BatchReport:
     @property
     def steady_items_per_second(self) -> float | None:
         """Items/s after the first output: the throughput without start-up (decoder load, Ray actor start)."""
-        if self.first_output_seconds is None or self.done < 2 or self.wall_seconds <= self.first_output_seconds:
-            return None
+        if self.first_output_seconds is None or self.done < 4 or self.wall_seconds <= self.first_output_seconds:
+            return None  # too few items: outputs arrive in bursts (Ray delivers blocks), the rate would be noise
         return (self.done - 1) / (self.wall_seconds - self.first_output_seconds)
 
     def to_json(self) -> dict:

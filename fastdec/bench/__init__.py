@@ -54,9 +54,12 @@ from fastdec.bench.environment import environment
 from fastdec.bench.goals import LIGHTWEIGHT_SPEEDUP_GOAL, evaluate_goals, find_row, goal_for_row, verdict
 from fastdec.bench.pipeline import pipeline_share, unet_step_times
 from fastdec.bench.render import (
+    figure_of,
     full_table,
     goals_table,
     header_lines,
+    load_line,
+    log_ticks,
     pipeline_lines,
     plot,
     print_rich,
@@ -64,7 +67,7 @@ from fastdec.bench.render import (
     summary_table,
     write_outputs,
 )
-from fastdec.bench.run import main, run, run_benchmark
+from fastdec.bench.run import default_out_dir, main, run, run_benchmark, typed_command
 from fastdec.bench.settings import DTYPES, VARIANT_LABELS, VARIANTS, Settings, add_arguments, dtype_name, settings_from
 from fastdec.bench.spec import GIB, MIB, BenchDecoder, Goal
 from fastdec.bench.timing import (
@@ -82,9 +85,10 @@ __all__ = [
     'torch', 'Variant', 'bench_decoder', 'compare', 'read_result', 'Contender', 'build_contender',
     'fastdec_model', 'image_of', 'latents_for', 'prepare', 'DECODERS', 'ENTRIES', 'GPU_GOALS', 'LIGHTWEIGHT',
     'environment', 'LIGHTWEIGHT_SPEEDUP_GOAL', 'evaluate_goals', 'find_row', 'goal_for_row', 'verdict',
-    'pipeline_share', 'unet_step_times', 'full_table', 'goals_table', 'header_lines', 'pipeline_lines', 'plot',
-    'print_rich', 'render_markdown', 'summary_table', 'write_outputs', 'main', 'run', 'run_benchmark', 'DTYPES',
-    'VARIANT_LABELS', 'VARIANTS', 'Settings', 'add_arguments', 'dtype_name', 'settings_from', 'GIB', 'MIB',
-    'BenchDecoder', 'Goal', 'call_peak_memory', 'fidelity', 'fused_backend', 'interleaved_times',
-    'paired_ratio', 'summary_ms', 'synchronize',
+    'pipeline_share', 'unet_step_times', 'figure_of', 'full_table', 'load_line', 'log_ticks', 'goals_table',
+    'header_lines', 'pipeline_lines', 'plot', 'print_rich', 'render_markdown', 'summary_table', 'write_outputs',
+    'main', 'run', 'run_benchmark', 'typed_command', 'default_out_dir', 'DTYPES', 'VARIANT_LABELS', 'VARIANTS',
+    'Settings', 'add_arguments', 'dtype_name', 'settings_from', 'GIB', 'MIB', 'BenchDecoder', 'Goal',
+    'call_peak_memory', 'fidelity', 'fused_backend', 'interleaved_times', 'paired_ratio', 'summary_ms',
+    'synchronize',
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -177,12 +178,28 @@ def print_rich(result: dict) -> None:
     console.print(f"fastdec backend here: {fused_backend(torch.device(result['device']['type']))}")
 
 
-def plot(result: dict, path: Path) -> None:
-    """bench.png: median time per decoder and variant (log scale, IQR error bars) and peak memory, per size/batch."""
+def log_ticks(low: float, high: float) -> list[float]:
+    """1-2-5 ticks for a log axis from below ``low`` to above ``high``: at least three, at most about a dozen."""
+    steps = [mantissa * 10.0**exponent for exponent in range(math.floor(math.log10(low)) - 2,
+                                                             math.ceil(math.log10(high)) + 2)
+             for mantissa in (1, 2, 5)]
+    first = max(index for index, step in enumerate(steps) if step <= low * (1 + 1e-9))
+    last = min(index for index, step in enumerate(steps) if step >= high * (1 - 1e-9))
+    first = min(first, last - 2)  # three labelled ticks even when all values sit between two steps
+    ticks = steps[first:last + 1]
+    if len(ticks) <= 12:
+        return ticks
+    return [10.0**exponent for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
+
+
+def figure_of(result: dict):
+    """The bench.png figure: median time per decoder and variant (log scale, IQR error bars) and peak memory, per
+    size/batch; every log axis labelled at 1-2-5 steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = result["rows"]
     configs = list(dict.fromkeys((r["resolution"], r["batch"]) for r in rows))
@@ -191,6 +208,7 @@ def plot(result: dict, path: Path) -> None:
     figure, axes = plt.subplots(2, len(configs), figsize=(1.2 + 1.6 * len(decoders) * len(configs), 8), squeeze=False)
     width = 0.8 / len(variants)
     for column, (side, batch) in enumerate(configs):
+        shown: tuple[list[float], list[float]] = ([], [])  # every plotted value (error bars too), per panel
         for index, variant in enumerate(variants):
             xs, times, low, high, memory_xs, memory = [], [], [], [], [], []
             for position, decoder in enumerate(decoders):
@@ -202,14 +220,22 @@ def plot(result: dict, path: Path) -> None:
                 times.append(row["median_ms"])
                 low.append(row["median_ms"] - row["q25_ms"])
                 high.append(row["q75_ms"] - row["median_ms"])
+                shown[0].extend((row["q25_ms"], row["q75_ms"]))
                 if row["peak_memory_bytes"] is not None:
                     memory_xs.append(x)
                     memory.append(max(row["peak_memory_bytes"] / MIB, 1e-3))
+                    shown[1].append(memory[-1])
             axes[0, column].bar(xs, times, width, yerr=[low, high], capsize=2, label=VARIANT_LABELS[variant])
             axes[1, column].bar(memory_xs, memory, width, label=VARIANT_LABELS[variant])
         for row_index, ylabel in enumerate(("time per call, ms (median, IQR)", "peak extra memory, MiB")):
             axis = axes[row_index, column]
             axis.set_yscale("log")
+            values = [value for value in shown[row_index] if value > 0]
+            if values:
+                ticks = log_ticks(min(values), max(values))
+                axis.set_ylim(ticks[0], ticks[-1])
+                axis.set_yticks(ticks, [f"{tick:g}" for tick in ticks])
+                axis.yaxis.set_minor_formatter(NullFormatter())
             axis.set_xticks(range(len(decoders)), decoders, rotation=30, ha="right")
             axis.set_ylabel(ylabel)
             axis.grid(axis="y", which="both", alpha=0.3)
@@ -217,6 +243,14 @@ def plot(result: dict, path: Path) -> None:
     axes[0, 0].legend(fontsize="small")
     figure.suptitle(f"fastdec bench on {result['device']['name']} ({result['date'][:10]})")
     figure.tight_layout()
+    return figure
+
+
+def plot(result: dict, path: Path) -> None:
+    """Writes bench.png (figure_of)."""
+    import matplotlib.pyplot as plt
+
+    figure = figure_of(result)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -112,9 +112,23 @@ def run_benchmark(settings: Settings, command: str) -> dict:
 
 
 
+def typed_command(argv: list[str] | None) -> str:
+    """The command as a user types it (``fastdec bench ARGS``), never the executable's path on this machine."""
+    if argv is None:
+        typed = sys.argv[1:]
+        argv = typed[typed.index("bench") + 1:] if "bench" in typed else typed
+    return shlex.join(["fastdec", "bench", *argv])
+
+
+def default_out_dir(result: dict) -> Path:
+    """Where ``--quick`` writes without ``--out``: fastdec-bench/<date>-<time>-<device>-quick in the current folder."""
+    stamp = result["date"][:19].replace(":", "").replace("T", "-")
+    return Path("fastdec-bench") / f"{stamp}-{result['device']['type']}-quick"
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Runs ``fastdec bench`` from parsed arguments (for a subcommand parser built with add_arguments)."""
-    command = shlex.join(["fastdec", "bench", *argv]) if argv is not None else shlex.join(sys.argv)
+    command = typed_command(argv)
     if getattr(args, "batch_throughput", False):
         from fastdec.batch.bench import run_from_bench_args
 
@@ -140,9 +154,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     else:
         print(render_markdown(result, full=True))
     print(f"wall time: {result['wall_s']:.1f} s")
-    if args.out:
-        for path in write_outputs(result, Path(args.out)):
+    out = Path(args.out) if args.out else (default_out_dir(result) if args.quick else None)
+    if out is not None:
+        paths = write_outputs(result, out)
+        for path in paths:
             print(f"wrote {path}")
+        print(f"results in {out}/ (the plot: {paths[1]})" + ("" if args.out else "; choose the folder with --out"))
     if old is not None:
         print()
         print(compare(old, result))

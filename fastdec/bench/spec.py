@@ -70,6 +70,7 @@ class BenchDecoder:
     lightweight: bool = False  # a replacement for the SD VAE (SD latents): pipeline share, the 25x goal
     goals: tuple[Goal, ...] = ()  # GPU goals on this decoder's rows
     order: int = 100  # position in the default --decoders list (ties: module name, then ENTRIES order)
+    default: bool = True  # in the default --decoders list; False: a slow family that runs only when named
 
     def diffusers_twin(self, model: Decoder) -> tuple[nn.Module | None, str | None]:
         if self.twin is None:

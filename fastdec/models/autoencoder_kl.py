@@ -13,13 +13,11 @@ channels_last is the preferred layout: ``model.to(memory_format=torch.channels_l
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv, norm_act
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
@@ -230,28 +228,24 @@ class AutoencoderKLDecoder(Decoder):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    diffusers_class = "AutoencoderKL"  # what from_diffusers reads (a module of this class, or its folder)
+
     @classmethod
     def from_diffusers(cls, vae_or_folder, device=None, dtype=None) -> AutoencoderKLDecoder:
-        """From a ``diffusers.AutoencoderKL`` or its saved folder (config.json, diffusion_pytorch_model.*).
+        """From a diffusers ``diffusers_class`` module or its saved folder (config.json, diffusion_pytorch_model.*).
 
         A pipeline folder works too (its ``vae/`` subfolder is read). Only the decoder's weights are kept
         (``decoder.*``, ``post_quant_conv.*``): the encoder's are dropped, any other key is an error.
         """
-        if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderKL")
-        else:
-            from diffusers import AutoencoderKL
-
-            if not isinstance(vae_or_folder, AutoencoderKL):
-                raise ValueError(
-                    "from_diffusers takes a diffusers.AutoencoderKL or a folder, "
-                    f"got a {type(vae_or_folder).__name__}"
-                )
-            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-            source = "the given diffusers.AutoencoderKL"
-        model = cls(**_config_from_diffusers(config, source))
+        config, state, source = read_diffusers_vae(vae_or_folder, cls.diffusers_class)
+        model = cls(**cls.kwargs_from_diffusers(config, source))
         load_state_dict_strict(model, _decoder_state(state), source=source)
         return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:
+        """The diffusers config as this class's constructor arguments."""
+        return _config_from_diffusers(config, source)
 
 
 def _config_from_diffusers(config: dict, source: str) -> dict:

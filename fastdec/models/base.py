@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents
 
 
@@ -87,6 +88,20 @@ class Decoder(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def read_diffusers_vae(vae_or_folder, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
+    """(config, state dict, source) of a diffusers ``class_name`` module, its save_pretrained folder or a pipeline
+    folder (see read_diffusers_folder): what every ``from_diffusers`` reads."""
+    if isinstance(vae_or_folder, (str, Path)):
+        return read_diffusers_folder(Path(vae_or_folder), class_name)
+    import diffusers
+
+    if not isinstance(vae_or_folder, getattr(diffusers, class_name)):
+        raise ValueError(
+            f"from_diffusers takes a diffusers.{class_name} or a folder, got a {type(vae_or_folder).__name__}"
+        )
+    return dict(vae_or_folder.config), vae_or_folder.state_dict(), f"the given diffusers.{class_name}"
+
+
 def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
     """(config, state dict, weights path) of a diffusers ``<class_name>.save_pretrained`` folder, or of the ``vae/``
     subfolder of a pipeline folder. Weights: diffusion_pytorch_model.safetensors, else the .bin (weights_only)."""
@@ -112,10 +127,10 @@ def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
-        reason = str(error).splitlines()[0] if str(error) else ""
+        corrupt = f"the file is truncated or not a valid {class_name} checkpoint; re-download it"
+        advice = read_error_advice(error, corrupt)
         raise ValueError(
-            f"could not read {path} ({type(error).__name__}: {reason}): the file is truncated or not a valid "
-            f"{class_name} checkpoint; re-download it"
+            f"could not read {path} ({type(error).__name__}: {read_error_reason(error)}): {advice}"
         ) from error
     return config, state, str(path)
 

@@ -26,14 +26,13 @@ in/mix f32c32 layout cut to 8x (widths 128..256, depths [0, 5, 10, 0, 0, 0], Bat
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv
 
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
@@ -315,18 +314,7 @@ class DCAEDecoder(Decoder):
     def from_diffusers(cls, vae_or_folder, device=None, dtype=None) -> DCAEDecoder:
         """From a ``diffusers.AutoencoderDC``, its folder, or a pipeline folder (its ``vae/``, e.g. SANA's). The
         encoder's weights are dropped; every decoder key must match."""
-        if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderDC")
-        else:
-            from diffusers import AutoencoderDC
-
-            if not isinstance(vae_or_folder, AutoencoderDC):
-                raise ValueError(
-                    f"DCAEDecoder.from_diffusers takes a diffusers.AutoencoderDC or a folder, got a "
-                    f"{type(vae_or_folder).__name__}"
-                )
-            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-            source = "the given diffusers.AutoencoderDC"
+        config, state, source = read_diffusers_vae(vae_or_folder, "AutoencoderDC")
         model = cls(**_config_from_diffusers(config))
         decoder_state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
         load_state_dict_strict(model, decoder_state, source=source)

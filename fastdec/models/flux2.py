@@ -20,13 +20,11 @@ statistics of its own; ``PackedLatentsDecoder(taef2, stats)`` gives it the FLUX.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, _config_from_diffusers, _decoder_state
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, _config_from_diffusers
+from fastdec.models.base import Decoder
 from fastdec.validate import check_latents
 
 PATCH = 2  # FLUX.2 patchifies the VAE latents 2x2 (its pipelines hard-code it)
@@ -66,15 +64,24 @@ def latent_batch_norm(latent_channels: int, eps: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(PATCH * PATCH * latent_channels, eps=eps, affine=False).eval()
 
 
-def decode_packed_or_raw(decoder: Decoder, bn: nn.BatchNorm2d, latents: Tensor, check_finite: bool | None) -> Tensor:
-    """The decode of a FLUX.2 decoder: packed latents are unpacked with ``bn`` first, raw ones go straight in."""
-    check_latents(latents, decoder, check_finite)
-    if latents.shape[1] == decoder.packed_latent_channels:
-        latents = unpack_latents(latents, bn)
-    return Decoder.decode(decoder, latents, check_finite=False)  # checked above
+class PackedLatents:
+    """What both FLUX.2 decoders add to a Decoder: ``bn`` (the latent statistics) and ``packed_latent_channels``.
+    ``fastdec.decode`` calls ``raw_latents`` before tiling, which sees raw latents only."""
+
+    bn: nn.BatchNorm2d
+    packed_latent_channels: int
+
+    def raw_latents(self, latents: Tensor) -> Tensor:
+        """Packed latents (4x the channels) unpacked as the pipeline does; raw latents unchanged."""
+        return unpack_latents(latents, self.bn) if latents.shape[1] == self.packed_latent_channels else latents
+
+    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
+        """Raw or packed FLUX.2 latents (see the module docstring) -> images in [0, 1]."""
+        check_latents(latents, self, check_finite)
+        return Decoder.decode(self, self.raw_latents(latents), check_finite=False)  # checked above
 
 
-class Flux2VAEDecoder(AutoencoderKLDecoder):
+class Flux2VAEDecoder(PackedLatents, AutoencoderKLDecoder):
     """AutoencoderKLFlux2's decoder (same keys: ``post_quant_conv.*``, ``decoder.*``, ``bn.*``).
 
     ``decode`` takes raw (B, 32, H, W) or packed (B, 128, H/2, W/2) latents; ``forward`` raw ones.
@@ -88,35 +95,17 @@ class Flux2VAEDecoder(AutoencoderKLDecoder):
         self.packed_latent_channels = PATCH * PATCH * latent_channels
         self.bn = latent_batch_norm(latent_channels, batch_norm_eps)
 
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Raw or packed FLUX.2 latents (see the module docstring) -> images (B, 3, H', W') in [0, 1]."""
-        return decode_packed_or_raw(self, self.bn, latents, check_finite)
-
     @classmethod
     def from_preset(cls, name: str = "flux2", **overrides) -> Flux2VAEDecoder:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def from_diffusers(cls, vae_or_folder, device=None, dtype=None) -> Flux2VAEDecoder:
-        """From a ``diffusers.AutoencoderKLFlux2``, its folder, or a pipeline folder (its ``vae/``). The encoder's
-        weights are dropped; every other key (decoder, post_quant_conv, bn statistics) must match."""
-        if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderKLFlux2")
-        else:
-            from diffusers import AutoencoderKLFlux2
+    diffusers_class = "AutoencoderKLFlux2"  # from_diffusers: AutoencoderKLDecoder's, keeping the bn statistics
 
-            if not isinstance(vae_or_folder, AutoencoderKLFlux2):
-                raise ValueError(
-                    "Flux2VAEDecoder.from_diffusers takes a diffusers.AutoencoderKLFlux2 or a folder, "
-                    f"got a {type(vae_or_folder).__name__}"
-                )
-            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-            source = "the given diffusers.AutoencoderKLFlux2"
-        model = cls(**_config_from_flux2(config, source))
-        load_state_dict_strict(model, _decoder_state(state), source=source)
-        return model.to(device=device, dtype=dtype).eval()
+    @classmethod
+    def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:
+        return _config_from_flux2(config, source)
 
 
 def _config_from_flux2(config: dict, source: str) -> dict:
@@ -131,7 +120,7 @@ def _config_from_flux2(config: dict, source: str) -> dict:
     return {**_config_from_diffusers(as_kl, source), "batch_norm_eps": config["batch_norm_eps"]}
 
 
-class PackedLatentsDecoder(Decoder):
+class PackedLatentsDecoder(PackedLatents, Decoder):
     """Any 32-channel FLUX.2-space decoder (e.g. taef2) with the FLUX.2 VAE's latent statistics, so that it decodes
     packed latents too. ``stats``: an ``AutoencoderKLFlux2``, a ``Flux2VAEDecoder``, a swapped ``FastdecVAE``
     (anything with a ``bn``), or the BatchNorm itself. Built at run time: save the inner decoder, not this."""
@@ -166,10 +155,6 @@ class PackedLatentsDecoder(Decoder):
 
     def latent_affine(self) -> tuple[list[float], list[float]]:
         return self.decoder.latent_affine()
-
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Raw or packed FLUX.2 latents -> images in [0, 1], through the inner decoder."""
-        return decode_packed_or_raw(self, self.bn, latents, check_finite)
 
     def save_pretrained(self, directory) -> None:
         raise TypeError(

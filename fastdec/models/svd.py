@@ -178,7 +178,8 @@ class PerFrameVideoDecoder(Decoder):
                 f"{type(self).__name__}.decode_frames takes per-frame latents (B*T, {self.latent_channels}, h, w), got "
                 f"shape {tuple(z.shape)}; clip latents (B, C, T, h, w) go through decode() or the module itself"
             )
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        # SymInt: a frame count that torch.compile traces as dynamic (e.g. after a call with another T)
+        if isinstance(num_frames, bool) or not isinstance(num_frames, (int, torch.SymInt)) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int (frames per clip), got {num_frames!r}")
         if z.shape[0] % num_frames:
             raise ValueError(

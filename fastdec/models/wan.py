@@ -285,6 +285,11 @@ class WanDecoder(Decoder):
         AutoencoderKLWan.decode returns. The clip runs in chunks of ``chunk_frames`` latent frames (None: the whole
         clip when its activations fit in WHOLE_CLIP_BUDGET_BYTES, 1 GiB, else the largest chunk that fits, at least
         one frame); every chunk size gives the same frames, and peak memory grows with the chunk, not the clip."""
+        if z.dim() != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"expected VAE-space latents of shape (B, {self.latent_channels}, T, h, w), got {tuple(z.shape)}; "
+                "decode() takes the diffusion latents a pipeline produces"
+            )
         if chunk_frames is None:
             chunk_frames = self.auto_chunk_frames(z)
         elif isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -121,13 +122,13 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     """Recomputes each residual/transformer block in the backward pass instead of storing its activations."""
     from torch.utils.checkpoint import checkpoint
 
-    from fastdec.models.efficientvit import AttentionStage, ResBlock
+    from fastdec.models.dcae import EfficientViTBlock, ResBlock
     from fastdec.models.taesd import Block
     from fastdec.models.vit import TransformerBlock
 
     count = 0
     for module in model.modules():
-        if isinstance(module, (Block, ResBlock, TransformerBlock, AttentionStage)):
+        if isinstance(module, (Block, ResBlock, TransformerBlock, EfficientViTBlock)):
             forward = module.forward
             module.forward = functools.partial(checkpoint, forward, use_reentrant=False)
             count += 1
@@ -371,7 +372,13 @@ def _finish(config: TrainConfig, output: Path, model: Decoder, student_class: st
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+    model = platform.processor() or platform.machine()
+    try:  # Linux: the CPU's marketing name
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({model}, {os.cpu_count()} cores)"
 
 
 def _jsonable(config: TrainConfig) -> dict:

@@ -31,6 +31,7 @@ def _discover() -> dict[str, BenchDecoder]:
 
 ENTRIES: dict[str, BenchDecoder] = _discover()
 DECODERS: tuple[str, ...] = tuple(ENTRIES)
+DEFAULT_DECODERS: tuple[str, ...] = tuple(name for name, entry in ENTRIES.items() if entry.default)
 # Replacements for the SD VAE: decoders of SD's 4-channel latents other than the exact path.
 LIGHTWEIGHT: tuple[str, ...] = tuple(name for name, entry in ENTRIES.items() if entry.lightweight)
 GPU_GOALS: tuple[Goal, ...] = tuple(goal for entry in ENTRIES.values() for goal in entry.goals)

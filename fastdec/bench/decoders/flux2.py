@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastdec.bench.spec import BenchDecoder, Goal, empty_diffusers_module
+from fastdec.bench.spec import BenchDecoder, Goal
 from fastdec.models.base import Decoder
 
 
@@ -15,23 +15,12 @@ def build() -> Decoder:
 
 
 def twin(model: Decoder) -> tuple[nn.Module, None]:
-    """diffusers' AutoencoderKLFlux2 with ``model``'s weights (the encoder is allocated, zeros, never run)."""
+    """diffusers' AutoencoderKLFlux2 with ``model``'s weights (decoder, post_quant_conv, bn statistics)."""
     import diffusers
 
-    config = model.config
-    stages = len(config["block_out_channels"])
-    vae = empty_diffusers_module(
-        diffusers.AutoencoderKLFlux2, latent_channels=config["latent_channels"], out_channels=config["out_channels"],
-        block_out_channels=tuple(config["block_out_channels"]), layers_per_block=config["layers_per_block"],
-        norm_num_groups=config["norm_num_groups"], down_block_types=("DownEncoderBlock2D",) * stages,
-        up_block_types=("UpDecoderBlock2D",) * stages, use_post_quant_conv=config["use_post_quant_conv"],
-        mid_block_add_attention=config["mid_block_add_attention"], batch_norm_eps=config["batch_norm_eps"],
-    )
-    state = model.state_dict()
-    for part in ("decoder", "post_quant_conv", "bn"):
-        part_state = {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
-        getattr(vae, part).load_state_dict(part_state, strict=True)
-    return vae, None
+    from fastdec.bench.decoders.sd_vae import autoencoder_twin
+
+    return autoencoder_twin(model, diffusers.AutoencoderKLFlux2, batch_norm_eps=model.config["batch_norm_eps"]), None
 
 
 ENTRIES = (

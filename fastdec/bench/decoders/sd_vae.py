@@ -14,26 +14,32 @@ def build() -> Decoder:
     return AutoencoderKLDecoder.from_preset("sd")
 
 
-def twin(model: Decoder) -> tuple[nn.Module, None]:
-    """diffusers' AutoencoderKL with ``model``'s decoder weights (the encoder is allocated, zeros, never run)."""
-    import diffusers
-
+def autoencoder_twin(model: Decoder, cls: type, **class_config) -> nn.Module:
+    """A diffusers AutoencoderKL-family module ``cls`` with ``model``'s decoder-side weights (every top-level part
+    of the state dict: decoder, post_quant_conv, bn, ...); the encoder is allocated, zeros, never run."""
     config = model.config
     stages = len(config["block_out_channels"])
     vae = empty_diffusers_module(
-        diffusers.AutoencoderKL, latent_channels=config["latent_channels"], out_channels=config["out_channels"],
+        cls, latent_channels=config["latent_channels"], out_channels=config["out_channels"],
         block_out_channels=tuple(config["block_out_channels"]), layers_per_block=config["layers_per_block"],
         norm_num_groups=config["norm_num_groups"], down_block_types=("DownEncoderBlock2D",) * stages,
         up_block_types=("UpDecoderBlock2D",) * stages, use_post_quant_conv=config["use_post_quant_conv"],
-        mid_block_add_attention=config["mid_block_add_attention"], scaling_factor=config["scaling_factor"],
-        shift_factor=config["shift_factor"],
+        mid_block_add_attention=config["mid_block_add_attention"], **class_config,
     )
     state = model.state_dict()
-    for part in ("decoder", "post_quant_conv"):
+    for part in sorted({key.split(".", 1)[0] for key in state}):
         part_state = {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
-        if part_state:
-            getattr(vae, part).load_state_dict(part_state, strict=True)
-    return vae, None
+        getattr(vae, part).load_state_dict(part_state, strict=True)
+    return vae
+
+
+def twin(model: Decoder) -> tuple[nn.Module, None]:
+    """diffusers' AutoencoderKL with ``model``'s decoder weights."""
+    import diffusers
+
+    config = model.config
+    scaling = dict(scaling_factor=config["scaling_factor"], shift_factor=config["shift_factor"])
+    return autoencoder_twin(model, diffusers.AutoencoderKL, **scaling), None
 
 
 ENTRIES = (
