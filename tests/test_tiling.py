@@ -218,10 +218,15 @@ def _parallel_worker(rank: int, world: int, port: int, results, folder: str) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         with ops.reference_ops():
-            out = _parallel_decodes()
-            from fastdec import parallel  # the torchrun entry point, inside the group started here
+            out = {"failure": None}
+            try:
+                out.update(_parallel_decodes())
+                from fastdec import parallel  # the torchrun entry point, inside the group started here
 
-            out["main"] = parallel.main([f"{folder}/latents.pt", "--decoder", f"{folder}/decoder", "-o", folder])
+                out["main"] = parallel.main([f"{folder}/latents.pt", "--decoder", f"{folder}/decoder", "-o", folder])
+            except Exception as error:  # report it to the test instead of leaving it waiting on the queue
+                results.put((rank, {"failure": repr(error)}))
+                raise
             results.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -269,6 +274,7 @@ def test_parallel_equals_single_process_gloo(tmp_path):
     for worker in workers:
         worker.start()
     got = dict(results.get(timeout=900) for _ in workers)  # generous: a loaded CI machine
+    assert got[0]["failure"] is None and got[1]["failure"] is None, got
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
