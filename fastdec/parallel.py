@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     """torchrun entry point: decode a latents file across the ranks; rank 0 writes the PNGs."""
     import fastdec
     from fastdec.api import default_decoder_name, default_dtype
-    from fastdec.cli import _read_latents
+    from fastdec.latents_io import read_latents
 
     parser = argparse.ArgumentParser(prog="python -m fastdec.parallel", description=main.__doc__)
     parser.add_argument("latents", help="latents file (.safetensors, .pt, .npy, .npz), (C, h, w) or (B, C, h, w)")
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-        latents = _read_latents(Path(args.latents), args.key)
+        latents = read_latents(Path(args.latents), args.key)
         latents = latents.unsqueeze(0) if latents.dim() == 3 else latents
         dtype = default_dtype(device)
         decoder = fastdec.load(args.decoder or default_decoder_name(latents.shape[1]), device=device, dtype=dtype)

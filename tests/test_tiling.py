@@ -218,10 +218,15 @@ def _parallel_worker(rank: int, world: int, port: int, results, folder: str) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         with ops.reference_ops():
-            out = _parallel_decodes()
-            from fastdec import parallel  # the torchrun entry point, inside the group started here
+            out = {"failure": None}
+            try:
+                out.update(_parallel_decodes())
+                from fastdec import parallel  # the torchrun entry point, inside the group started here
 
-            out["main"] = parallel.main([f"{folder}/latents.pt", "--decoder", f"{folder}/decoder", "-o", folder])
+                out["main"] = parallel.main([f"{folder}/latents.pt", "--decoder", f"{folder}/decoder", "-o", folder])
+            except Exception as error:  # report it to the test instead of leaving it waiting on the queue
+                results.put((rank, {"failure": repr(error)}))
+                raise
             results.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -268,7 +273,8 @@ def test_parallel_equals_single_process_gloo(tmp_path):
                for rank in range(2)]
     for worker in workers:
         worker.start()
-    got = dict(results.get(timeout=240) for _ in workers)
+    got = dict(results.get(timeout=900) for _ in workers)  # generous: a loaded CI machine
+    assert got[0]["failure"] is None and got[1]["failure"] is None, got
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
@@ -335,3 +341,15 @@ def test_taef2_real_weights_1536_photo_tiled_equals_untiled():
     assert latents.shape == (1, 32, 192, 192) and tiled.shape == (1, 3, 1536, 1536)
     assert (tiled - reference).abs().max().item() <= 1e-5
     print(f"taef2 768x768 encode + 1536x1536 untiled and tiled decodes: {time.perf_counter() - start:.1f} s")
+
+
+def test_seam_measure():
+    """fastdec.bench.tiling's seam ratio: 1 for an image without seams, > 1 for a brightness step at a border."""
+    from fastdec.bench.tiling import diffusers_borders, seam_ratio
+
+    smooth = torch.linspace(0, 1, 64).repeat(1, 3, 64, 1)  # the same horizontal gradient everywhere
+    assert seam_ratio(smooth, [], [16, 32]) == pytest.approx(1.0, rel=1e-4)
+    stepped = smooth.clone()
+    stepped[..., 32:, :] += 0.2  # a seam between rows 31 and 32
+    assert seam_ratio(stepped + torch.rand(1, 3, 64, 64) * 0.01, [32], []) > 10
+    assert diffusers_borders(256) == [96, 192]

@@ -133,6 +133,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         from fastdec.batch.bench import run_from_bench_args
 
         return run_from_bench_args(args)
+    if getattr(args, "tiling", False):
+        from fastdec.bench.tiling import run_from_bench_args as run_tiling
+
+        return run_tiling(args)
     try:
         if args.compare is not None and len(args.compare) > 2:
             raise ValueError("--compare takes OLD.json, or OLD.json NEW.json")

@@ -115,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: items/s of `fastdec batch`, local engine vs Ray, for taesd, tae-192 and sd-vae "
                              "(--resolution: first side, default 512; --threads, --out apply) and the time to decode "
                              "100K 1024^2 images projected from it; more options: python -m fastdec.batch.bench -h")
+    parser.add_argument("--tiling", action="store_true",
+                        help="instead: peak memory, max error and seams of exact tiled vs untiled decoding, fastdec "
+                             "and diffusers' enable_tiling (--resolution: SD-VAE sizes; --device, --out apply); more "
+                             "options: python -m fastdec.bench.tiling -h")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and latents")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); on a shared machine 1 avoids the OpenMP "

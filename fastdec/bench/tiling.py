@@ -1,7 +1,8 @@
 """Tiled decoding in numbers: peak memory vs image size (untiled vs tiled), the max error of tiled vs untiled, and a
 seam measure, for fastdec's exact tiling and diffusers' ``enable_tiling()`` on the same weights.
 
-    python bench/tiling_check.py [--sizes 256,512] [--taef2-sizes 512,1024] [--out DIR] [--smoke]
+    fastdec bench --tiling [--resolution 256,512] [--out DIR]
+    python -m fastdec.bench.tiling [--sizes 256,512] [--taef2-sizes 512,1024] [--width-divisor 4] [--out DIR]
 
 Decoders: the SD VAE architecture (diffusers ``AutoencoderKL`` with sd-vae-ft-mse's config, ``--width-divisor``
 divides its widths and groups for a short CPU run; seeded random weights, loaded into fastdec with
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (results go to bench/results, TAEF2 is in ../shared)
 TAEF2 = ROOT / ".." / "shared" / "weights" / "taef2"
 MODES = ("fastdec", "fastdec-tiled", "diffusers", "diffusers-tiled")
 DIFFUSERS_TILE = 128  # pixels; diffusers blends 25% of it and keeps a 96-px stride
@@ -188,8 +189,8 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
         spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "tile": FASTDEC_TILE,
                 "width_divisor": width_divisor,
                 "latents": str(latents), "image": str(tmp / f"{decoder}-{size}-{mode}.pt")}
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run([sys.executable, "-m", "fastdec.bench.tiling", "--worker", json.dumps(spec)],
+                              capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{decoder} {mode} {size}: worker failed\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -240,22 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width-divisor", type=int, default=1,
                         help="SD VAE widths / this (and groups / this): 4 keeps a CPU run short (default 1)")
     parser.add_argument("--out", help="output folder (default bench/results/<date>-<machine>-tiling)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, nothing written (tests)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     taef2_sizes = [int(s) for s in args.taef2_sizes.split(",") if s] if (TAEF2 / "taef2_decoder.pth").is_file() else []
-    if args.smoke:
-        sizes, taef2_sizes = [256], []
     date = datetime.date.today().isoformat()
     cores = len(os.sched_getaffinity(0))
     machine = f"{platform.processor() or platform.machine()} ({cores} cores)" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     meta = {"date": date, "machine": machine, "torch": torch.__version__, "device": args.device,
-            "command": "python bench/tiling_check.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = None if args.smoke else Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
+            "command": "python -m fastdec.bench.tiling " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
     plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]
     plan.sort(key=lambda item: item[1])  # small sizes first; results are written after each, so a cut run keeps them
     rows = []
@@ -263,12 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         for decoder, size, modes in plan:
             rows += measure(decoder, size, modes, args.device, Path(tmp), args.width_divisor)
             text = report(rows, meta)
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-                (out / "tiling.md").write_text(text)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+            (out / "tiling.md").write_text(text)
     print(report(rows, meta))
     return 0
+
+
+def run_from_bench_args(args: argparse.Namespace) -> int:
+    """``fastdec bench --tiling``: --resolution are the SD-VAE sizes, --device and --out apply."""
+    argv = ["--sizes", ",".join(str(r) for r in (args.resolution or (512, 1024, 2048, 4096)))]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.out:
+        argv += ["--out", args.out]
+    return main(argv)
 
 
 if __name__ == "__main__":
