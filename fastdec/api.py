@@ -329,6 +329,19 @@ def _decoder_classes() -> dict[str, type[Decoder]]:
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
+    model = build_preset(name, device, dtype, **config_overrides)
+    warnings.warn(
+        f"fastdec.load({name!r}) built a {type(model).__name__} with random weights: it decodes noise until trained. "
+        "Load trained weights with fastdec.load('<folder written by save_pretrained>').",
+        RandomWeightsWarning,
+        stacklevel=3,
+    )
+    return model
+
+
+def build_preset(name: str, device=None, dtype=None, **config_overrides) -> Decoder:
+    """The architecture ``name`` (one of RANDOM_PRESETS) with fresh random weights, in eval mode. Unlike
+    ``load(name)`` it never reads a path of that name and does not warn: for code that trains it (fastdec train)."""
     from fastdec.models import dcae, vit
     from fastdec.models.tae_temporal import TAETemporalDecoder
     from fastdec.models.taesd import TAESDDecoder
@@ -339,12 +352,6 @@ def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
     config = {"latent_channels": 4, **config, **config_overrides}
     with torch.device(device or "cpu"):  # initialise where it will run: no CPU copy of a large model
         model = cls(**config)
-    warnings.warn(
-        f"fastdec.load({name!r}) built a {cls.__name__} with random weights: it decodes noise until trained. "
-        "Load trained weights with fastdec.load('<folder written by save_pretrained>').",
-        RandomWeightsWarning,
-        stacklevel=3,
-    )
     return model.to(dtype=dtype).eval()
 
 

@@ -256,3 +256,13 @@ def test_shipped_decoders_load_offline_by_name(monkeypatch):
         images = decoder.decode(torch.zeros(1, 32, 4, 6))
         assert images.shape == (1, 3, 32, 48) and torch.isfinite(images).all(), name
         assert name in fastdec.api.names()
+
+
+def test_a_preset_student_is_built_even_beside_a_folder_of_its_name(tmp_path, monkeypatch):
+    # `fastdec train ... -o vit-s --decoder vit-s` run from the folder that holds the run: the preset, not the path.
+    from fastdec.train.loop import build_student
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tae-192").mkdir()
+    student = build_student("tae-192", CHANNELS)
+    assert isinstance(student, TAESDDecoder) and student.latent_channels == CHANNELS

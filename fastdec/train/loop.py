@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,14 +85,13 @@ class TrainConfig:
 def build_student(decoder: str | Decoder, latent_channels: int) -> Decoder:
     """A preset name (random init; seeded by the caller), a save_pretrained folder or a Decoder, in fp32."""
     import fastdec
-    from fastdec.api import RANDOM_PRESETS, RandomWeightsWarning
+    from fastdec.api import RANDOM_PRESETS, build_preset
 
     if isinstance(decoder, Decoder):
         student = decoder
     elif isinstance(decoder, str) and decoder.lower() in RANDOM_PRESETS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # training is what gives it weights
-            student = fastdec.load(decoder, latent_channels=latent_channels)
+        # A preset name is never a path here: the run folder is often named after the preset (-o vit-s).
+        student = build_preset(decoder.lower(), latent_channels=latent_channels)
     else:
         student = fastdec.load(decoder)
     if student.latent_channels != latent_channels:
