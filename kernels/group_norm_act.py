@@ -38,10 +38,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fastdec.kernels._norm_checks import ACTIVATIONS, check_norm_input, check_norm_params  # noqa: F401 (ACTIVATIONS: the acts this op takes)
 from fastdec.kernels._triton import tl, triton, triton_interpreting
-
-ACTIVATIONS = ("none", "silu", "relu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_group_norm_act(
@@ -53,16 +51,7 @@ def check_group_norm_act(
     act: str,
 ) -> None:
     """Raises ValueError naming the first problem with the arguments of group_norm_act."""
-    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(
-            "fastdec.group_norm_act: x must be a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) tensor, "
-            f"got {shape}; add a spatial dim of size 1 for (N, C, L) input"
-        )
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"fastdec.group_norm_act: x must be float16, bfloat16, float32 or float64, got {x.dtype}"
-        )
+    check_norm_input("group_norm_act", x)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"fastdec.group_norm_act: num_groups must be a positive int, got {num_groups!r}")
     channels = x.shape[1]
@@ -70,23 +59,7 @@ def check_group_norm_act(
         raise ValueError(
             f"fastdec.group_norm_act: channels ({channels}) must be divisible by num_groups ({num_groups})"
         )
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is None:
-            continue
-        if param.shape != (channels,):
-            raise ValueError(
-                f"fastdec.group_norm_act: {name} must have shape ({channels},), got {tuple(param.shape)}"
-            )
-        if param.device != x.device:
-            raise ValueError(f"fastdec.group_norm_act: {name} is on {param.device} but x is on {x.device}")
-        if param.dtype not in (x.dtype, torch.float32):
-            raise ValueError(
-                f"fastdec.group_norm_act: {name} must be {x.dtype} (like x) or float32, got {param.dtype}"
-            )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"fastdec.group_norm_act: eps must be a finite number > 0, got {eps!r}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"fastdec.group_norm_act: act must be one of {ACTIVATIONS}, got {act!r}")
+    check_norm_params("group_norm_act", x, weight, bias, eps, act)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -29,10 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastdec.kernels._norm_checks import ACTIVATIONS, check_norm_input, check_norm_params  # noqa: F401 (ACTIVATIONS: the acts this op takes)
 from fastdec.kernels._triton import tl, triton
 from fastdec.kernels.group_norm_act import (
-    _FLOAT_DTYPES,
-    ACTIVATIONS,
     TILE_ELEMENTS,
     _compute_dtype,
     _flat_strides,
@@ -50,31 +49,9 @@ def check_rms_norm_act(
     eps_mode: str,
 ) -> None:
     """Raises ValueError naming the first problem with the arguments of rms_norm_act."""
-    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(
-            "fastdec.rms_norm_act: x must be a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) tensor, "
-            f"got {shape}; add a spatial dim of size 1 for (N, C, L) input"
-        )
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"fastdec.rms_norm_act: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    channels = x.shape[1]
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is None:
-            continue
-        if param.shape != (channels,):
-            raise ValueError(
-                f"fastdec.rms_norm_act: {name} must have shape ({channels},), got {tuple(param.shape)}; "
-                "reshape per-channel parameters such as Wan's (C, 1, 1) gamma to (C,)"
-            )
-        if param.device != x.device:
-            raise ValueError(f"fastdec.rms_norm_act: {name} is on {param.device} but x is on {x.device}")
-        if param.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"fastdec.rms_norm_act: {name} must be {x.dtype} (like x) or float32, got {param.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"fastdec.rms_norm_act: eps must be a finite number > 0, got {eps!r}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"fastdec.rms_norm_act: act must be one of {ACTIVATIONS}, got {act!r}")
+    check_norm_input("rms_norm_act", x)
+    check_norm_params("rms_norm_act", x, weight, bias, eps, act,
+                      "; reshape per-channel parameters such as Wan's (C, 1, 1) gamma to (C,)")
     if eps_mode not in EPS_MODES:
         raise ValueError(f"fastdec.rms_norm_act: eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
 
