@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fastdec.files import write_atomically
 
 MANIFEST, FAILURES = "manifest.jsonl", "failures.jsonl"
 
@@ -99,10 +100,9 @@ class Writer:
 
     @staticmethod
     def _replace(path: Path, data: bytes) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
+        # No fsync: the manifest, written after the output, is what a rerun trusts; a killed process leaves no
+        # partial file either way.
+        write_atomically(path, lambda tmp: tmp.write_bytes(data), durable=False)
 
 
 @dataclass

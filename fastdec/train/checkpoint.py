@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fastdec.train.data import write_atomically
+from fastdec.files import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastdec.files import write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CACHE_FORMAT = 1
@@ -96,19 +97,6 @@ def _cache_key(path: Path, *parts: str) -> str:
     stat = path.stat()
     text = "|".join([str(CACHE_FORMAT), str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), *parts])
     return hashlib.sha1(text.encode()).hexdigest()[:20]
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the whole new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_samples(
