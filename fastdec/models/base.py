@@ -119,6 +119,14 @@ def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str
     if config.get("_class_name", class_name) != class_name:
         raise ValueError(f"{config_path} describes a {config['_class_name']}, not an {class_name}")
     path = next(path for path in weights if path.is_file())
+    state = read_state_dict(path, f"the file is truncated or not a valid {class_name} checkpoint; re-download it")
+    return config, state, str(path)
+
+
+def read_state_dict(path: Path, corrupt_advice: str) -> dict[str, Tensor]:
+    """The tensors of a .safetensors file, or of a torch file read with ``torch.load(weights_only=True)``. A file that
+    cannot be read raises ValueError naming it, why, and ``corrupt_advice`` (what to do), except for a refused
+    pickle, which gets the advice for that; a file that holds something other than tensors by name is refused."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -127,12 +135,13 @@ def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
-        corrupt = f"the file is truncated or not a valid {class_name} checkpoint; re-download it"
-        advice = read_error_advice(error, corrupt)
         raise ValueError(
-            f"could not read {path} ({type(error).__name__}: {read_error_reason(error)}): {advice}"
+            f"could not read {path} ({type(error).__name__}: {read_error_reason(error)}): "
+            f"{read_error_advice(error, corrupt_advice)}"
         ) from error
-    return config, state, str(path)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict
+from fastdec.models.base import Decoder, load_state_dict_strict, read_state_dict
 from fastdec.models.layers import UpsampleConv
 from fastdec.models.taesd import Clamp, conv
 from fastdec.validate import check_latents
@@ -405,21 +405,7 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TAEHV weights {path} not found: download <variant>.pth from {GITHUB}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
-        reason = str(error).splitlines()[0] if str(error) else ""
-        raise ValueError(
-            f"could not read {path} as TAEHV weights ({type(error).__name__}: {reason}): the file is truncated or "
-            "not a TAEHV checkpoint; download it again"
-        ) from error
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    state = read_state_dict(path, "the file is truncated or not a TAEHV checkpoint; download it again")
     if "decoder.1.weight" not in state:
         raise ValueError(
             f"{path} is not a TAEHV checkpoint (no 'decoder.1.weight', the decoder's first conv); TAEHV files from "

@@ -19,9 +19,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder, read_state_dict
 from fastdec.models.layers import UpsampleConv, norm_act
-from fastdec.read_errors import read_error_advice, read_error_reason
 
 Device = torch.device | str | None
 DType = torch.dtype | None
@@ -264,16 +263,7 @@ def _read_pth(path: str | Path, part: str) -> dict[str, Tensor]:
             f"TAESD {part} weights {path} not found: download <variant>_{part}.pth from "
             "https://github.com/madebyollin/taesd and pass its path"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated download, an HTML error page, a pickle of something else, ...
-        advice = read_error_advice(error, f"the file is truncated or not a TAESD {part} checkpoint; download it again")
-        raise ValueError(
-            f"could not read {path} as a torch state dict ({type(error).__name__}: {read_error_reason(error)}): "
-            f"{advice}"
-        ) from error
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors (madebyollin's .pth)")
+    state = read_state_dict(path, f"the file is truncated or not a TAESD {part} checkpoint; download it again")
     return state
 
 
