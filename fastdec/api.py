@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fastdec import tiling
 from fastdec.models.base import Decoder
+from fastdec.pixels import to_uint8_hwc
 from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
 
@@ -253,7 +254,7 @@ def decode(
         images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
     if output == "tensor":
         return images[0] if unbatched else images
-    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    pixels = to_uint8_hwc(images)
     if output == "uint8":
         return pixels[0] if unbatched else pixels
     from PIL import Image

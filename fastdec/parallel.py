@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fastdec.pixels import to_uint8_hwc
 from fastdec.tiling import Executor, SlabTensor, TiledRun, TileError, even_bounds, run_decode
 from fastdec.validate import check_latents, weights_device_and_dtype
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if images is not None:
             output_dir = Path(args.output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
-            pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            pixels = to_uint8_hwc(images).cpu().numpy()
             from PIL import Image
 
             for index, array in enumerate(pixels):

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fastdec.pixels import to_uint8_hwc
+
 
 def _import_av():
     try:
@@ -49,7 +51,7 @@ def to_uint8_frames(frames: Tensor) -> Tensor:
         )
     if frames.numel() and not (bool(torch.isfinite(frames).all()) and frames.min() >= 0 and frames.max() <= 1):
         raise ValueError("float frames must lie in [0, 1] and be finite (fastdec.decode's output does)")
-    return (frames.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()
+    return to_uint8_hwc(frames).cpu()
 
 
 def save_video(
