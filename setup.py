@@ -1,7 +1,9 @@
 """Builds fastdec and its extension fastdec._C (C++ CPU kernels always, CUDA kernels when possible).
 
 FASTDEC_BUILD_CUDA=0|1 forces the CUDA part off/on; by default it is built when torch has CUDA and nvcc is found.
-The Triton kernels in kernels/ ship as the subpackage fastdec.kernels.
+The Triton kernels in kernels/ ship as the subpackage fastdec.kernels: fastdec/kernels is a link to ../kernels, and
+neither kernels/ nor weights/ holds an __init__.py, so no folder of the repository is a top-level package (``python``
+run from the checkout puts it first on sys.path, where a kernels/__init__.py would hide PyPI's ``kernels``).
 """
 
 import glob
@@ -71,11 +73,12 @@ def _build_ext():
 
 
 setup(
-    # fastdec and every subpackage under fastdec/ (models, train, batch, ...), plus kernels/ as fastdec.kernels and
-    # the trained decoders in weights/ as fastdec/weights/ (package data; fastdec.load finds them by name).
+    # fastdec and every subpackage under fastdec/ (models, train, batch, ...), plus kernels/ as fastdec.kernels
+    # (through the link fastdec/kernels) and the trained decoders in weights/ as fastdec/weights/ (package data;
+    # fastdec.load finds them by name).
     packages=["fastdec", *(f"fastdec.{name}" for name in find_packages("fastdec")), "fastdec.kernels",
               "fastdec.weights"],
-    package_dir={"fastdec": "fastdec", "fastdec.kernels": "kernels", "fastdec.weights": "weights"},
+    package_dir={"fastdec": "fastdec", "fastdec.weights": "weights"},
     package_data={"fastdec.weights": ["*/config.json", "*/model.safetensors", "*/model_card.json", "*.md"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

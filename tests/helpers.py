@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +164,11 @@ def batch_failures(out) -> dict[str, str]:
 def batch_images(out) -> dict[str, bytes]:
     """The image files of an output folder, name -> bytes."""
     return {path.name: path.read_bytes() for path in sorted(out.iterdir()) if path.suffix in (".png", ".webp", ".jpg")}
+
+
+def run_python(code: str, env_extra: dict | None = None, cwd: Path | None = None) -> str:
+    """Runs ``python -c code`` in a fresh interpreter (this venv's), asserts it succeeded, returns its stdout."""
+    env = {**os.environ, **(env_extra or {})}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -1,20 +1,16 @@
 """The op registry: every op is registered, checked by opcheck, compiles without graph breaks, and degrades
-gracefully when triton or the extension is missing. Also: fastdec imports from an editable install and a wheel."""
+gracefully when triton or the extension is missing (packaging: test_packaging.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import compile_fullgraph
+from helpers import compile_fullgraph, run_python
 
-import fastdec
-import fastdec.kernels
 from fastdec import ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,13 +89,6 @@ def test_backends_report_the_interpreter_when_requested():
     assert "| `pixel_shuffle` |" in ops.format_backends()
 
 
-def run_python(code: str, env_extra: dict | None = None, cwd: Path | None = None) -> str:
-    env = {**os.environ, **(env_extra or {})}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 CHECK_FALLBACK = """
 import sys, json
 {block}
@@ -124,31 +113,6 @@ def test_import_without_extension_falls_back_and_says_why():
     out = run_python(CHECK_FALLBACK.format(block="sys.modules['fastdec._C'] = None  # as if not built"))
     table = json.loads(out)
     assert table["pixel_shuffle"]["cpu"].startswith("eager reference: fastdec._C not built")
-
-
-def test_editable_install_maps_kernels_folder():
-    assert Path(fastdec.kernels.__file__).resolve().parent == ROOT / "kernels"
-    assert fastdec.ops._C is not None, fastdec.ops.EXTENSION_ERROR
-
-
-@pytest.mark.slow
-def test_wheel_install_imports(tmp_path):
-    """Build a wheel (C++ part only, to keep it quick), install it into an empty folder, import from there."""
-    env = {**os.environ, "FASTDEC_BUILD_CUDA": "0", "MAX_JOBS": "2"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, env=env, timeout=900, capture_output=True)
-    (wheel,) = (tmp_path / "dist").glob("fastdec-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
-                    str(wheel)], check=True, timeout=300, capture_output=True)
-    out = run_python(
-        "import fastdec, fastdec.kernels.attention, fastdec.ops as o; "
-        "print(fastdec.__file__, fastdec.kernels.__file__, o._C is not None, o._C.built_with_cuda())",
-        env_extra={"PYTHONPATH": str(tmp_path / "site")}, cwd=tmp_path,
-    )
-    package_file, kernels_file, has_ext, with_cuda = out.split()
-    assert Path(package_file).is_relative_to(tmp_path / "site")
-    assert Path(kernels_file).is_relative_to(tmp_path / "site" / "fastdec" / "kernels")
-    assert has_ext == "True" and with_cuda == "False"
 
 
 def test_core_works_without_optional_packages():
