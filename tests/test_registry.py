@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import compile_fullgraph, run_python
 
 from fastdec import ops
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample_calls() -> dict[str, list[tuple]]:
