@@ -193,8 +193,8 @@ def run_from_bench_args(bench_args: argparse.Namespace) -> int:
         argv += ["--threads", str(bench_args.threads)]
     if bench_args.out:
         argv += ["--out", bench_args.out]
-    chosen = [name.strip() for name in bench_args.decoders.split(",") if name.strip()]
-    if set(chosen) <= set(DEFAULT_ITEMS):
+    chosen = [name.strip() for name in (bench_args.decoders or "").split(",") if name.strip()]
+    if chosen and set(chosen) <= set(DEFAULT_ITEMS):
         argv += ["--decoders", ",".join(chosen)]
     return main(argv)
 

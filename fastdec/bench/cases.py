@@ -13,18 +13,23 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.bench.contenders import Contender, image_of, latents_for, prepare
-from fastdec.bench.settings import VARIANT_LABELS, Settings, dtype_name
+from fastdec.bench.settings import Settings, dtype_name
 from fastdec.bench.timing import (
     call_peak_memory,
     calls_per_round,
+    fastdec_ops_called,
     fidelity,
     fused_backend,
+    fused_differs_from_reference,
     interleaved_times,
     paired_ratio,
     summary_ms,
     synchronize,
+    variant_label,
 )
 from fastdec.models.base import Decoder
+
+OTHER_MODEL = "tiny vs full VAE"
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Variant:
     fn: Callable[[], Tensor] | None = None
     output_range: str = "-1,1"
     backend: str = ""
+    label: str = ""  # the row's label when not the variant's usual one (variant_label)
     reason: str | None = None  # why it did not run (n/a, or the error)
     status: str = "ok"
     compile_s: float | None = None
@@ -85,8 +91,10 @@ def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, late
         def twin_decode(z: Tensor) -> Tensor:
             return contender.entry.twin_decode(twin, z)
 
+        other = contender.entry.twin_is_other_model
         variants.append(Variant("diffusers", lambda: twin_decode(latents), contender.entry.twin_output_range,
-                                backend=f"diffusers {twin_name}, eager"))
+                                backend=f"diffusers {twin_name}, eager",
+                                label=f"diffusers {twin_name} eager ({OTHER_MODEL})" if other else ""))
     if settings.compile:
         how = f"torch.compile(backend={settings.compile_backend!r})"
         if twin is None:
@@ -125,9 +133,17 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         torch._dynamo.reset()  # fresh compile caches per case: stay under dynamo's recompile limit, never fall back
     variants = _variants(contender, model, twin, latents, settings)
 
+    fused_differs = True  # until the fastdec variant's first call shows which ops it runs
+    fastdec_variant = variants[0]
     with torch.no_grad():
-        for variant in variants:
+        for variant in list(variants):
             if variant.fn is None:
+                continue
+            if variant.name == "fastdec-reference" and not fused_differs:
+                # Every op this model calls runs its eager reference in ``fastdec`` too: one code path, one row.
+                variants.remove(variant)
+                fastdec_variant.backend = "eager-reference ops (the same code as fastdec-reference here)"
+                fastdec_variant.label = "fastdec (eager-reference ops)"
                 continue
             try:
                 if variant.name.endswith("-compile"):
@@ -136,7 +152,11 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
                     variant.fn()
                     synchronize(device)
                     variant.compile_s = time.perf_counter() - start
-                for _ in range(settings.warmup):
+                warmup = settings.warmup
+                if variant is fastdec_variant:  # a warm-up call that also records which fastdec ops run
+                    fused_differs = fused_differs_from_reference(fastdec_ops_called(variant.fn), device)
+                    warmup -= 1
+                for _ in range(warmup):
                     variant.fn()
                 variant.output, variant.peak_memory_bytes = call_peak_memory(variant.fn, device)
                 variant.calls = calls_per_round(variant.fn, device)
@@ -146,7 +166,8 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
                     torch.cuda.empty_cache()
 
         reference, fidelity_reason = None, None
-        reference_variant = next(v for v in variants if v.name == "fastdec-reference")
+        by_name = {v.name: v for v in variants}
+        reference_variant = by_name.get("fastdec-reference", by_name["fastdec"])  # the same code when absent
         if dtype == torch.float32 and reference_variant.output is not None:
             reference = image_of(reference_variant.output, model.output_range)
         else:  # an fp32 copy of the same weights, every op on its eager reference
@@ -168,7 +189,8 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
     rows = []
     for variant in variants:
         row = {
-            "decoder": contender.name, "variant": variant.name, "label": VARIANT_LABELS[variant.name],
+            "decoder": contender.name, "variant": variant.name,
+            "label": variant.label or variant_label(variant.name, device),
             "resolution": side, "latent": list(latents_cpu.shape[2:]),
             "latent_channels": contender.model.latent_channels,
             "batch": batch, "dtype": dtype_name(dtype), "device": device.type,
@@ -180,6 +202,9 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
             "fidelity_reason": None,
             "ratio_vs_diffusers": None, "speedup_vs_diffusers": None, "ratio_q25": None, "ratio_q75": None,
             "ratio_reason": None,
+            # What the diffusers baseline is: the same architecture and weights, or another model that users run
+            # otherwise (taew2_1 against AutoencoderKLWan), whose time ratio is no speed-up of the same model.
+            "comparison": OTHER_MODEL if contender.entry.twin_is_other_model else "same model",
         }
         if variant.name in times:
             row.update(summary_ms(times[variant.name]), repeats=len(times[variant.name]))

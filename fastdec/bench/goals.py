@@ -7,6 +7,9 @@ from fastdec.bench.spec import GIB
 
 LIGHTWEIGHT_SPEEDUP_GOAL = 25.0
 RERUN = "rerun with --threads 1 / on an idle machine"
+# "Slower than diffusers" needs the whole paired-ratio IQR above 1 + this, on a machine that was not busy: two runs
+# of the same code differ by a few percent on an idle CPU, and by far more under load.
+CPU_NOISE_MARGIN = 0.05
 
 
 def verdict(low: float, high: float, limit: float) -> str:
@@ -33,9 +36,23 @@ def find_row(rows: list[dict], decoder: str, variant: str, side: int, batch: int
                  (decoder, variant, side, batch) and r["median_ms"] is not None), None)
 
 
-def evaluate_goals(rows: list[dict], device: str, dtype: str) -> list[dict]:
-    """Every goal with status "met", "not met", "inconclusive" (the spread straddles the limit) or "not measured
-    here" (and why)."""
+def cpu_ratio_verdict(row: dict, busy: bool) -> str:
+    """"met" / "not met" / "inconclusive" for "fastdec is not slower than diffusers" on one CPU row: never "not
+    met" within CPU_NOISE_MARGIN of equal times, nor on a busy machine."""
+    low, high = row_spread(row, "ratio_vs_diffusers")
+    status = verdict(low, high, 1.0)
+    if status == "not met" and (busy or low <= 1.0 + CPU_NOISE_MARGIN):
+        return "inconclusive"
+    return status
+
+
+def _row_key(row: dict) -> str:
+    return f"{row['decoder']}/{row['resolution']}/{row['batch']}"
+
+
+def evaluate_goals(rows: list[dict], device: str, dtype: str, busy: bool = False) -> list[dict]:
+    """Every goal with status "met", "not met", "inconclusive" (the spread straddles the limit, or the machine was
+    ``busy``) or "not measured here" (and why)."""
     on_gpu = device == "cuda" and dtype == "bfloat16"
     goals = []
     for goal in GPU_GOALS:
@@ -95,7 +112,8 @@ def evaluate_goals(rows: list[dict], device: str, dtype: str) -> list[dict]:
             return (f"{r['decoder']} {r['resolution']}px b{r['batch']} x{r['ratio_vs_diffusers']:.2f} "
                     f"(IQR x{r['ratio_q25']:.2f}-x{r['ratio_q75']:.2f})")
 
-        verdicts = {id(r): verdict(*row_spread(r, "ratio_vs_diffusers"), 1.0) for r in compared}
+        verdicts = {id(r): cpu_ratio_verdict(r, busy) for r in compared}
+        cpu_goal["row_status"] = {_row_key(r): verdicts[id(r)] for r in compared}
         slower = [described(r) for r in compared if verdicts[id(r)] == "not met"]
         unsure = [described(r) for r in compared if verdicts[id(r)] == "inconclusive"]
         worst = max(compared, key=lambda r: r["ratio_vs_diffusers"])
@@ -105,7 +123,8 @@ def evaluate_goals(rows: list[dict], device: str, dtype: str) -> list[dict]:
                             + (f"; inconclusive: {', '.join(unsure)}" if unsure else ""))
         elif unsure:
             cpu_goal.update(status="inconclusive", why=f"noisy: {', '.join(unsure)}: the paired ratio's IQR "
-                                                       f"includes 1; {RERUN}")
+                                                       f"includes 1 (+{CPU_NOISE_MARGIN:.0%})"
+                                                       f"{' or the machine was busy' if busy else ''}; {RERUN}")
     goals.append(cpu_goal)
     return goals
 
@@ -123,8 +142,8 @@ def goal_for_row(row: dict, goals: list[dict]) -> str:
         if goal["status"] == "not measured here" or goal["variant"] != row["variant"]:
             continue
         if goal["metric"] == "ratio_vs_diffusers":
-            if row["ratio_vs_diffusers"] is not None and row["device"] == "cpu" and not _other_model(row):
-                status = verdict(*row_spread(row, "ratio_vs_diffusers"), 1.0)
+            status = goal.get("row_status", {}).get(_row_key(row))
+            if status is not None:
                 marks.append(f"not slower than diffusers: {status}" + (" (noisy)" if status == "inconclusive" else ""))
         elif (goal["decoder"], goal["resolution"], goal["batch"]) == (row["decoder"], row["resolution"], row["batch"]):
             if goal["metric"] == "speedup_vs_sd_vae_eager":

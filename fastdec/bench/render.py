@@ -39,7 +39,10 @@ def _psnr(row: dict) -> str:
 def _speedup(row: dict) -> str:
     if row["speedup_vs_diffusers"] is None:
         return "n/a"
-    return "1 (baseline)" if row["variant"] == "diffusers" else f"{row['speedup_vs_diffusers']:.2f}x"
+    if row["variant"] == "diffusers":
+        return "1 (baseline)"
+    other = row.get("comparison", "same model") != "same model"
+    return f"{row['speedup_vs_diffusers']:.2f}x" + (f" ({row['comparison']}, not the same model)" if other else "")
 
 
 def header_lines(result: dict) -> list[str]:
@@ -192,9 +195,40 @@ def log_ticks(low: float, high: float) -> list[float]:
     return [10.0**exponent for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
 
 
+PLOT_DPI = 110
+MAX_PLOT_INCHES = 14.5  # 1595 px at PLOT_DPI: a normal screen's width
+
+
+def _legend_label(rows: list[dict], variant: str) -> str:
+    """The label of a variant's bars: its rows' label (fastdec's names the backend that ran) when they agree."""
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["variant"] == variant))
+    return labels[0] if len(labels) == 1 else VARIANT_LABELS[variant]
+
+
+def _tick_label(rows: list[dict], decoder: str) -> str:
+    comparison = next((r.get("comparison") for r in rows if r["decoder"] == decoder), "same model")
+    return decoder if comparison in (None, "same model") else f"{decoder}\n(diffusers bar: {comparison})"
+
+
+def _plot_title(result: dict) -> str:
+    device = result["device"]
+    title = f"fastdec bench on {device['name']}"
+    if device["type"] == "cpu":
+        title += f" ({device['cpu_count']} cores)"
+    title += f", {result['date'][:10]}"
+    load = result.get("load_average")
+    if load and load.get("start") is not None:
+        threads = load["torch_threads"]
+        title += (f"\nload average {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end; "
+                  f"{threads} torch thread{'s' if threads != 1 else ''}"
+                  + ("\nbusy machine: noisy times" if load["busy"] else ""))
+    return title
+
+
 def figure_of(result: dict):
-    """The bench.png figure: median time per decoder and variant (log scale, IQR error bars) and peak memory, per
-    size/batch; every log axis labelled at 1-2-5 steps."""
+    """The bench.png figure: per size/batch, median time per decoder and variant (log scale, IQR error bars) above
+    peak memory; every log axis labelled at 1-2-5 steps. Panels stack vertically and the width is capped at
+    MAX_PLOT_INCHES, so it fits a normal screen whatever the number of decoders."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,9 +239,12 @@ def figure_of(result: dict):
     configs = list(dict.fromkeys((r["resolution"], r["batch"]) for r in rows))
     decoders = list(dict.fromkeys(r["decoder"] for r in rows))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    figure, axes = plt.subplots(2, len(configs), figsize=(1.2 + 1.6 * len(decoders) * len(configs), 8), squeeze=False)
+    width_inches = min(MAX_PLOT_INCHES, max(7.5, 3.0 + 1.1 * len(decoders)))
+    figure, axes = plt.subplots(2 * len(configs), 1, figsize=(width_inches, 1.2 + 3.4 * 2 * len(configs)),
+                                squeeze=False)
     width = 0.8 / len(variants)
-    for column, (side, batch) in enumerate(configs):
+    for config_index, (side, batch) in enumerate(configs):
+        time_axis, memory_axis = axes[2 * config_index, 0], axes[2 * config_index + 1, 0]
         shown: tuple[list[float], list[float]] = ([], [])  # every plotted value (error bars too), per panel
         for index, variant in enumerate(variants):
             xs, times, low, high, memory_xs, memory = [], [], [], [], [], []
@@ -225,23 +262,25 @@ def figure_of(result: dict):
                     memory_xs.append(x)
                     memory.append(max(row["peak_memory_bytes"] / MIB, 1e-3))
                     shown[1].append(memory[-1])
-            axes[0, column].bar(xs, times, width, yerr=[low, high], capsize=2, label=VARIANT_LABELS[variant])
-            axes[1, column].bar(memory_xs, memory, width, label=VARIANT_LABELS[variant])
-        for row_index, ylabel in enumerate(("time per call, ms (median, IQR)", "peak extra memory, MiB")):
-            axis = axes[row_index, column]
+            label = _legend_label(rows, variant)
+            time_axis.bar(xs, times, width, yerr=[low, high], capsize=2, label=label)
+            memory_axis.bar(memory_xs, memory, width, label=label)
+        for axis, values, ylabel in ((time_axis, shown[0], "time per call, ms\n(median, IQR)"),
+                                     (memory_axis, shown[1], "peak extra memory, MiB")):
             axis.set_yscale("log")
-            values = [value for value in shown[row_index] if value > 0]
+            values = [value for value in values if value > 0]
             if values:
                 ticks = log_ticks(min(values), max(values))
                 axis.set_ylim(ticks[0], ticks[-1])
                 axis.set_yticks(ticks, [f"{tick:g}" for tick in ticks])
                 axis.yaxis.set_minor_formatter(NullFormatter())
-            axis.set_xticks(range(len(decoders)), decoders, rotation=30, ha="right")
+            axis.set_xticks(range(len(decoders)), [_tick_label(rows, d) for d in decoders], rotation=20, ha="right",
+                            fontsize="small")
             axis.set_ylabel(ylabel)
             axis.grid(axis="y", which="both", alpha=0.3)
-        axes[0, column].set_title(f"{side}x{side}, batch {batch}, {result['settings']['dtype']}")
+        time_axis.set_title(f"{side}x{side}, batch {batch}, {result['settings']['dtype']}")
     axes[0, 0].legend(fontsize="small")
-    figure.suptitle(f"fastdec bench on {result['device']['name']} ({result['date'][:10]})")
+    figure.suptitle(_plot_title(result))
     figure.tight_layout()
     return figure
 
@@ -251,7 +290,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure = figure_of(result)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=PLOT_DPI)
     plt.close(figure)
 
 

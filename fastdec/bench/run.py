@@ -17,7 +17,7 @@ from fastdec.api import RandomWeightsWarning
 from fastdec.bench.cases import bench_decoder
 from fastdec.bench.compare import compare, read_result
 from fastdec.bench.contenders import build_contender
-from fastdec.bench.environment import environment, load_average, machine_load
+from fastdec.bench.environment import auto_threads, environment, load_average, machine_load
 from fastdec.bench.goals import evaluate_goals
 from fastdec.bench.pipeline import pipeline_share
 from fastdec.bench.render import print_rich, render_markdown, write_outputs
@@ -25,24 +25,32 @@ from fastdec.bench.settings import Settings, add_arguments, dtype_name, settings
 
 
 class Progress:
-    """A rich progress bar on a terminal (stderr), one plain line per step otherwise."""
+    """A rich progress bar on a terminal (stderr), one plain line per step otherwise; both with the time elapsed and
+    an ETA (the mean time of the steps done so far, times the steps left)."""
 
     def __init__(self, total: int):
-        self.total, self.done, self.bar = total, 0, None
+        self.total, self.done, self.bar, self.started = total, 0, None, time.perf_counter()
         if sys.stderr.isatty():
             with contextlib.suppress(ImportError):
-                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
                 self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                                    "{task.total}"), TimeElapsedColumn(), transient=True)
+                                    "{task.total}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                    transient=True)
                 self.task = self.bar.add_task("fastdec bench", total=total)
                 self.bar.start()
+
+    def eta_text(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        if not self.done:
+            return f"{elapsed:.0f} s elapsed, ETA after the first step"
+        return f"{elapsed:.0f} s elapsed, ETA {elapsed / self.done * (self.total - self.done):.0f} s"
 
     def step(self, description: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, description=description)
         else:
-            print(f"[{self.done + 1}/{self.total}] {description}", file=sys.stderr, flush=True)
+            print(f"[{self.done + 1}/{self.total}] {description} ({self.eta_text()})", file=sys.stderr, flush=True)
 
     def advance(self) -> None:
         self.done += 1
@@ -61,8 +69,8 @@ def run_benchmark(settings: Settings, command: str) -> dict:
     progress = Progress(len(settings.decoders) * len(configs) + (len(configs) if settings.pipeline_share else 0))
     rows: list[dict] = []
     threads = torch.get_num_threads()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
+    run_threads = settings.threads or (auto_threads(load_start, threads) if settings.device.type == "cpu" else threads)
+    torch.set_num_threads(run_threads)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -81,6 +89,9 @@ def run_benchmark(settings: Settings, command: str) -> dict:
                     shares.append(pipeline_share(rows, settings, side, batch))
                     progress.advance()
         env = environment(settings.device)
+        load = machine_load(load_start, load_average(), run_threads)
+        if settings.threads is None and settings.device.type == "cpu":
+            load["threads_chosen"] = f"auto: {run_threads} of {threads} (load {load_start and load_start[0]} at start)"
     finally:
         progress.close()
         torch.set_num_threads(threads)
@@ -104,10 +115,10 @@ def run_benchmark(settings: Settings, command: str) -> dict:
                        else f"from {settings.weights}, random for the others",
         },
         "rows": rows,
-        "goals": evaluate_goals(rows, settings.device.type, dtype_name(settings.dtype)),
+        "goals": evaluate_goals(rows, settings.device.type, dtype_name(settings.dtype), busy=bool(load["busy"])),
         "pipeline_share": shares if settings.pipeline_share else None,
         "wall_s": time.perf_counter() - started,
-        "load_average": machine_load(load_start, load_average(), settings.threads or threads),
+        "load_average": load,
     }
 
 

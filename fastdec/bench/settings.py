@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdec.bench.decoders import DECODERS, DEFAULT_DECODERS, ENTRIES
+from fastdec.bench.decoders import DECODERS, DEFAULT_DECODERS, ENTRIES, QUICK_DECODERS
 
 VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile")
 VARIANT_LABELS = {
@@ -17,6 +17,8 @@ VARIANT_LABELS = {
     "diffusers-compile": "diffusers + torch.compile",
     "fastdec-compile": "fastdec + torch.compile",
 }
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE_STEPS = (1, 4, 20, 50)
 TEXT_TOKENS = 77  # CLIP's context length, the encoder_hidden_states of SD1.5's UNet
@@ -80,9 +82,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastdec bench`` (also ``python -m fastdec.bench``)."""
-    parser.add_argument("--decoders", default=",".join(DEFAULT_DECODERS),
+    parser.add_argument("--decoders", default=None,
                         help=f"comma-separated subset of {','.join(DECODERS)} (default: "
-                             f"{','.join(DEFAULT_DECODERS)}; the others are slow and run when named)")
+                             f"{','.join(DEFAULT_DECODERS)}; --quick: {','.join(QUICK_DECODERS)}, one of each kind; "
+                             "the others are slow and run when named)")
+    parser.add_argument("--all", action="store_true",
+                        help="with --quick: every default decoder rather than one of each kind")
     parser.add_argument("--resolution", type=_int_list, default=None,
                         help="image side(s) in pixels, comma-separated; latents are side/8 (default: 512,1024 on "
                              "CUDA, 256 on CPU; --quick: 512 on CUDA, 128 on CPU)")
@@ -99,8 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", action="append", default=[], metavar="DECODER=PATH",
                         help="real weights for one decoder, loaded by fastdec.load (repeatable); default: random")
     parser.add_argument("--quick", action="store_true",
-                        help="small and fast (under 2 minutes on 2 CPU cores): 128 px fp32 on CPU, 512 px bf16 on "
-                             "CUDA, batch 1, 5 rounds on CPU / 10 on CUDA, no compile")
+                        help="small and fast (about a minute on 2 idle CPU cores): one decoder of each kind "
+                             f"({','.join(QUICK_DECODERS)}), 128 px fp32 on CPU, 512 px bf16 on CUDA, batch 1, "
+                             "5 rounds on CPU / 10 on CUDA, no compile")
     parser.add_argument("--out", default=None, metavar="DIR", help="write DIR/bench.json, bench.png and bench.md")
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                         help="OLD.json: run, then print new/old median per row; OLD.json NEW.json: compare two files "
@@ -121,8 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "options: python -m fastdec.bench.tiling -h")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and latents")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); on a shared machine 1 avoids the OpenMP "
-                             "stalls that make multi-threaded CPU times swing by 10x")
+                        help="torch CPU threads (default on CPU: the cores that the load average at the start leaves "
+                             "idle, at least 1: more threads than idle cores stall at OpenMP barriers)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -136,7 +142,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
     cuda = device.type == "cuda"
-    decoders = tuple(name.strip() for name in args.decoders.split(",") if name.strip())
+    if args.all and args.decoders is not None:
+        raise ValueError("--all and --decoders both choose the decoders: give one of them")
+    if args.decoders is not None:
+        decoders = tuple(name.strip() for name in args.decoders.split(",") if name.strip())
+    else:
+        decoders = QUICK_DECODERS if args.quick and not args.all else DEFAULT_DECODERS
     unknown = [name for name in decoders if name not in DECODERS]
     if unknown or not decoders:
         raise ValueError(f"--decoders: unknown {unknown or 'empty list'}; choose from {','.join(DECODERS)}")

@@ -71,6 +71,8 @@ class BenchDecoder:
     goals: tuple[Goal, ...] = ()  # GPU goals on this decoder's rows
     order: int = 100  # position in the default --decoders list (ties: module name, then ENTRIES order)
     default: bool = True  # in the default --decoders list; False: a slow family that runs only when named
+    quick: bool = False  # in --quick's list: one decoder per kind (exact/tiny image VAE, paper, exact/tiny video)
+    kind: str = ""  # what the family is, in a few words ("exact image VAE", "tiny video decoder", ...)
 
     def diffusers_twin(self, model: Decoder) -> tuple[nn.Module | None, str | None]:
         if self.twin is None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastdec import ops
+from fastdec.bench.settings import VARIANT_LABELS
 
 CUDA_ROUND_SECONDS = 0.02  # GPU calls per timed round: enough for the events' resolution and launch overlap
 
@@ -115,17 +116,49 @@ def fidelity(image: Tensor, reference: Tensor) -> dict[str, float | bool | None]
     return {"max_abs_error": float(error.abs().max()), "psnr_db": psnr, "finite": True}
 
 
-def fused_backend(device: torch.device) -> str:
-    """What ``fastdec`` variants run on this device, from ops.backends(), in a few words."""
+def fastdec_ops_called(fn: Callable[[], object]) -> set[str]:
+    """The ``torch.ops.fastdec`` ops that one call of ``fn`` runs (names without the namespace)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    called: set[str] = set()
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fastdec":
+                called.add(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        fn()
+    return called
+
+
+def fused_differs_from_reference(op_names: set[str], device: torch.device) -> bool:
+    """Whether any of these ops runs other code in ``fastdec`` than in ``fastdec-reference`` on ``device`` (a
+    Triton or C++/CUDA kernel rather than its eager reference)."""
+    table = ops.backends()
+    return any(not table[name][device.type].startswith("eager reference") for name in op_names)
+
+
+def fused_backend(device: torch.device, short: bool = False) -> str:
+    """What ``fastdec`` variants run on this device, from ops.backends(), in a few words (``short``: fewer)."""
     table = ops.backends()
     triton_state = table["group_norm_act"][device.type]
     if triton_state == "triton":
         triton_ops = "Triton ops"
     elif triton_state.startswith("triton (interpreter)"):
-        triton_ops = "Triton ops in the interpreter (a correctness check, not a speed figure)"
+        triton_ops = "Triton interpreter" if short else \
+            "Triton ops in the interpreter (a correctness check, not a speed figure)"
     else:
         triton_ops = "eager-reference ops"
     pixel_shuffle = table["pixel_shuffle"][device.type]
     shuffle = pixel_shuffle.split(" (")[0] if not pixel_shuffle.startswith("eager") else "eager-reference"
     return f"{triton_ops}, {shuffle} pixel_shuffle"
 
+
+
+def variant_label(variant: str, device: torch.device) -> str:
+    """A variant's name in tables and the plot: ``fastdec`` names the backend that runs it on ``device``."""
+    if variant != "fastdec":
+        return VARIANT_LABELS[variant]
+    return f"fastdec ({fused_backend(device, short=True)})"

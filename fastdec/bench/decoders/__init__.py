@@ -32,6 +32,8 @@ def _discover() -> dict[str, BenchDecoder]:
 ENTRIES: dict[str, BenchDecoder] = _discover()
 DECODERS: tuple[str, ...] = tuple(ENTRIES)
 DEFAULT_DECODERS: tuple[str, ...] = tuple(name for name, entry in ENTRIES.items() if entry.default)
+# --quick: one decoder of each kind (exact image VAE, tiny image decoder, paper decoder, exact video VAE, tiny video)
+QUICK_DECODERS: tuple[str, ...] = tuple(name for name, entry in ENTRIES.items() if entry.quick)
 # Replacements for the SD VAE: decoders of SD's 4-channel latents other than the exact path.
 LIGHTWEIGHT: tuple[str, ...] = tuple(name for name, entry in ENTRIES.items() if entry.lightweight)
 GPU_GOALS: tuple[Goal, ...] = tuple(goal for entry in ENTRIES.values() for goal in entry.goals)

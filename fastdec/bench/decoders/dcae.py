@@ -57,7 +57,9 @@ def _build(name: str):
 ENTRIES = (
     # The GPU goal for this row, >= 2.5x diffusers eager at 1024^2 bf16, is a ratio: Goal only holds limits
     # on median_ms / peak memory, so it is read off the row's speed-up column.
-    BenchDecoder("dc-ae", _build("dc-ae"), "DCAEDecoder", twin, downsample=32, side_multiple=32, order=15),
-    *(BenchDecoder(name, _build(name), "DCAEDecoder", twin, lightweight=True, order=30)
+    BenchDecoder("dc-ae", _build("dc-ae"), "DCAEDecoder", twin, downsample=32, side_multiple=32, order=15,
+                 kind="exact image VAE"),
+    *(BenchDecoder(name, _build(name), "DCAEDecoder", twin, lightweight=True, order=30,
+                   quick=name == "efficientvit", kind="paper decoder (EfficientViT, DC-AE configuration)")
       for name in ("efficientvit", "efficientvit-attn")),
 )

@@ -25,7 +25,7 @@ def twin(model: Decoder) -> tuple[nn.Module, None]:
 
 ENTRIES = (
     BenchDecoder(
-        "flux2", build, "Flux2VAEDecoder", twin, order=11,
+        "flux2", build, "Flux2VAEDecoder", twin, order=11, kind="exact image VAE",
         goals=(Goal("FLUX.2 VAE decode 1024x1024, exact fast path", "flux2", "fastdec", 1024, 1, "median_ms", 25.0,
                     "diffusers eager about 90-100 ms (H200)"),),
     ),

@@ -44,7 +44,7 @@ def twin(model: Decoder) -> tuple[nn.Module, None]:
 
 ENTRIES = (
     BenchDecoder(
-        "sd-vae", build, "AutoencoderKLDecoder", twin, order=10,
+        "sd-vae", build, "AutoencoderKLDecoder", twin, order=10, quick=True, kind="exact image VAE",
         goals=(
             Goal("SD-VAE decode 512x512, exact fast path", "sd-vae", "fastdec", 512, 1, "median_ms", 5.5,
                  "diffusers eager 22.2 ms, torch.compile 8.9 ms (H200)"),

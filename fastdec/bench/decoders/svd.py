@@ -67,8 +67,8 @@ def twin_decode(vae: nn.Module, z: Tensor) -> Tensor:
 
 ENTRIES = (
     BenchDecoder("svd", build_svd, "SVDDecoder", twin, twin_decode=twin_decode, latent_shape=video_latent_shape,
-                 channels_last=False, order=60),
+                 channels_last=False, order=60, quick=True, kind="exact video VAE"),
     BenchDecoder("tae-temporal", build_tae_temporal, "TAETemporalDecoder", latent_shape=video_latent_shape,
                  no_twin_reason="no diffusers implementation (a TAESD decoder with SVD's temporal mid-block)",
-                 channels_last=False, order=60),
+                 channels_last=False, order=60, kind="paper decoder (temporal)"),
 )

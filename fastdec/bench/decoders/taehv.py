@@ -44,15 +44,15 @@ def wan_decode(twin: nn.Module, latents: Tensor) -> Tensor:
     return twin.decode(latents, return_dict=False)[0].transpose(1, 2)
 
 
-def _entry(name: str, frames: int, chunk_frames: int, twin: bool = False) -> BenchDecoder:
+def _entry(name: str, frames: int, chunk_frames: int, twin: bool = False, quick: bool = False) -> BenchDecoder:
     other = {"twin": wan_twin, "twin_decode": wan_decode, "twin_is_other_model": True} if twin else {
         "no_twin_reason": "the AutoencoderKLWan comparison is on the taew2_1 row (3 latent frames)"}
     return BenchDecoder(name, _taew2_1(chunk_frames), "TAEHVDecoder", latent_shape=_latent_shape(frames),
-                        channels_last=False, order=60, **other)
+                        channels_last=False, order=60, quick=quick, kind="tiny video decoder", **other)
 
 
 ENTRIES = (
-    _entry("taew2_1", SHORT, SHORT, twin=True),
+    _entry("taew2_1", SHORT, SHORT, twin=True, quick=True),
     _entry("taew2_1-stream", SHORT, 1),
     _entry("taew2_1-t12", LONG, LONG),
     _entry("taew2_1-stream-t12", LONG, 1),

@@ -36,12 +36,14 @@ def _taesd(name: str, **config):
 
 
 ENTRIES = (
-    BenchDecoder("taesd", _taesd("taesd"), "TAESDDecoder", twin, lightweight=True, order=20,
+    BenchDecoder("taesd", _taesd("taesd"), "TAESDDecoder", twin, lightweight=True, order=20, quick=True,
+                 kind="tiny image decoder",
                  goals=(Goal("TAESD decode 512x512", "taesd", "fastdec", 512, 1, "median_ms", 0.8,
                              "diffusers eager 2.54 ms (H200)"),)),
     # taef2 reads FLUX.2's 32-channel latents, so it replaces no SD VAE.
-    BenchDecoder("taef2", _taesd("taef2"), "TAESDDecoder", order=20,
+    BenchDecoder("taef2", _taesd("taef2"), "TAESDDecoder", order=20, kind="tiny image decoder",
                  no_twin_reason="no diffusers implementation (AutoencoderTiny lacks TAEF2's GroupNorm mid-block "
                                 "branch)"),
-    BenchDecoder("tae-192", _taesd("tae-192", latent_channels=4), "TAESDDecoder", twin, lightweight=True, order=20),
+    BenchDecoder("tae-192", _taesd("tae-192", latent_channels=4), "TAESDDecoder", twin, lightweight=True, order=20,
+                 kind="paper decoder (TAE-192)"),
 )

@@ -16,5 +16,5 @@ def _preset(name: str):
 
 
 ENTRIES = tuple(BenchDecoder(name, _preset(name), "ViTDecoder", side_multiple=16, channels_last=False,
-                             lightweight=True, order=40)
+                             lightweight=True, order=40, kind="paper decoder (ViT)")
                 for name in ("vit-s", "vit-b"))
