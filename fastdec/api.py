@@ -24,49 +24,24 @@ import torch
 from torch import Tensor, nn
 
 from fastdec import tiling
-from fastdec.models.base import Decoder
+from fastdec.models import registry
+from fastdec.models.base import Decoder, install_tiler
 from fastdec.pixels import to_uint8_hwc
 from fastdec.read_errors import read_error_advice, read_error_reason
-from fastdec.validate import check_latents, check_latents_tensor, weights_device_and_dtype
+from fastdec.validate import check_latents_tensor, weights_device_and_dtype
 
-# name -> (Hub repo, subfolder) of a diffusers AutoencoderKL: exact decoders with trained weights.
-HUB_VAES: dict[str, tuple[str, str | None]] = {
-    "sd": ("stabilityai/sd-vae-ft-mse", None),
-    "sdxl": ("stabilityai/sdxl-vae", None),
-    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "vae"),
-    "flux": ("black-forest-labs/FLUX.1-schnell", "vae"),
-    "svd": ("stabilityai/stable-video-diffusion-img2vid-xt", "vae"),  # an AutoencoderKLTemporalDecoder (gated)
-    "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),  # AutoencoderKLFlux2
-    "dc-ae": ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", None),  # AutoencoderDC, SANA's VAE
-}
-# diffusers VAE class (config.json _class_name) -> the fastdec decoder that loads it (its from_diffusers).
-DIFFUSERS_CLASSES = {
-    "AutoencoderKL": "AutoencoderKLDecoder",
-    "AutoencoderKLFlux2": "Flux2VAEDecoder",
-    "AutoencoderDC": "DCAEDecoder",
-    "AutoencoderKLWan": "WanDecoder",
-    "AutoencoderKLQwenImage": "WanDecoder",
-    "AutoencoderKLTemporalDecoder": "SVDDecoder",
-}
-# TAESD family, trained: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth in
-# https://github.com/madebyollin/taesd. taef2 exists only as the .pth.
-TAESD_NAMES = ("taesd", "taesdxl", "taesd3", "taef1", "taef2")
-TAESD_PTH_ONLY = ("taef2",)
-TAESD_GITHUB = "https://github.com/madebyollin/taesd"
-ALIASES = {"sd1": "sd", "sd2": "sd", "flux1": "flux"}
-# Randomly initialised architectures (no published weights): load() warns, config overrides pass through.
-RANDOM_PRESETS = ("tae-192", "efficientvit", "efficientvit-attn", "vit-s", "vit-b", "tae-temporal")
-# decode() without a decoder: the TAESD-family decoder of the latent space with this many channels. 16 channels
-# are FLUX.1's (taef1); SD3 latents also have 16: pass decoder="taesd3" for them.
-DEFAULT_DECODERS = {4: "taesd", 16: "taef1", 32: "taef2"}
-# Video latents (B, C, T, h, w): the TAEHV decoders (madebyollin/taehv, <name>.pth on GitHub only), and the one
-# decode() picks by channel count where a single variant has that many channels (16: Wan 2.1's taew2_1, also
-# read by taehv/taecvx for HunyuanVideo/CogVideoX latents: pass decoder="taehv" or "taecvx" for those).
-TAEHV_NAMES = ("taehv", "taew2_1", "taew2_2", "taehv1_5", "taecvx", "taeltx_2")
-TAEHV_GITHUB = "https://github.com/madebyollin/taehv"
-DEFAULT_VIDEO_DECODERS = {16: "taew2_1", 32: "taehv1_5", 48: "taew2_2", 128: "taeltx_2"}
 OUTPUTS = ("tensor", "uint8", "pil")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def __getattr__(name: str):
+    """The registry's tables under the names this module gave them before fastdec.models.registry existed."""
+    views = {"ALIASES": registry.aliases, "RANDOM_PRESETS": lambda: tuple(registry.presets()),
+             "DEFAULT_DECODERS": registry.default_decoders,
+             "DEFAULT_VIDEO_DECODERS": lambda: registry.default_decoders(5)}
+    if name in views:
+        return views[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RandomWeightsWarning(UserWarning):
@@ -91,7 +66,7 @@ def shipped_weights() -> dict[str, Path]:
 
 def names() -> list[str]:
     """Every name load() accepts."""
-    return [*TAESD_NAMES, *TAEHV_NAMES, *HUB_VAES, *ALIASES, *RANDOM_PRESETS, *shipped_weights()]
+    return [*registry.named(), *registry.aliases(), *registry.presets(), *shipped_weights()]
 
 
 def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
@@ -133,17 +108,14 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     if path.exists():
         _refuse_overrides(config_overrides, f"trained weights ({path})")
         return _from_path(path, device, dtype)
-    name = ALIASES.get(str(source).lower(), str(source).lower())
+    name = registry.aliases().get(str(source).lower(), str(source).lower())
     shipped = shipped_weights()
     if name in shipped:
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_folder(shipped[name], device, dtype)
-    if name in RANDOM_PRESETS:
+    if name in registry.presets():
         return _random_preset(name, device, dtype, config_overrides)
-    if name in TAEHV_NAMES:
-        _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
-        return _taehv_from_name(name, device, dtype)
-    if name in TAESD_NAMES or name in HUB_VAES:
+    if name in registry.named():
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_name(name, device, dtype)
     if str(source).count("/") in (1, 2) and not str(source).startswith((".", "/", "~")):
@@ -159,26 +131,27 @@ def default_decoder_name(latent_channels: int,
                          how: str = "decoder=<a name, path or Decoder for this latent space>") -> str:
     """The TAESD-family decoder decode() uses for latents with this many channels; ``how`` says how to pass one
     in the caller's words (the CLI: --decoder)."""
-    if latent_channels not in DEFAULT_DECODERS:
+    defaults = registry.default_decoders()
+    if latent_channels not in defaults:
         raise ValueError(
             f"no default decoder for {latent_channels}-channel latents (defaults exist for "
-            f"{sorted(DEFAULT_DECODERS)} channels): pass {how}"
+            f"{sorted(defaults)} channels): pass {how}"
         )
-    return DEFAULT_DECODERS[latent_channels]
+    return defaults[latent_channels]
 
 
 def default_video_decoder_name(latent_channels: int) -> str:
     """The video decoder decode() uses for video latents (B, C, T, h, w) with this many channels."""
-    if latent_channels not in DEFAULT_VIDEO_DECODERS:
-        from fastdec.models.taehv import VARIANTS
-
-        choices = ", ".join(f"{name} ({v.latents_of}, {v.latent_channels} ch)" for name, v in VARIANTS.items())
+    defaults = registry.default_decoders(5)
+    if latent_channels not in defaults:
+        video = [f"{name} ({weights.about})" if weights.about else name
+                 for name, (family, weights) in registry.named().items() if family.classes[0].latent_ndim == 5]
+        video += [name for name, (cls, _) in registry.presets().items() if cls.latent_ndim == 5]
         raise ValueError(
             f"no default decoder for {latent_channels}-channel video latents (defaults exist for "
-            f"{sorted(DEFAULT_VIDEO_DECODERS)} channels): pass decoder=<a video decoder for this latent space>; "
-            f"the TAEHV choices: {choices}; Stable Video Diffusion (4 ch): svd, tae-temporal"
+            f"{sorted(defaults)} channels): pass decoder=<a video decoder for this latent space>: {', '.join(video)}"
         )
-    return DEFAULT_VIDEO_DECODERS[latent_channels]
+    return defaults[latent_channels]
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -232,26 +205,22 @@ def decode(
     if output not in OUTPUTS:
         raise ValueError(f"unknown output kind {output!r}: choose one of {OUTPUTS}")
     check_latents_tensor(latents)
-    if image_size is not None:  # FLUX.2 tokens (B, N, C) -> the packed grid (B, C, h, w)
-        from fastdec.models.flux2 import tokens_to_grid
-
-        latents = tokens_to_grid(latents, *image_size)
-    if latents.dim() == 5:
-        return _decode_video(latents, decoder, output, check_finite, tile_size)
-    if latents.dim() not in (3, 4):
+    if latents.dim() not in (3, 4, 5):
         raise ValueError(
             f"latents must be (C, h, w) or (B, C, h, w) image latents or (B, C, T, h, w) video latents, got shape "
             f"{tuple(latents.shape)}"
         )
-    unbatched = latents.dim() == 3
+    options = {} if image_size is None else {"image_size": image_size}  # tokens (B, N, C): batched
+    unbatched = latents.dim() == 3 and not options
     batch = latents.unsqueeze(0) if unbatched else latents
     decoder = _decoder_for(batch, decoder)
-    check_latents(batch, decoder, check_finite)
-    if hasattr(decoder, "raw_latents"):  # FLUX.2: packed latents unpacked before tiling sees them
-        batch = decoder.raw_latents(batch)
+    decoder.check_options(options)
+    batch = decoder.prepare(batch, check_finite, **options)  # checked; the form tiling sees (FLUX.2: raw latents)
     _, weights_dtype = weights_device_and_dtype(decoder)
     with torch.no_grad():
         images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
+    if latents.dim() == 5:
+        return _frames_as(images, output)
     if output == "tensor":
         return images[0] if unbatched else images
     pixels = to_uint8_hwc(images)
@@ -266,13 +235,8 @@ def decode(
 # --- decode() helpers ----------------------------------------------------------------------------------------------
 
 
-def _decode_video(latents: Tensor, decoder, output: str, check_finite: bool | None, tile_size: int | None = None):
-    """decode() for (B, C, T, h, w): any Decoder with latent_ndim 5 (check_latents refuses an image decoder)."""
-    decoder = _decoder_for(latents, decoder)
-    check_latents(latents, decoder, check_finite)
-    _, weights_dtype = weights_device_and_dtype(decoder)
-    with torch.no_grad():
-        frames = tiling.decode(decoder, latents.to(weights_dtype), tile_size, check_finite=False)  # checked above
+def _frames_as(frames: Tensor, output: str):
+    """Decoded videos (B, T, 3, H, W) as ``output`` asks."""
     if output == "tensor":
         return frames
     from fastdec.video import to_uint8_frames
@@ -283,6 +247,17 @@ def _decode_video(latents: Tensor, decoder, output: str, check_finite: bool | No
     from PIL import Image
 
     return [[Image.fromarray(array) for array in video] for video in pixels.numpy()]
+
+
+def _tile_by_attribute(decoder: Decoder, latents: Tensor, tile_size: int) -> Tensor | None:
+    """Decoder.decode with its ``tile_size`` attribute set: exact slabs, unless a tiled run (or fastdec.decode's
+    tile_size=0) is under way."""
+    if tiling.tiling_active():
+        return None
+    return tiling.tiled_decode(decoder, latents, tile_size, check_finite=False)  # checked by Decoder.decode
+
+
+install_tiler(_tile_by_attribute)
 
 
 def _decoder_for(latents: Tensor, decoder) -> Decoder:
@@ -307,26 +282,9 @@ def _cached_decoder(name: str, device: torch.device, dtype: torch.dtype) -> Deco
 def _refuse_overrides(config_overrides: dict, what: str) -> None:
     if config_overrides:
         raise TypeError(
-            f"config overrides {sorted(config_overrides)} apply only to the random presets {RANDOM_PRESETS}; "
-            f"{what} fixes its architecture"
+            f"config overrides {sorted(config_overrides)} apply only to the random presets "
+            f"{tuple(registry.presets())}; {what} fixes its architecture"
         )
-
-
-def _decoder_classes() -> dict[str, type[Decoder]]:
-    from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-    from fastdec.models.dcae import DCAEDecoder
-    from fastdec.models.flux2 import Flux2VAEDecoder
-    from fastdec.models.preview import LatentPreview
-    from fastdec.models.svd import SVDDecoder
-    from fastdec.models.tae_temporal import TAETemporalDecoder
-    from fastdec.models.taehv import TAEHVDecoder
-    from fastdec.models.taesd import TAESDDecoder
-    from fastdec.models.vit import ViTDecoder
-    from fastdec.models.wan import WanDecoder
-
-    classes = (AutoencoderKLDecoder, Flux2VAEDecoder, TAESDDecoder, DCAEDecoder, ViTDecoder, TAEHVDecoder,
-               SVDDecoder, TAETemporalDecoder, WanDecoder, LatentPreview)
-    return {cls.__name__: cls for cls in classes}
 
 
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
@@ -341,15 +299,9 @@ def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
 
 
 def build_preset(name: str, device=None, dtype=None, **config_overrides) -> Decoder:
-    """The architecture ``name`` (one of RANDOM_PRESETS) with fresh random weights, in eval mode. Unlike
+    """The architecture ``name`` (a random preset of the registry) with fresh random weights, in eval mode. Unlike
     ``load(name)`` it never reads a path of that name and does not warn: for code that trains it (fastdec train)."""
-    from fastdec.models import dcae, vit
-    from fastdec.models.tae_temporal import TAETemporalDecoder
-    from fastdec.models.taesd import TAESDDecoder
-
-    presets = {**dcae.PRESETS, **vit.PRESETS, "tae-192": (TAESDDecoder, dict(variant="tae-192")),
-               "tae-temporal": (TAETemporalDecoder, {})}
-    cls, config = presets[name]
+    cls, config = registry.presets()[name]
     config = {"latent_channels": 4, **config, **config_overrides}
     with torch.device(device or "cpu"):  # initialise where it will run: no CPU copy of a large model
         model = cls(**config)
@@ -358,36 +310,24 @@ def build_preset(name: str, device=None, dtype=None, **config_overrides) -> Deco
 
 def _from_diffusers_module(vae: nn.Module, device, dtype) -> Decoder:
     diffusers = sys.modules.get("diffusers")  # a diffusers VAE means diffusers is imported already
-    kind, kinds = None, (*DIFFUSERS_CLASSES, "AutoencoderTiny")
+    readers, kind = registry.diffusers_readers(), None
     if diffusers is not None:
-        kind = next((k for k in kinds if isinstance(vae, getattr(diffusers, k, ()))), None)
+        kind = next((k for k in readers if isinstance(vae, getattr(diffusers, k, ()))), None)
     if kind is None:
         raise TypeError(
-            f"load() takes fastdec Decoders and diffusers {' / '.join(kinds)} modules, got a "
+            f"load() takes fastdec Decoders and diffusers {' / '.join(readers)} modules, got a "
             f"{type(vae).__module__}.{type(vae).__name__}"
         )
     weights_device, weights_dtype = weights_device_and_dtype(vae)
-    device, dtype = device or weights_device, dtype or weights_dtype
-    if kind in DIFFUSERS_CLASSES:
-        return _decoder_classes()[DIFFUSERS_CLASSES[kind]].from_diffusers(vae, device=device, dtype=dtype)
-    from fastdec.models.taesd import TAESDDecoder
-
-    variant = _taesd_variant_for_channels(vae.config.latent_channels, "the given AutoencoderTiny")
-    return TAESDDecoder.from_diffusers(vae, variant, device=device, dtype=dtype)
+    return readers[kind](vae, None).to(device=device or weights_device, dtype=dtype or weights_dtype)
 
 
 def _from_path(path: Path, device, dtype) -> Decoder:
     if path.is_dir():
         return _from_folder(path, device, dtype)
-    if _is_taehv_file(path):
-        from fastdec.models.taehv import TAEHVDecoder
-
-        return _reading(path, lambda: TAEHVDecoder.from_file(path)).to(device=device, dtype=dtype)
-    if path.suffix in (".pth", ".pt"):
-        from fastdec.models.taesd import TAESDDecoder
-
-        variant = _taesd_variant_of_file(path)
-        return _reading(path, lambda: TAESDDecoder.from_pth(path, variant)).to(device=device, dtype=dtype)
+    read = _reading(path, lambda: registry.file_reader(path))  # the family whose weights file this is
+    if read is not None:
+        return _reading(path, lambda: read(path, None)).to(device=device, dtype=dtype)
     if path.suffix in (".safetensors", ".json", ".bin") and (path.parent / "config.json").is_file():
         return _from_folder(path.parent, device, dtype)
     raise ValueError(
@@ -396,8 +336,8 @@ def _from_path(path: Path, device, dtype) -> Decoder:
     )
 
 
-def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Decoder:
-    """``variant``: the TAESD variant of an AutoencoderTiny folder when the caller knows it (a name)."""
+def _from_folder(folder: Path, device, dtype, name: str | None = None) -> Decoder:
+    """``name``: the name being loaded, which tells the readers what a folder alone may not (a TAESD variant)."""
     config_path = folder / "config.json"
     if not config_path.is_file() and (folder / "vae" / "config.json").is_file():
         folder, config_path = folder / "vae", folder / "vae" / "config.json"  # a diffusers pipeline folder
@@ -410,23 +350,18 @@ def _from_folder(folder: Path, device, dtype, variant: str | None = None) -> Dec
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path} is not valid JSON ({error}): re-download or re-save it") from error
-    classes = _decoder_classes()
     if "class" in config:
+        classes = registry.decoder_classes()
         if config["class"] not in classes:
             raise ValueError(f"{config_path}: unknown decoder class {config['class']!r}; known: {sorted(classes)}")
         cls = classes[config["class"]]
         return _reading(folder, lambda: cls.from_pretrained(folder)).to(device=device, dtype=dtype)
-    kind = config.get("_class_name")
-    if kind in DIFFUSERS_CLASSES:
-        cls = classes[DIFFUSERS_CLASSES[kind]]
-        return _reading(folder, lambda: cls.from_diffusers(folder)).to(device=device, dtype=dtype)
-    if kind == "AutoencoderTiny":
-        variant = variant or _taesd_variant_of_folder(folder, config.get("latent_channels", 4))
-        cls = classes["TAESDDecoder"]
-        return _reading(folder, lambda: cls.from_diffusers(folder, variant)).to(device=device, dtype=dtype)
+    kind, readers = config.get("_class_name"), registry.diffusers_readers()
+    if kind in readers:
+        return _reading(folder, lambda: readers[kind](folder, name)).to(device=device, dtype=dtype)
     raise ValueError(
         f"{config_path} describes neither a fastdec decoder (a 'class' key) nor a diffusers "
-        f"{', '.join(DIFFUSERS_CLASSES)} or AutoencoderTiny (_class_name is {kind!r})"
+        f"{', '.join(readers)} (_class_name is {kind!r})"
     )
 
 
@@ -449,94 +384,24 @@ def _reading(source: Path, read):
         ) from error
 
 
-def _taesd_variant_of_file(path: Path) -> str:
-    """madebyollin's file names start with the variant (taesdxl_decoder.pth); otherwise the weights tell."""
-    from fastdec.models.taesd import VARIANTS, _read_pth
-
-    stem = path.stem.lower()
-    for variant in sorted(VARIANTS, key=len, reverse=True):
-        if stem == variant or stem.startswith((f"{variant}_", f"{variant}-", f"{variant}.")):
-            return variant
-    state = _reading(path, lambda: _read_pth(path, "decoder"))
-    if "1.weight" not in state:
-        raise ValueError(f"{path} is not a TAESD decoder state dict (no '1.weight', the decoder's first conv)")
-    width, latent_channels = state["1.weight"].shape[:2]
-    if any(".pool." in key for key in state):
-        return "taef2"
-    if width == VARIANTS["tae-192"].decoder_width:
-        return "tae-192"
-    return _taesd_variant_for_channels(latent_channels, str(path))
-
-
-def _taesd_variant_of_folder(folder: Path, latent_channels: int) -> str:
-    """A variant named in the folder's path (a Hub cache folder models--madebyollin--taesdxl), else by channels."""
-    from fastdec.models.taesd import VARIANTS
-
-    parts = [part.lower() for part in folder.resolve().parts]
-    for variant in sorted(VARIANTS, key=len, reverse=True):
-        if any(part == variant or part.endswith(f"--{variant}") for part in parts):
-            return variant
-    return _taesd_variant_for_channels(latent_channels, str(folder))
-
-
-def _taesd_variant_for_channels(latent_channels: int, source: str) -> str:
-    if latent_channels not in DEFAULT_DECODERS:
-        raise ValueError(
-            f"{source}: no TAESD variant has {latent_channels} latent channels (taesd/taesdxl 4, taesd3/taef1 16, "
-            "taef2 32)"
-        )
-    return DEFAULT_DECODERS[latent_channels]
-
-
 def _from_name(name: str, device, dtype) -> Decoder:
+    """A name's weights: its files in $FASTDEC_HOME, the folder $FASTDEC_HOME/<name>/, then the Hub."""
+    family, weights = registry.named()[name]
     home = fastdec_home()
-    if name in TAESD_NAMES:
-        pth = home / f"{name}_decoder.pth"
-        if pth.is_file():
-            from fastdec.models.taesd import TAESDDecoder
-
-            return _reading(pth, lambda: TAESDDecoder.from_pth(pth, name)).to(device=device, dtype=dtype)
-    variant = name if name in TAESD_NAMES else None
-    if (home / name / "config.json").is_file():
-        return _from_folder(home / name, device, dtype, variant)
-    if name in TAESD_PTH_ONLY:
-        raise FileNotFoundError(
-            f"fastdec.load({name!r}): {name}_decoder.pth not found in {home} (FASTDEC_HOME). It is published only on "
-            f"GitHub: download {TAESD_GITHUB}/raw/main/{name}_decoder.pth into {home}/, or pass its path: "
-            f"fastdec.load('/path/to/{name}_decoder.pth')"
-        )
-    repo, subfolder = (f"madebyollin/{name}", None) if name in TAESD_NAMES else HUB_VAES[name]
-    return _from_folder(_hub_folder(name, repo, subfolder, home), device, dtype, variant)
-
-
-def _is_taehv_file(path: Path) -> bool:
-    """madebyollin's TAEHV files: a variant's name (taew2_1.pth), or weights keyed decoder.N.* (a TAESD .pth is
-    keyed N.*; a diffusers .safetensors sits next to a config.json)."""
-    from fastdec.models.taehv import variant_of_name
-
-    if path.suffix not in (".pth", ".pt", ".safetensors"):
-        return False
-    if variant_of_name(path.stem) is not None:
-        return True
-    if path.suffix == ".safetensors":
-        return not (path.parent / "config.json").is_file()
-    from fastdec.models.taesd import _read_pth
-
-    return "decoder.1.weight" in _reading(path, lambda: _read_pth(path, "decoder"))
-
-
-def _taehv_from_name(name: str, device, dtype) -> Decoder:
-    """<name>.safetensors or <name>.pth in $FASTDEC_HOME (madebyollin publishes them on GitHub, not the Hub)."""
-    from fastdec.models.taehv import TAEHVDecoder
-
-    home = fastdec_home()
-    for path in (home / f"{name}.safetensors", home / f"{name}.pth"):
+    for path in (home / file for file in weights.files):
         if path.is_file():
-            return _reading(path, lambda path=path: TAEHVDecoder.from_file(path, name)).to(device=device, dtype=dtype)
-    raise FileNotFoundError(
-        f"fastdec.load({name!r}): {name}.pth not found in {home} (FASTDEC_HOME). It is published on GitHub: download "
-        f"{TAEHV_GITHUB}/raw/main/{name}.pth into {home}/, or pass its path: fastdec.load('/path/to/{name}.pth')"
-    )
+            return _reading(path, lambda path=path: family.read_file(path, name)).to(device=device, dtype=dtype)
+    if (home / name / "config.json").is_file():
+        return _from_folder(home / name, device, dtype, name)
+    published = weights.files[-1] if weights.files else None
+    if weights.hub is None:
+        raise FileNotFoundError(
+            f"fastdec.load({name!r}): {published} not found in {home} (FASTDEC_HOME). It is published on GitHub: "
+            f"download {weights.github}/raw/main/{published} into {home}/, or pass its path: "
+            f"fastdec.load('/path/to/{published}')"
+        )
+    also = f" Or put {published} ({weights.github}) in {home}/." if published else ""
+    return _from_folder(_hub_folder(name, *weights.hub, home, also), device, dtype, name)
 
 
 def _from_hub_id(hub_id: str, device, dtype) -> Decoder:
@@ -566,8 +431,9 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path) -> Path:
-    """Fetches (or finds in the Hub cache) config.json and the safetensors weights; returns their folder."""
+def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path, also: str = "") -> Path:
+    """Fetches (or finds in the Hub cache) config.json and the safetensors weights; returns their folder. ``also``:
+    another place the error can suggest."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as error:
@@ -586,9 +452,6 @@ def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path) -> Path
     # Not cached, offline, HTTP and gated-repo errors are OSErrors; a file missing from the repo is not (hub >= 1).
     except (OSError, EntryNotFoundError) as error:
         where = f"https://huggingface.co/{repo}" + (f" (folder {subfolder}/)" if subfolder else "")
-        pth_hint = (
-            f" Or put madebyollin's {name}_decoder.pth ({TAESD_GITHUB}) in {home}/." if name in TAESD_NAMES else ""
-        )
         gated = (
             " The repo is gated: accept its license on its Hub page and log in (hf auth login)."
             if isinstance(error, GatedRepoError) else ""
@@ -597,7 +460,7 @@ def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path) -> Path
             f"fastdec.load({name!r}): the weights are not in {home} (FASTDEC_HOME) nor in the Hugging Face cache, "
             f"and {'HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached'} "
             f"({type(error).__name__}). Fetch config.json and {DIFFUSERS_WEIGHTS} from {where} into {home / name}/ "
-            f"(or run `hf download {repo}` while online, into the Hugging Face cache).{pth_hint} Or pass a path: "
+            f"(or run `hf download {repo}` while online, into the Hugging Face cache).{also} Or pass a path: "
             "fastdec.load('/path/to/folder')." + gated
         ) from error
     return Path(paths[1]).parent

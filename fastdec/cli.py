@@ -82,12 +82,10 @@ class _ProgressBar:
 
 
 def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch.device, dtype) -> list[Path]:
-    """5-D latents (B, C, T, h, w) -> one mp4 per video: <stem>.mp4 (a batch: <stem>_000.mp4, ...). TAEHV decodes
-    chunks of latent frames and writes each as it is done (memory flat in T); any other video decoder (latent_ndim
-    5) decodes the whole clip with its decode()."""
+    """5-D latents (B, C, T, h, w) -> one mp4 per video: <stem>.mp4 (a batch: <stem>_000.mp4, ...). Each video is
+    written as the decoder's ``decode_stream`` yields its frames (TAEHV: chunk by chunk, memory flat in T)."""
     import fastdec
     from fastdec.api import default_video_decoder_name
-    from fastdec.models.taehv import TAEHVDecoder
     from fastdec.validate import check_latents
     from fastdec.video import save_video
 
@@ -99,29 +97,14 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
     decoder = fastdec.load(args.decoder or default_video_decoder_name(latents.shape[1]), device=device, dtype=dtype)
     latents = latents.to(device)
     check_latents(latents, decoder)
+    chunking = {} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}
     output_dir, stem = Path(args.output_dir), Path(args.latents).stem
     paths = []
     for index in range(latents.shape[0]):
-        video = latents[index:index + 1].to(dtype)
         name = f"{stem}.mp4" if latents.shape[0] == 1 else f"{stem}_{index:03d}.mp4"
         bar = _ProgressBar(name, enabled=not args.no_progress)
-        frames_in = video.shape[2]
-        if isinstance(decoder, TAEHVDecoder):
-            chunk = args.chunk_frames or min(decoder.auto_chunk_frames(video), max(1, -(-frames_in // 10)))
-            stream = decoder.stream(trim_start=decoder.frames_out(frames_in) < decoder.t_upscale * frames_in)
-
-            def chunks(video=video, chunk=chunk, stream=stream, bar=bar, frames_in=frames_in):
-                with torch.no_grad():
-                    for start in range(0, frames_in, chunk):
-                        yield stream.push(video[:, :, start:start + chunk], check_finite=False)
-                        bar(min(start + chunk, frames_in), frames_in)
-
-            frames = chunks()
-        else:
-            chunking = {} if args.chunk_frames is None else {"chunk_frames": args.chunk_frames}  # e.g. WanDecoder
-            with torch.no_grad():
-                frames = decoder.decode(video, check_finite=False, **chunking)
-            bar(frames_in, frames_in)
+        frames = decoder.decode_stream(latents[index:index + 1].to(dtype), check_finite=False, progress=bar,
+                                       **chunking)
         paths.append(save_video(frames, output_dir / name, fps=args.fps))
     return paths
 

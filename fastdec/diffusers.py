@@ -11,7 +11,7 @@ per-channel affine map, skipped when it is the identity)
 and returns images in [-1, 1], as the pipeline's postprocessing expects.
 
 Precision follows the pipeline: ``force_upcast`` in the wrapper's config says whether *the fastdec decoder*
-overflows in fp16 (``decoder.force_upcast`` if it has one, e.g. AutoencoderKLDecoder; else False, e.g. the TAESD
+overflows in fp16 (``decoder.force_upcast``: True for e.g. the SDXL AutoencoderKLDecoder, False for the TAESD
 family), and pipelines that honour it (SDXL) cast the wrapper to fp32 around decode as they would the VAE.
 """
 
@@ -48,7 +48,7 @@ class FastdecVAE(nn.Module):
                 f"decodes {decoder.latent_channels}: swap in a decoder of this latent space"
             )
         if force_upcast is None:
-            force_upcast = bool(getattr(decoder, "force_upcast", False))
+            force_upcast = bool(decoder.force_upcast)
         self.config = FrozenDict({**config, "force_upcast": force_upcast})
         self.original = original
         self.decoder = decoder.eval()
@@ -89,10 +89,10 @@ class FastdecVAE(nn.Module):
     def forward(self, z: Tensor, num_frames: int | None = None) -> Tensor:
         """``num_frames``: StableVideoDiffusionPipeline passes per-frame latents (B*T, C, h, w), clip after clip, with
         the clip length T (it looks for this parameter in ``forward``'s signature). Decoders of per-frame video
-        latents (``decode_frames``: SVDDecoder, TAETemporalDecoder) need it; image decoders decode every frame on
+        latents (``per_frame_latents``: SVDDecoder, TAETemporalDecoder) need it; image decoders decode every frame on
         its own and do not use it. Video decoders of (B, C, T, h, w) latents (``latent_ndim`` 5, e.g. WanDecoder)
         take what WanPipeline passes, 5-D latents."""
-        per_frame_video, video = hasattr(self.decoder, "decode_frames"), _takes_5d_latents(self.decoder)
+        per_frame_video, video = self.decoder.per_frame_latents, _takes_5d_latents(self.decoder)
         if z.dim() != (5 if video else 4):
             layout = "video latents (B, C, T, h, w)" if video else "image latents (B, C, h, w)"
             raise ValueError(f"FastdecVAE with a {type(self.decoder).__name__} decodes {layout}, got {tuple(z.shape)}")
@@ -119,8 +119,8 @@ class FastdecVAE(nn.Module):
 
 def _takes_5d_latents(decoder: Decoder) -> bool:
     """A video decoder that the pipeline hands (B, C, T, h, w) latents (WanPipeline); per-frame video decoders
-    (``decode_frames``: SVD, tae-temporal) get (B*T, C, h, w) from StableVideoDiffusionPipeline instead."""
-    return getattr(decoder, "latent_ndim", 4) == 5 and not hasattr(decoder, "decode_frames")
+    (``per_frame_latents``: SVD, tae-temporal) get (B*T, C, h, w) from StableVideoDiffusionPipeline instead."""
+    return decoder.latent_ndim == 5 and not decoder.per_frame_latents
 
 
 def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list[float] | None]:

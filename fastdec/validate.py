@@ -16,6 +16,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from fastdec.models import registry
+
 CHECK_FINITE_ENV = "FASTDEC_CHECK_FINITE"
 
 
@@ -80,9 +82,7 @@ def check_latents(latents: object, decoder: nn.Module, check_finite: bool | None
         raise ValueError(f"{name} expects latents shaped {layout}, got shape {shape}: {advice}")
     packed = getattr(decoder, "packed_latent_channels", None)  # FLUX.2 decoders also take packed latents
     if shape[1] != decoder.latent_channels and shape[1] != packed:
-        from fastdec.api import DEFAULT_DECODERS, DEFAULT_VIDEO_DECODERS  # imported here: api imports this module
-
-        defaults = DEFAULT_VIDEO_DECODERS if ndim == 5 else DEFAULT_DECODERS
+        defaults = registry.default_decoders(ndim)
         example = f" (e.g. decoder={defaults[shape[1]]!r})" if shape[1] in defaults else ""
         raise ValueError(
             f"latents have {shape[1]} channels but {name} expects {decoder.latent_channels}"

@@ -96,7 +96,9 @@ def test_nan_check_can_be_turned_off(decoders, monkeypatch):
             decoder.decode(poisoned(float("nan")), check_finite=True)
 
 
-def _decode_overrides() -> list[type[Decoder]]:
+def _decode_overrides() -> list[tuple[type[Decoder], object]]:
+    """(class, method) for every Decoder that overrides what first sees the latents: decode itself, or the
+    contract's ``prepare`` (families' other input forms, e.g. FLUX.2's packed latents and tokens)."""
     for module in pkgutil.iter_modules(fastdec.models.__path__):
         importlib.import_module(f"fastdec.models.{module.name}")
     found, pending = [], list(Decoder.__subclasses__())
@@ -104,7 +106,9 @@ def _decode_overrides() -> list[type[Decoder]]:
         cls = pending.pop()
         pending += cls.__subclasses__()
         if "decode" in vars(cls):
-            found.append(cls)
+            found.append((cls, cls.decode))
+        elif cls.prepare is not Decoder.prepare:
+            found.append((cls, cls.prepare))
     return found
 
 
@@ -123,9 +127,9 @@ def test_every_decode_override_runs_the_latent_check():
     families that land later are covered by this test without edits."""
     overrides = _decode_overrides()
     assert len(overrides) >= 2  # the test sees the families (EfficientViT-style and video overrides)
-    for cls in overrides:
-        assert _runs_the_check(cls.decode), f"{cls.__module__}.{cls.__name__}.decode never calls check_latents"
-        assert "check_finite" in inspect.signature(cls.decode).parameters, f"{cls.__name__}.decode: no check_finite"
+    for cls, method in overrides:
+        assert _runs_the_check(method), f"{cls.__module__}.{cls.__name__}.decode never calls check_latents"
+        assert "check_finite" in inspect.signature(method).parameters, f"{cls.__name__}.decode: no check_finite"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -1,1 +1,1 @@
-"""Decoder families, one module each, built from fastdec.ops only."""
+"""Decoder families, one module each, built from fastdec.ops; each registers itself in fastdec.models.registry."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv, norm_act
+from fastdec.models.registry import Family, Weights, register
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
 
@@ -289,3 +290,16 @@ def _decoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             key = ".".join([*parts[:-2], LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
         kept[key] = value
     return kept
+
+
+register(Family(
+    name="autoencoder_kl", order=0, classes=(AutoencoderKLDecoder,),
+    names={  # diffusers AutoencoderKLs on the Hub: exact decoders with trained weights
+        "sd": Weights(hub=("stabilityai/sd-vae-ft-mse", None)),
+        "sdxl": Weights(hub=("stabilityai/sdxl-vae", None)),
+        "sd3": Weights(hub=("stabilityai/stable-diffusion-3-medium-diffusers", "vae")),
+        "flux": Weights(hub=("black-forest-labs/FLUX.1-schnell", "vae")),
+    },
+    aliases={"sd1": "sd", "sd2": "sd", "flux1": "flux"},
+    diffusers={"AutoencoderKL": lambda vae_or_folder, name: AutoencoderKLDecoder.from_diffusers(vae_or_folder)},
+))

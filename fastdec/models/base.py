@@ -1,8 +1,9 @@
-"""What every fastdec decoder shares: the latent convention, decode() to [0, 1] images, strict save/load."""
+"""What every fastdec decoder shares: the latent convention, the one decode() contract, strict save/load."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +12,19 @@ from torch import Tensor, nn
 from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents
 
+Progress = Callable[[int, int], None]  # progress(done, total), in latent frames
+# decode() with a tile_size attribute hands the decode to this tiler (decoder, checked latents, tile_size) -> images,
+# or None where tiling is already under way. The orchestration layer installs it (fastdec.api: fastdec.tiling's
+# tiled_decode), so that tiling wraps decoders and no model imports it.
+Tiler = Callable[["Decoder", Tensor, int], "Tensor | None"]
+_tiler: Tiler | None = None
+
+
+def install_tiler(tiler: Tiler | None) -> None:
+    """Sets the tiler that ``Decoder.decode`` calls for a decoder with ``tile_size`` set."""
+    global _tiler
+    _tiler = tiler
+
 
 class Decoder(nn.Module):
     """A latent-to-image decoder built from fastdec ops.
@@ -18,7 +32,9 @@ class Decoder(nn.Module):
     Subclasses set ``latent_channels``, ``scaling_factor``, ``shift_factor`` (diffusion latents are mapped to the
     decoder's own space by ``latents / scaling_factor + shift_factor``), ``output_range`` ("-1,1" or "0,1": what
     ``forward`` returns) and ``config`` (the constructor's keyword arguments, so that ``from_pretrained`` can rebuild
-    the module), and implement ``forward(z)`` on latents in the decoder's own space.
+    the module), and implement ``forward(z)`` on latents in the decoder's own space. A family changes decode() only
+    through ``prepare`` (other forms of input) and ``decode_checked`` (the decode itself), and declares the options
+    they take by name in ``input_options`` and ``decode_options``.
     """
 
     latent_channels: int
@@ -28,23 +44,60 @@ class Decoder(nn.Module):
     output_range: str = "-1,1"
     config: dict
     tile_size: int | None = None  # set: decode() runs in exact slabs of this many pixel rows (fastdec.tiling)
+    force_upcast: bool = False  # overflows in fp16 (diffusers' flag; swap_vae passes it to the pipeline)
+    per_frame_latents: bool = False  # a video decoder that pipelines hand (B*T, C, h, w) and num_frames (SVD)
+    input_options: tuple[str, ...] = ()  # options of prepare(), e.g. FLUX.2's image_size (token unpacking)
+    decode_options: tuple[str, ...] = ()  # options of decode_checked(), e.g. chunk_frames, progress
 
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], in the decoder's dtype.
+    def decode(self, latents: Tensor, check_finite: bool | None = None, **options) -> Tensor:
+        """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], or video latents (B, C, T, h, w) ->
+        frames (B, T_out, 3, H, W) in [0, 1], in the decoder's dtype.
 
         The latents are checked first (fastdec.validate.check_latents: type, shape, channels, device, and NaN/Inf
-        unless ``check_finite=False``, compiled or captured); every override of decode does the same.
-        With ``tile_size`` set, the decode runs in exact slabs (fastdec.tiling.tiled_decode)."""
-        if self.tile_size is not None:
-            from fastdec import tiling
+        unless ``check_finite=False``, compiled or captured). ``options`` are the family's own (its
+        ``input_options`` and ``decode_options``); one it does not take is a TypeError that lists those it does.
+        With ``tile_size`` set, the decode runs in exact slabs (fastdec.tiling.tiled_decode); not with options,
+        which a tiled decode does not pass on."""
+        self.check_options(options)
+        inputs = {name: options.pop(name) for name in self.input_options if name in options}
+        latents = self.prepare(latents, check_finite, **inputs)
+        if self.tile_size is not None and _tiler is not None and not options:
+            images = _tiler(self, latents, self.tile_size)
+            if images is not None:
+                return images
+        return self.decode_checked(latents, **options)
 
-            if not tiling.tiling_active():
-                return tiling.tiled_decode(self, latents, self.tile_size, check_finite)
-        check_latents(latents, self, check_finite)
+    def check_options(self, options: dict) -> None:
+        """TypeError for an option this family does not take, naming the ones it does."""
+        unknown = [name for name in options if name not in self.input_options + self.decode_options]
+        if unknown:
+            takes = ", ".join(["check_finite", *self.input_options, *self.decode_options])
+            raise TypeError(
+                f"{type(self).__name__}.decode does not take {', '.join(unknown)}; it takes: {takes}"
+            )
+
+    def prepare(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
+        """The latents as given -> checked latents in the form ``decode_checked`` reads (what fastdec.decode tiles).
+        FLUX.2 decoders also take packed latents and tokens here."""
+        return check_latents(latents, self, check_finite)
+
+    def decode_checked(self, latents: Tensor) -> Tensor:
+        """Checked latents -> images in [0, 1]: ``forward`` in the decoder's own space, mapped to [0, 1]."""
         image = self(self.to_decoder_space(latents))
         if self.output_range == "-1,1":
             image = image * 0.5 + 0.5
         return image.clamp(0, 1)
+
+    @torch.no_grad()
+    def decode_stream(self, latents: Tensor, check_finite: bool | None = None, progress: Progress | None = None,
+                      **options) -> Iterator[Tensor]:
+        """decode() in pieces along the time axis, each yielded as soon as it is decoded (no autograd), so that a
+        long clip can be written as it goes; ``progress(done, total)`` (latent frames) after each piece. Families
+        that decode chunk by chunk override it; here the whole decode is one piece."""
+        frames = self.decode(latents, check_finite, **options)
+        if progress is not None:
+            progress(latents.shape[2], latents.shape[2])
+        yield frames
 
     def to_decoder_space(self, latents: Tensor) -> Tensor:
         """Diffusion latents -> the decoder's own space: ``latents / scaling_factor + shift_factor``."""

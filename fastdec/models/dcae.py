@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv
+from fastdec.models.registry import Family, Weights, register
 
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
 NORM_TYPES = ("rms_norm", "batch_norm")
@@ -287,14 +288,14 @@ class DCAEDecoder(Decoder):
             raise ValueError(f"expected latents of shape (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
         return self.decoder(z)
 
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Decoder.decode, with every BatchNorm on its running statistics even if the model is in train mode:
+    def decode_checked(self, latents: Tensor) -> Tensor:
+        """Decoder.decode_checked, with every BatchNorm on its running statistics even if the model is in train mode:
         decoding is inference, and batch statistics would make each image depend on the rest of the batch."""
         training = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d) and m.training]
         for module in training:
             module.eval()
         try:
-            return super().decode(latents, check_finite)
+            return super().decode_checked(latents)
         finally:
             for module in training:
                 module.train()
@@ -390,3 +391,11 @@ F32C32 = dict(
     norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3, act_fns=("relu",) * 3 + ("silu",) * 3,
     qkv_multiscales=((),) * 3 + ((5,),) * 3, upsample_block_type="pixel_shuffle",
 )
+
+
+register(Family(
+    name="dcae", order=20, classes=(DCAEDecoder,),
+    names={"dc-ae": Weights(hub=("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", None))},  # SANA's VAE
+    diffusers={"AutoencoderDC": lambda vae_or_folder, name: DCAEDecoder.from_diffusers(vae_or_folder)},
+    presets=PRESETS,
+))

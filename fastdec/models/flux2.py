@@ -11,7 +11,8 @@ transformer sees. FLUX.2 pipelines hand latents over in three forms, told apart 
   128-channel raw latents, so 32 vs 128 is unambiguous;
 * the token sequence (B, h*w, 128) that ``Flux2Pipeline(output_type="latent")`` returns: rows of the packed grid
   in row-major order (the pipeline's ``_prepare_latent_ids``). Its grid size is not in the tensor (h*w tokens fit
-  several grids), so ``tokens_to_grid`` needs the image size: ``fastdec.decode(tokens, ..., image_size=(H, W))``.
+  several grids), so ``tokens_to_grid`` needs the image size: ``decode(tokens, image_size=(H, W))``, the decoders'
+  option (``fastdec.decode`` passes it on).
 
 Unpacking is the pipeline's own arithmetic: ``packed * sqrt(running_var + eps) + running_mean`` in the latents'
 dtype, then ``_unpatchify_latents``, which is exactly a pixel shuffle by 2. The tiny taef2 decoder has no latent
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from fastdec import ops
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, _config_from_diffusers
 from fastdec.models.base import Decoder
+from fastdec.models.registry import Family, Weights, register
 from fastdec.validate import check_latents
 
 PATCH = 2  # FLUX.2 patchifies the VAE latents 2x2 (its pipelines hard-code it)
@@ -65,20 +67,22 @@ def latent_batch_norm(latent_channels: int, eps: float) -> nn.BatchNorm2d:
 
 
 class PackedLatents:
-    """What both FLUX.2 decoders add to a Decoder: ``bn`` (the latent statistics) and ``packed_latent_channels``.
-    ``fastdec.decode`` calls ``raw_latents`` before tiling, which sees raw latents only."""
+    """What both FLUX.2 decoders add to a Decoder: ``bn`` (the latent statistics), ``packed_latent_channels``, and
+    a ``prepare`` that takes the three forms (the option ``image_size`` for tokens) and gives raw latents, which is
+    what tiling sees."""
 
     bn: nn.BatchNorm2d
     packed_latent_channels: int
+    input_options = ("image_size",)
 
-    def raw_latents(self, latents: Tensor) -> Tensor:
-        """Packed latents (4x the channels) unpacked as the pipeline does; raw latents unchanged."""
-        return unpack_latents(latents, self.bn) if latents.shape[1] == self.packed_latent_channels else latents
-
-    def decode(self, latents: Tensor, check_finite: bool | None = None) -> Tensor:
-        """Raw or packed FLUX.2 latents (see the module docstring) -> images in [0, 1]."""
+    def prepare(self, latents: Tensor, check_finite: bool | None = None,
+                image_size: tuple[int, int] | None = None) -> Tensor:
+        """Raw, packed or (with ``image_size``) token FLUX.2 latents (see the module docstring) -> raw latents,
+        checked."""
+        if image_size is not None:
+            latents = tokens_to_grid(latents, *image_size)
         check_latents(latents, self, check_finite)
-        return Decoder.decode(self, self.raw_latents(latents), check_finite=False)  # checked above
+        return unpack_latents(latents, self.bn) if latents.shape[1] == self.packed_latent_channels else latents
 
 
 class Flux2VAEDecoder(PackedLatents, AutoencoderKLDecoder):
@@ -161,3 +165,10 @@ class PackedLatentsDecoder(PackedLatents, Decoder):
             "a PackedLatentsDecoder is assembled at run time: save its .decoder, and rebuild it with "
             "PackedLatentsDecoder(loaded_decoder, flux2_vae)"
         )
+
+
+register(Family(
+    name="flux2", order=10, classes=(Flux2VAEDecoder,),
+    names={"flux2": Weights(hub=("black-forest-labs/FLUX.2-dev", "vae"))},
+    diffusers={"AutoencoderKLFlux2": lambda vae_or_folder, name: Flux2VAEDecoder.from_diffusers(vae_or_folder)},
+))

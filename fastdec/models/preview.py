@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec.models.base import Decoder
+from fastdec.models.registry import Family, register
 
 
 class LatentPreview(Decoder):
@@ -57,3 +58,6 @@ class LatentPreview(Decoder):
             model.proj.weight.copy_(solution[:-1].T[:, :, None, None].float())
             model.proj.bias.copy_(solution[-1].float())
         return model.eval()
+
+
+register(Family(name="preview", order=90, classes=(LatentPreview,)))

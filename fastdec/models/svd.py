@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fastdec.models.autoencoder_kl import NORM_EPS, ResnetBlock, SelfAttention, Upsample
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
 from fastdec.models.layers import norm_act
-from fastdec.validate import check_latents
+from fastdec.models.registry import Family, Weights, register
 
 GROUPS = 32  # diffusers hard-codes 32 groups in every norm of the temporal decoder
 TEMPORAL_EPS = 1e-5  # ... and this epsilon in the temporal resnets (1e-6 elsewhere)
@@ -167,6 +167,8 @@ class PerFrameVideoDecoder(Decoder):
     """
 
     latent_ndim = 5
+    per_frame_latents = True
+    decode_options = ("decode_chunk_size",)
 
     def decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
         raise NotImplementedError
@@ -198,21 +200,20 @@ class PerFrameVideoDecoder(Decoder):
         frames = self.decode_frames(z.transpose(1, 2).flatten(0, 1), num_frames)
         return frames.unflatten(0, (batch, num_frames))
 
-    def decode(self, latents: Tensor, check_finite: bool | None = None, decode_chunk_size: int | None = None) -> Tensor:
+    def decode_checked(self, latents: Tensor, decode_chunk_size: int | None = None) -> Tensor:
         """Diffusion latents (B, C, T, h, w) -> frames (B, T, 3, H, W) in [0, 1].
 
         ``decode_chunk_size``: None decodes the whole clip at once (every frame sees its neighbours); n decodes
         chunks of n frames as separate clips, as StableVideoDiffusionPipeline does with its ``decode_chunk_size``
         (memory bounded by n frames; frames at chunk borders then differ from a whole-clip decode).
         """
-        check_latents(latents, self, check_finite)
-        frames = latents.shape[2]
+        frames, whole = latents.shape[2], super().decode_checked
         if decode_chunk_size is None or decode_chunk_size >= frames:
-            return Decoder.decode(self, latents, check_finite=False)
+            return whole(latents)
         if isinstance(decode_chunk_size, bool) or not isinstance(decode_chunk_size, int) or decode_chunk_size < 1:
             raise ValueError(f"decode_chunk_size must be None or a positive int, got {decode_chunk_size!r}")
         chunks = latents.split(decode_chunk_size, dim=2)
-        return torch.cat([Decoder.decode(self, chunk, check_finite=False) for chunk in chunks], dim=1)
+        return torch.cat([whole(chunk) for chunk in chunks], dim=1)
 
 
 class SVDDecoder(PerFrameVideoDecoder):
@@ -272,3 +273,11 @@ class SVDDecoder(PerFrameVideoDecoder):
         kept = {k: v for k, v in state.items() if not k.startswith(("encoder.", "quant_conv."))}
         load_state_dict_strict(model, kept, source=source)
         return model.to(device=device, dtype=dtype).eval()
+
+
+register(Family(
+    name="svd", order=40, classes=(SVDDecoder,),
+    names={"svd": Weights(hub=("stabilityai/stable-video-diffusion-img2vid-xt", "vae"),  # gated
+                          about="Stable Video Diffusion, 4 ch")},
+    diffusers={"AutoencoderKLTemporalDecoder": lambda vae_or_folder, name: SVDDecoder.from_diffusers(vae_or_folder)},
+))

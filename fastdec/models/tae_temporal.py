@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from fastdec.models.registry import Family, register
 from fastdec.models.svd import GROUPS, PerFrameVideoDecoder, TemporalMidBlock
 from fastdec.models.taesd import Block, Clamp, _blocks, conv
 
@@ -65,3 +66,9 @@ class TAETemporalDecoder(PerFrameVideoDecoder):
     def decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
         self.check_frames(z, num_frames)
         return self.tail(self.mid_block(self.head(z), num_frames))
+
+
+register(Family(
+    name="tae_temporal", order=80, classes=(TAETemporalDecoder,),
+    presets={"tae-temporal": (TAETemporalDecoder, {})},  # random weights: train it (no published checkpoint)
+))

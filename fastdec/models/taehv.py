@@ -17,10 +17,11 @@ Exact rewrites, for speed:
 Frames run in the layout (B, T, C, H, W) inside the model (madebyollin's N T C H W); ``TAEHVDecoder.decode`` takes
 diffusers' video latents (B, C, T, h, w) and returns frames (B, T_out, 3, H, W) in [0, 1].
 
-Decoding modes (``TAEHVDecoder.decode``): whole-clip, every frame of a stage at once (fastest, memory grows with T),
-or chunks of latent frames with the MemBlock state carried between chunks (``TAEHVStream``: peak memory bounded by
-the chunk size, the same frames). ``chunk_frames=None`` picks whole-clip while the clip's largest activation stays
-under ``WHOLE_CLIP_BUDGET_BYTES`` and chunks otherwise; an int forces chunks of that many latent frames.
+Decoding modes (``TAEHVDecoder.decode``; ``decode_stream`` yields the frames as they come): whole-clip, every frame
+of a stage at once (fastest, memory grows with T), or chunks of latent frames with the MemBlock state carried between
+chunks (``TAEHVStream``: peak memory bounded by the chunk size, the same frames). ``chunk_frames=None`` picks
+whole-clip while the clip's largest activation stays under ``WHOLE_CLIP_BUDGET_BYTES`` and chunks otherwise; an int
+forces chunks of that many latent frames.
 
 The ``_super`` decoders (7x7 depthwise + inverted-bottleneck MemBlocks, pixel-shuffle upsampling) are not built
 here: their reference code, and so their state-dict layout, was not available to check a key-for-key load against.
@@ -29,7 +30,7 @@ here: their reference code, and so their state-dict layout, was not available to
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +39,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_state_dict
+from fastdec.models import taesd
+from fastdec.models.base import Decoder, Progress, load_state_dict_strict, read_state_dict
 from fastdec.models.layers import UpsampleConv
+from fastdec.models.registry import Family, Weights, register
 from fastdec.models.taesd import Clamp, conv
 from fastdec.validate import check_latents
 
 Device = torch.device | str | None
 DType = torch.dtype | None
-Progress = Callable[[int, int], None]  # (latent frames done, latent frames in all)
 
 DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, low to high resolution; the last is the output conv's input
 ENCODER_WIDTH = 64
@@ -83,10 +85,6 @@ def _variant(name: str) -> TAEHVVariant:
     if name not in VARIANTS:
         raise ValueError(f"unknown TAEHV variant {name!r}: choose one of {sorted(VARIANTS)}")
     return VARIANTS[name]
-
-
-def variants_for_channels(latent_channels: int) -> list[str]:
-    return [name for name, v in VARIANTS.items() if v.latent_channels == latent_channels]
 
 
 # --- pieces --------------------------------------------------------------------------------------------------------
@@ -188,6 +186,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
 
     latent_ndim = 5
     output_range = "0,1"
+    decode_options = ("chunk_frames", "progress")
     chunk_frames: int | None = None  # forward/decode: None picks whole clip or chunks; an int forces chunks
 
     def __init__(
@@ -238,13 +237,8 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         """A streaming decoder over these weights: feed latent frames, get frames as soon as they are decoded."""
         return TAEHVStream(self, trim_start)
 
-    def decode(
-        self,
-        latents: Tensor,
-        check_finite: bool | None = None,
-        chunk_frames: int | None = None,
-        progress: Progress | None = None,
-    ) -> Tensor:
+    def decode_checked(self, latents: Tensor, chunk_frames: int | None = None,
+                       progress: Progress | None = None) -> Tensor:
         """Video latents (B, C, T, h, w), diffusers' layout -> frames (B, T_out, 3, H, W) in [0, 1].
 
         ``chunk_frames`` (default: ``self.chunk_frames``, None): None decodes the whole clip at once when its largest
@@ -252,17 +246,29 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         many latent frames with the state carried (peak memory set by the chunk, not the clip; the same frames).
         ``progress(done, total)`` is called after each chunk (latent frames).
         """
-        check_latents(latents, self, check_finite)
         z = latents / self.scaling_factor + self.shift_factor
         chunk_frames = self.chunk_frames if chunk_frames is None else chunk_frames
         return self._frames(z, chunk_frames, progress).clamp(0, 1)
 
+    @torch.no_grad()
+    def decode_stream(self, latents: Tensor, check_finite: bool | None = None, progress: Progress | None = None,
+                      **options) -> Iterator[Tensor]:
+        """Frames as each chunk of latent frames is decoded (``TAEHVStream``: memory flat in T). The option
+        ``chunk_frames`` None: about a tenth of the clip, within the budget of ``auto_chunk_frames``."""
+        self.check_options(options)
+        self.prepare(latents, check_finite)
+        frames_in, chunk_frames = latents.shape[2], options.get("chunk_frames")
+        chunk = (min(self.auto_chunk_frames(latents), max(1, -(-frames_in // 10))) if chunk_frames is None
+                 else _checked_chunk(chunk_frames))
+        stream = self.stream(trim_start=self.frames_out(frames_in) < self.t_upscale * frames_in)
+        for start in range(0, frames_in, chunk):
+            yield stream.push(latents[:, :, start:start + chunk], check_finite=False)
+            if progress is not None:
+                progress(min(start + chunk, frames_in), frames_in)
+
     def _frames(self, z: Tensor, chunk_frames: int | None, progress: Progress | None = None) -> Tensor:
         frames_in = z.shape[2]
-        if chunk_frames is None:
-            chunk_frames = self.auto_chunk_frames(z)
-        elif isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be a positive int (latent frames per chunk) or None: {chunk_frames}")
+        chunk_frames = self.auto_chunk_frames(z) if chunk_frames is None else _checked_chunk(chunk_frames)
         if chunk_frames >= frames_in:
             frames = run_frames(self, z.transpose(1, 2))
             frames = frames[:, frames.shape[1] - self.frames_out(frames_in):]
@@ -293,6 +299,12 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         state, variant = _read_weights(path, variant)
         model = cls(variant)
         return _load(model, _trim_tgrow(model, _part(state, "decoder", path)), str(path), device, dtype)
+
+
+def _checked_chunk(chunk_frames) -> int:
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be a positive int (latent frames per chunk) or None: {chunk_frames}")
+    return chunk_frames
 
 
 class TAEHVStream:
@@ -438,11 +450,7 @@ def _describe(state: dict[str, Tensor]) -> str:
 
 def variant_of_name(stem: str) -> str | None:
     """madebyollin's file names start with the variant (taew2_1.pth, taehv1_5.safetensors, taew2_1_arch_...)."""
-    stem = stem.lower()
-    for name in sorted(VARIANTS, key=len, reverse=True):
-        if stem == name or stem.startswith((f"{name}_", f"{name}-", f"{name}.")):
-            return name
-    return None
+    return taesd.variant_of_name(stem, VARIANTS)
 
 
 def variant_of_state(state: dict[str, Tensor]) -> list[str]:
@@ -476,3 +484,27 @@ def _part(state: dict[str, Tensor], part: str, path) -> dict[str, Tensor]:
 def _load(model, state: dict[str, Tensor], source: str, device: Device, dtype: DType):
     load_state_dict_strict(model, state, source)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def is_weights_file(path: Path) -> bool:
+    """madebyollin's TAEHV files: a variant's name (taew2_1.pth), or weights keyed decoder.N.* (a TAESD .pth is
+    keyed N.*; a diffusers .safetensors sits next to a config.json)."""
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        return False
+    if variant_of_name(path.stem) is not None:
+        return True
+    if path.suffix == ".safetensors":
+        return not (path.parent / "config.json").is_file()
+    return "decoder.1.weight" in read_state_dict(path, "the file is truncated or not a weights file; download it again")
+
+
+register(Family(
+    name="taehv", order=50, classes=(TAEHVDecoder,),
+    names={name: Weights(files=(f"{name}.safetensors", f"{name}.pth"), github=GITHUB,
+                         about=f"{variant.latents_of}, {variant.latent_channels} ch")
+           for name, variant in VARIANTS.items()},
+    weights_file=is_weights_file,
+    read_file=lambda path, name: TAEHVDecoder.from_file(path, name if name in VARIANTS else None),
+    # 16 channels: Wan 2.1's; taehv and taecvx read 16-channel HunyuanVideo and CogVideoX latents (pass their name)
+    video_defaults={16: "taew2_1", 32: "taehv1_5", 48: "taew2_2", 128: "taeltx_2"},
+))

@@ -11,7 +11,8 @@ fused layer absorbs), so his .pth files load key for key; diffusers' Autoencoder
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder, read_state_dict
 from fastdec.models.layers import UpsampleConv, norm_act
+from fastdec.models.registry import Family, Weights, register
 
 Device = torch.device | str | None
 DType = torch.dtype | None
@@ -49,6 +51,12 @@ VARIANTS: dict[str, TAESDVariant] = {
     "taef2": TAESDVariant(32, midblock_gn=True),
     "tae-192": TAESDVariant(None, decoder_width=192),  # the paper's TAE-192: the TAESD decoder at width 192
 }
+# The trained variants: madebyollin/<name> on the Hub (diffusers AutoencoderTiny format) and <name>_decoder.pth on
+# GitHub; taef2 exists only as the .pth. DEFAULTS: the variant of each latent space (fastdec.decode's default).
+GITHUB = "https://github.com/madebyollin/taesd"
+TRAINED = ("taesd", "taesdxl", "taesd3", "taef1", "taef2")
+PTH_ONLY = ("taef2",)
+DEFAULTS = {4: "taesd", 16: "taef1", 32: "taef2"}  # 16 channels are FLUX.1's; SD3 latents too: pass taesd3 for them
 DECODER_BLOCKS = (3, 3, 3, 1)  # Blocks per resolution, low to high; an upsample between stages
 ENCODER_BLOCKS = (1, 3, 3, 3)  # Blocks per resolution, high to low; a stride-2 conv between stages
 ENCODER_WIDTH = 64
@@ -304,3 +312,77 @@ def _load(model: Model, state: dict[str, Tensor], source: str, device: Device, d
     """Strict load (every key, no extras, same shapes; fp16 files are cast), then move to device / dtype."""
     load_state_dict_strict(model, state, source)
     return model.to(device=device, dtype=dtype).eval()
+
+
+# --- which variant a file or folder holds --------------------------------------------------------------------------
+
+
+def variant_for_channels(latent_channels: int, source: str) -> str:
+    """The variant fastdec.decode picks for this many latent channels (DEFAULTS); ``source`` words the error."""
+    if latent_channels not in DEFAULTS:
+        raise ValueError(
+            f"{source}: no TAESD variant has {latent_channels} latent channels (taesd/taesdxl 4, taesd3/taef1 16, "
+            "taef2 32)"
+        )
+    return DEFAULTS[latent_channels]
+
+
+def variant_of_name(stem: str, variants: Iterable[str] = VARIANTS) -> str | None:
+    """madebyollin's file names start with the variant (taesdxl_decoder.pth), the longest that fits."""
+    stem = stem.lower()
+    for variant in sorted(variants, key=len, reverse=True):
+        if stem == variant or stem.startswith((f"{variant}_", f"{variant}-", f"{variant}.")):
+            return variant
+    return None
+
+
+def variant_of_file(path: Path) -> str:
+    """The variant a decoder .pth starts its name with, otherwise the one its weights fit."""
+    named = variant_of_name(path.stem)
+    if named is not None:
+        return named
+    state = _read_pth(path, "decoder")
+    if "1.weight" not in state:
+        raise ValueError(f"{path} is not a TAESD decoder state dict (no '1.weight', the decoder's first conv)")
+    width, latent_channels = state["1.weight"].shape[:2]
+    if any(".pool." in key for key in state):
+        return "taef2"
+    if width == VARIANTS["tae-192"].decoder_width:
+        return "tae-192"
+    return variant_for_channels(latent_channels, str(path))
+
+
+def variant_of_folder(folder: Path) -> str:
+    """A variant named in the folder's path (a Hub cache folder models--madebyollin--taesdxl), else by channels."""
+    parts = [part.lower() for part in folder.resolve().parts]
+    for variant in sorted(VARIANTS, key=len, reverse=True):
+        if any(part == variant or part.endswith(f"--{variant}") for part in parts):
+            return variant
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return variant_for_channels(config.get("latent_channels", 4), str(folder))
+
+
+def _read_file(path: Path, name: str | None) -> TAESDDecoder:
+    return TAESDDecoder.from_pth(path, name if name in TRAINED else variant_of_file(path))
+
+
+def _read_diffusers(vae_or_folder, name: str | None) -> TAESDDecoder:
+    """An AutoencoderTiny, as the variant ``name`` when loaded by name, else the one its folder or channels say."""
+    if name in TRAINED:
+        variant = name
+    elif isinstance(vae_or_folder, (str, Path)):
+        variant = variant_of_folder(Path(vae_or_folder))
+    else:
+        variant = variant_for_channels(vae_or_folder.config.latent_channels, "the given AutoencoderTiny")
+    return TAESDDecoder.from_diffusers(vae_or_folder, variant)
+
+
+register(Family(
+    name="taesd", order=60, classes=(TAESDDecoder,),
+    names={name: Weights(hub=None if name in PTH_ONLY else (f"madebyollin/{name}", None),
+                         files=(f"{name}_decoder.pth",), github=GITHUB) for name in TRAINED},
+    diffusers={"AutoencoderTiny": _read_diffusers},
+    weights_file=lambda path: path.suffix in (".pth", ".pt"), read_file=_read_file,
+    presets={"tae-192": (TAESDDecoder, dict(variant="tae-192"))},  # the paper's TAE-192, random weights
+    image_defaults=DEFAULTS,
+))

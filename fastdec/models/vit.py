@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models.base import Decoder
+from fastdec.models.registry import Family, register
 
 NORM_EPS = 1e-6
 
@@ -168,3 +169,6 @@ PRESETS: dict[str, tuple[type[Decoder], dict]] = {
     "vit-s": (ViTDecoder, dict(dim=384, depth=12, num_heads=6, latent_patch=2)),
     "vit-b": (ViTDecoder, dict(dim=768, depth=12, num_heads=12, latent_patch=2)),
 }
+
+
+register(Family(name="vit", order=70, classes=(ViTDecoder,), presets=PRESETS))

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
 from fastdec.models.layers import UpsampleConv
-from fastdec.validate import check_latents
+from fastdec.models.registry import Family, register
 
 Device = torch.device | str | None
 DType = torch.dtype | None
@@ -236,6 +236,7 @@ class WanDecoder(Decoder):
 
     latent_ndim = 5
     output_range = "-1,1"
+    decode_options = ("chunk_frames",)
 
     def __init__(
         self,
@@ -306,10 +307,9 @@ class WanDecoder(Decoder):
         ``new_cache()``) has seen; unclamped. Streaming: call it as latent frames arrive."""
         return self.decoder(self.post_quant_conv(z), cache)
 
-    def decode(self, latents: Tensor, check_finite: bool | None = None, chunk_frames: int | None = None) -> Tensor:
+    def decode_checked(self, latents: Tensor, chunk_frames: int | None = None) -> Tensor:
         """Diffusion latents (B, z_dim, T, h, w) -> frames (B, 1 + 4 (T - 1), 3, H, W) in [0, 1]; ``chunk_frames``
         as in ``forward``."""
-        check_latents(latents, self, check_finite)
         video = self(self.to_vae_space(latents), chunk_frames)
         return (video * 0.5 + 0.5).transpose(1, 2)
 
@@ -385,3 +385,9 @@ def _config_from_diffusers(config: dict, kind: str, source: str) -> dict:
         latents_mean=list(config.get("latents_mean", WAN21_LATENTS_MEAN)),
         latents_std=list(config.get("latents_std", WAN21_LATENTS_STD)),
     )
+
+
+register(Family(
+    name="wan", order=30, classes=(WanDecoder,),
+    diffusers=dict.fromkeys(DIFFUSERS_CLASSES, lambda vae_or_folder, name: WanDecoder.from_diffusers(vae_or_folder)),
+))

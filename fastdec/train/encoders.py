@@ -54,18 +54,17 @@ class _KLEncode(nn.Module):
 
 def taesd_variant_of_encoder(path: Path, latent_channels: int) -> str:
     """The TAESD variant a file name starts with (taef2_encoder.pth), else the one for its channel count."""
-    from fastdec.api import DEFAULT_DECODERS
-    from fastdec.models.taesd import VARIANTS
+    from fastdec.models.taesd import DEFAULTS, VARIANTS
 
     stem = path.stem.lower()
     for variant in sorted(VARIANTS, key=len, reverse=True):
         if stem == variant or stem.startswith((f"{variant}_", f"{variant}-")):
             return variant
-    if latent_channels not in DEFAULT_DECODERS:
+    if latent_channels not in DEFAULTS:
         raise ValueError(
             f"{path}: no TAESD variant has {latent_channels} latent channels; name the file <variant>_encoder.pth"
         )
-    return DEFAULT_DECODERS[latent_channels]
+    return DEFAULTS[latent_channels]
 
 
 def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
@@ -116,15 +115,14 @@ def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
 
 
 def _from_diffusers_module(vae: nn.Module, description: str, device) -> FrozenEncoder:
-    from fastdec.api import _taesd_variant_for_channels
-    from fastdec.models.taesd import TAESDEncoder
+    from fastdec.models.taesd import TAESDEncoder, variant_for_channels
 
     names = [cls.__name__ for cls in type(vae).__mro__]
     if "AutoencoderKL" in names:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         return _frozen(_KLEncode(vae), vae.config.latent_channels, factor, description, device)
     if "AutoencoderTiny" in names:
-        variant = _taesd_variant_for_channels(vae.config.latent_channels, description)
+        variant = variant_for_channels(vae.config.latent_channels, description)
         return _frozen(_TAESDEncode(TAESDEncoder.from_diffusers(vae, variant)), vae.config.latent_channels, 8,
                        description, device)
     raise TypeError(f"the encoder must be a diffusers AutoencoderKL or AutoencoderTiny, got {type(vae).__name__}")

@@ -85,11 +85,12 @@ class TrainConfig:
 def build_student(decoder: str | Decoder, latent_channels: int) -> Decoder:
     """A preset name (random init; seeded by the caller), a save_pretrained folder or a Decoder, in fp32."""
     import fastdec
-    from fastdec.api import RANDOM_PRESETS, build_preset
+    from fastdec.api import build_preset
+    from fastdec.models import registry
 
     if isinstance(decoder, Decoder):
         student = decoder
-    elif isinstance(decoder, str) and decoder.lower() in RANDOM_PRESETS:
+    elif isinstance(decoder, str) and decoder.lower() in registry.presets():
         # A preset name is never a path here: the run folder is often named after the preset (-o vit-s).
         student = build_preset(decoder.lower(), latent_channels=latent_channels)
     else:
