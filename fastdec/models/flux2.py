@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, _config_from_diffusers
+from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.base import Decoder
 from fastdec.models.registry import Family, Weights, register
 from fastdec.validate import check_latents
@@ -121,7 +121,7 @@ def _config_from_flux2(config: dict, source: str) -> dict:
         **config, "_class_name": "AutoencoderKL", "scaling_factor": 1.0, "shift_factor": 0.0, "force_upcast": False,
         "block_out_channels": config.get("decoder_block_out_channels") or config["block_out_channels"],
     }
-    return {**_config_from_diffusers(as_kl, source), "batch_norm_eps": config["batch_norm_eps"]}
+    return {**AutoencoderKLDecoder.kwargs_from_diffusers(as_kl, source), "batch_norm_eps": config["batch_norm_eps"]}
 
 
 class PackedLatentsDecoder(PackedLatents, Decoder):

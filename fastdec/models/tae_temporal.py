@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fastdec.models.registry import Family, register
 from fastdec.models.svd import GROUPS, PerFrameVideoDecoder, TemporalMidBlock
-from fastdec.models.taesd import Block, Clamp, _blocks, conv
+from fastdec.models.taesd import Block, Clamp, block_counts, conv
 
 WIDTH = 192
 BLOCKS = (3, 2, 2, 1)  # Blocks per resolution, low to high; a bilinear x2 upsample + conv between stages
@@ -42,7 +42,7 @@ class TAETemporalDecoder(PerFrameVideoDecoder):
         mid_block_layers: int = MID_BLOCK_LAYERS,
     ):
         super().__init__()
-        blocks = _blocks(blocks, BLOCKS)
+        blocks = block_counts(blocks, BLOCKS)
         if width % GROUPS:
             raise ValueError(f"width must be a multiple of {GROUPS} (the temporal mid-block's GroupNorm), got {width}")
         if mid_block_layers < 2:

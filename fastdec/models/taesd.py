@@ -128,7 +128,7 @@ def _latent_channels(variant: str, latent_channels: int | None, source: str | No
     return latent_channels
 
 
-def _blocks(blocks: Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+def block_counts(blocks: Sequence[int] | None, default: tuple[int, ...]) -> tuple[int, ...]:
     blocks = tuple(default if blocks is None else blocks)
     if not blocks or any(not isinstance(n, int) or n < 0 for n in blocks):
         raise ValueError(f"blocks must be a non-empty sequence of block counts >= 0 per stage, got {blocks}")
@@ -151,7 +151,7 @@ class TAESDDecoder(Decoder, nn.Sequential):
         preset = _variant(variant)
         latent_channels = _latent_channels(variant, latent_channels)
         width = preset.decoder_width if width is None else width
-        blocks = _blocks(blocks, DECODER_BLOCKS)
+        blocks = block_counts(blocks, DECODER_BLOCKS)
         midblock_gn = preset.midblock_gn if midblock_gn is None else midblock_gn
         layers = [Clamp(), conv(latent_channels, width), nn.ReLU(inplace=True)]
         for stage, count in enumerate(blocks):
@@ -214,7 +214,7 @@ class TAESDEncoder(nn.Sequential):
     ):
         preset = _variant(variant)
         latent_channels = _latent_channels(variant, latent_channels)
-        blocks = _blocks(blocks, ENCODER_BLOCKS)
+        blocks = block_counts(blocks, ENCODER_BLOCKS)
         midblock_gn = preset.midblock_gn if midblock_gn is None else midblock_gn
         layers = [conv(3, width)]
         for stage, count in enumerate(blocks):
