@@ -67,6 +67,9 @@ def load_line(load: dict) -> str:
         return "load average: not available on this OS"
     line = (f"load average (1 min) {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end, on "
             f"{load['cpu_count']} cores with {load['torch_threads']} torch threads")
+    if load.get("busy_cores_at_start") is not None:
+        line += f" ({load.get('threads_chosen', 'set by --threads')}; {load['busy_cores_at_start']:.1f} cores busy " \
+                "with other processes at the start)"
     if load["busy"]:
         line += ": the machine was busy during the run, times are noisy (goals say inconclusive when it shows)"
     return line

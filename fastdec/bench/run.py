@@ -17,7 +17,7 @@ from fastdec.api import RandomWeightsWarning
 from fastdec.bench.cases import bench_decoder
 from fastdec.bench.compare import compare, read_result
 from fastdec.bench.contenders import build_contender
-from fastdec.bench.environment import auto_threads, environment, load_average, machine_load
+from fastdec.bench.environment import auto_threads, busy_cores, environment, load_average, machine_load
 from fastdec.bench.goals import evaluate_goals
 from fastdec.bench.pipeline import pipeline_share
 from fastdec.bench.render import print_rich, render_markdown, write_outputs
@@ -69,7 +69,8 @@ def run_benchmark(settings: Settings, command: str) -> dict:
     progress = Progress(len(settings.decoders) * len(configs) + (len(configs) if settings.pipeline_share else 0))
     rows: list[dict] = []
     threads = torch.get_num_threads()
-    run_threads = settings.threads or (auto_threads(load_start, threads) if settings.device.type == "cpu" else threads)
+    busy = busy_cores() if settings.device.type == "cpu" else None
+    run_threads = settings.threads or (auto_threads(busy, threads) if settings.device.type == "cpu" else threads)
     torch.set_num_threads(run_threads)
     try:
         with warnings.catch_warnings():
@@ -89,9 +90,9 @@ def run_benchmark(settings: Settings, command: str) -> dict:
                     shares.append(pipeline_share(rows, settings, side, batch))
                     progress.advance()
         env = environment(settings.device)
-        load = machine_load(load_start, load_average(), run_threads)
+        load = machine_load(load_start, load_average(), run_threads, busy)
         if settings.threads is None and settings.device.type == "cpu":
-            load["threads_chosen"] = f"auto: {run_threads} of {threads} (load {load_start and load_start[0]} at start)"
+            load["threads_chosen"] = f"auto: {run_threads} of {threads}"
     finally:
         progress.close()
         torch.set_num_threads(threads)
