@@ -23,6 +23,9 @@ from fastdec.bench.pipeline import pipeline_share
 from fastdec.bench.render import print_rich, render_markdown, write_outputs
 from fastdec.bench.settings import Settings, add_arguments, dtype_name, settings_from
 
+DESCRIPTION = ("``fastdec bench``: every decoder family, timed on this device against the same architecture in "
+               "diffusers.")
+
 
 class Progress:
     """A rich progress bar on a terminal (stderr), one plain line per step otherwise; both with the time elapsed and
@@ -123,7 +126,6 @@ def run_benchmark(settings: Settings, command: str) -> dict:
     }
 
 
-
 def typed_command(argv: list[str] | None) -> str:
     """The command as a user types it (``fastdec bench ARGS``), never the executable's path on this machine."""
     if argv is None:
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Runs ``fastdec bench`` from parsed arguments (for a subcommand parser built with add_arguments)."""
     command = typed_command(argv)
     if getattr(args, "batch_throughput", False):
-        from fastdec.batch.bench import run_from_bench_args
+        from fastdec.bench.batch_throughput import run_from_bench_args
 
         return run_from_bench_args(args)
     if getattr(args, "tiling", False):
@@ -180,9 +182,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastdec.bench [options]``; returns the exit status (2: bad arguments, 1: a variant failed)."""
-    import fastdec.bench
-
-    parser = argparse.ArgumentParser(prog="fastdec bench", description=fastdec.bench.__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fastdec bench", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     argv = sys.argv[1:] if argv is None else list(argv)

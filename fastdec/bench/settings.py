@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-throughput", action="store_true",
                         help="instead: items/s of `fastdec batch`, local engine vs Ray, for taesd, tae-192 and sd-vae "
                              "(--resolution: first side, default 512; --threads, --out apply) and the time to decode "
-                             "100K 1024^2 images projected from it; more options: python -m fastdec.batch.bench -h")
+                             "100K 1024^2 images projected from it; more options: "
+                             "python -m fastdec.bench.batch_throughput -h")
     parser.add_argument("--tiling", action="store_true",
                         help="instead: peak memory, max error and seams of exact tiled vs untiled decoding, fastdec "
                              "and diffusers' enable_tiling (--resolution: SD-VAE sizes; --device, --out apply); more "
