@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch_cli.add_arguments(batch_parser)
     batch_parser.set_defaults(run=batch_cli.run)
-    from fastdec import eval as evaluation
+    from fastdec import evaluation
     from fastdec.train import cli as train_cli
 
     train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")

@@ -13,6 +13,7 @@ import torch
 
 import fastdec
 from fastdec import ops
+from fastdec.machine import cpu_name
 
 
 def environment(device: torch.device) -> dict:
@@ -25,7 +26,7 @@ def environment(device: torch.device) -> dict:
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
-    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(),
+    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
@@ -43,14 +44,6 @@ def environment(device: torch.device) -> dict:
         "interpreter": {"FASTDEC_TRITON_INTERPRET": os.environ.get("FASTDEC_TRITON_INTERPRET"),
                         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")},
     }
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _nvidia_driver() -> str | None:
