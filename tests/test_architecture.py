@@ -85,7 +85,7 @@ def import_graph(sources: dict[str, Path] = SOURCES, compiled: set[str] = COMPIL
                 edges.setdefault((module, target), (path, line))
             for n in range(1, target.count(".") + 1):
                 package = ".".join(target.split(".")[:n])
-                if package in known and not module.startswith(package + "."):
+                if package in known and not (module + ".").startswith(package + "."):
                     edges.setdefault((module, package), (path, line))
     return edges
 
