@@ -75,7 +75,6 @@ def check_group_norm_act(
     check_norm_params("group_norm_act", x, weight, bias, eps, act)
 
 
-_compute_dtype = compute_dtype  # the name fastdec/tiling.py imports, until it imports kernels._norm.compute_dtype
 
 
 def _activate(y: torch.Tensor, act: str) -> torch.Tensor:

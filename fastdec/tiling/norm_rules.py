@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
-from fastdec.kernels.group_norm_act import _compute_dtype
+from fastdec.kernels.group_norm_act import compute_dtype
 from fastdec.tiling.local_rules import per_slab
 from fastdec.tiling.slab import SlabTensor, is_slab
 
@@ -21,7 +21,7 @@ def _group_stats(run, x: SlabTensor, groups: int) -> tuple[Tensor, Tensor]:
     stats = {}
     for t in x.parts:
         g = executor.load(x.parts[t]).reshape(batch, groups, -1)
-        var, mean = torch.var_mean(g.to(_compute_dtype(g)), dim=-1, correction=0)
+        var, mean = torch.var_mean(g.to(compute_dtype(g)), dim=-1, correction=0)
         stats[t] = (g.shape[-1], mean.double(), var.double() * g.shape[-1])
     count = x.numel() // (batch * groups)
     zeros = torch.zeros(batch, groups, dtype=torch.float64, device=executor.device)
@@ -38,7 +38,7 @@ def _normalise(run, x: SlabTensor, groups: int, weight, bias, eps: float, act: s
     per_channel = channels // groups
 
     def norm(part, rows):
-        compute = _compute_dtype(part)
+        compute = compute_dtype(part)
         flat = part.to(compute).reshape(1, batch * channels, -1)
         stat_mean = mean.to(compute).repeat_interleave(per_channel, 1).flatten()
         stat_var = var.to(compute).repeat_interleave(per_channel, 1).flatten()
