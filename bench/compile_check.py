@@ -42,10 +42,11 @@ from unittest import mock
 
 import torch
 
-from fastdec.kernels import attention, group_norm_act, patch_unembed, rms_norm_act
+from fastdec import ops
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
-KERNEL_MODULES = (group_norm_act, attention, patch_unembed, rms_norm_act)
+# Each op file's compile_cases(quick): launcher calls at decoder shapes (kernels/<op>.py, "the calls its checks make").
+KERNEL_MODULES = tuple(module for module in ops.OP_MODULES.values() if hasattr(module, "compile_cases"))
 DEFAULT_MAX_SPILL = 256  # bytes of spill stores or loads per thread
 
 
@@ -60,22 +61,7 @@ GPUS = {90: Gpu("H100 SXM", 132, 227 * 1024), 80: Gpu("A100", 108, 163 * 1024)}
 
 _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "u8": torch.uint8}
 _DIVISIBILITY = [["tt.divisibility", 16]]
-
-# Decoder shapes. group_norm_act: SD-VAE mid/up blocks at 512 px (one sample, 32 groups): (1, 512, 64, 64) and
-# (1, 128, 512, 512) take the split path (stats, combine, normalize), (1, 192, 32, 32) the single-program path.
-GROUP_NORM_SHAPES = ((1, 512, 64, 64), (1, 128, 512, 512), (1, 192, 32, 32))
-GROUP_NORM_GROUPS = 32
-# rms_norm_act: the Wan 2.1 decoder at 480x832, one chunk of 4 frames: 384 channels at 1/8 size, 96 at full size.
-RMS_NORM_SHAPES = ((1, 384, 4, 60, 104), (1, 96, 4, 480, 832))
-# attention (B, H, N, D): ViT-S at 512 px (6 heads of 64), 96/128-wide heads at the same length, the SD-VAE
-# mid-block at 512 px (one head of 512). On an H100 each is short of one program per SM with the larger query
-# tiles, so the tuner's key-split configs (and the combine kernel) compile too.
-ATTENTION_SHAPES = ((1, 6, 1024, 64), (1, 8, 1024, 96), (1, 8, 1024, 128), (1, 1, 4096, 512))
-# patch_unembed: a ViT decoder's RGB head at 512 px: tokens (1, grid^2, p*p*3), bias, grid = 512 / p.
-PATCH_SIZES = (8, 16)
-PATCH_OUTPUTS = (("fp32", "identity"), ("bf16", "identity"), ("u8", "to_unit"))
 
 
 # --- recording the launchers' kernel launches -------------------------------------------------------------------
@@ -110,18 +96,25 @@ def launched_kernels(module) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
-    """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count and compute capability of
-    the `arch` GPU, and the module's kernels record their launches into the yielded list."""
-    launches: list[Launch] = []
+def fake_gpu(arch: int) -> Iterator[None]:
+    """Inside: CUDA tensors are fake (no memory, no GPU) and torch reports the SM count and compute capability of
+    the `arch` GPU."""
     gpu = GPUS[arch]
+    properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name)
+    with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
+          mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
+          torch._subclasses.fake_tensor.FakeTensorMode()):
+        yield
+
+
+@contextlib.contextmanager
+def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
+    """Inside fake_gpu(arch), the module's kernels record their launches into the yielded list."""
+    launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
         for name, kernel in launched_kernels(module).items():
             stack.enter_context(mock.patch.object(module, name, _RecordingKernel(kernel, launches)))
-        properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name)
-        stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties))
-        stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)))
-        stack.enter_context(torch._subclasses.fake_tensor.FakeTensorMode())
+        stack.enter_context(fake_gpu(arch))
         yield launches
 
 
@@ -135,90 +128,17 @@ class Config:
     tuned: bool = False
 
 
-def _cuda(shape, dtype: str, channels_last: bool = False) -> torch.Tensor:
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=_DTYPES[dtype], device="cuda", memory_format=memory_format)
-
-
-def group_norm_configs(arch: int, quick: bool) -> list[Config]:
-    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), GROUP_NORM_SHAPES, ("silu", "none"))
-    if quick:
-        cases = (("bf16", True, (1, 512, 64, 64), "silu"), ("fp32", False, (1, 192, 32, 32), "silu"))
+def op_configs(module, arch: int, quick: bool) -> list[Config]:
+    """The recorded launches of each of the op file's compile cases (listed on the fake GPU: attention's tuner
+    candidates depend on it)."""
+    with fake_gpu(arch):
+        cases = module.compile_cases(quick)
     configs = []
-    for dtype, channels_last, shape, act in cases:
-        with recorded_launches(group_norm_act, arch) as launches:
-            x = _cuda(shape, dtype, channels_last)
-            weight, bias = _cuda(shape[1:2], dtype), _cuda(shape[1:2], dtype)
-            group_norm_act.group_norm_act_triton(x, GROUP_NORM_GROUPS, weight, bias, 1e-6, act)
-        layout = "channels_last" if channels_last else "NCHW"
-        configs.append(Config(f"{dtype} {layout} {_shape(shape)} {act}", launches))
+    for case in cases:
+        with recorded_launches(module, arch) as launches:
+            case.run()
+        configs.append(Config(case.label, launches, case.tuned))
     return configs
-
-
-def attention_configs(arch: int, quick: bool) -> list[Config]:
-    """Every candidate of the tuner's table (and its fallback) with each key-split count the tuner tries."""
-    cases = itertools.product(("bf16", "fp16", "fp32"), ATTENTION_SHAPES)
-    if quick:
-        cases = (("bf16", (1, 1, 4096, 512)), ("fp16", (1, 8, 1024, 128)), ("fp32", (1, 6, 1024, 64)))
-    configs = []
-    for dtype, shape in cases:
-        with recorded_launches(attention, arch):
-            q = _cuda(shape, dtype)
-            if dtype == "fp32":
-                tiles = attention._FP32_CANDIDATES
-            else:
-                tiles = attention._CANDIDATES[attention._padded_head_dim(shape[-1])]
-            candidates = attention._candidate_configs(q, q, tiles[:1] if quick else tiles)
-            if not quick:
-                candidates += attention._candidate_configs(q, q, (attention._FALLBACK_CANDIDATE,))
-        for candidate in candidates:
-            with recorded_launches(attention, arch) as launches:
-                q, k, v = (_cuda(shape, dtype) for _ in range(3))
-                attention._launch(q, k, v, None, candidate)
-            configs.append(Config(f"{dtype} {_shape(shape)}", launches, tuned=True))
-    return configs
-
-
-def patch_unembed_configs(arch: int, quick: bool) -> list[Config]:
-    cases = itertools.product(PATCH_SIZES, PATCH_OUTPUTS)
-    if quick:
-        cases = ((16, ("u8", "to_unit")), (8, ("bf16", "identity")))
-    configs = []
-    for patch, (out_dtype, out) in cases:
-        grid = 512 // patch
-        with recorded_launches(patch_unembed, arch) as launches:
-            tokens, bias = _cuda((1, grid * grid, patch * patch * 3), "bf16"), _cuda((patch * patch * 3,), "bf16")
-            patch_unembed.patch_unembed_triton(tokens, patch, grid, grid, bias, out, _DTYPES[out_dtype])
-        configs.append(Config(f"bf16 -> {out_dtype} {out} p={patch} {grid}x{grid}", launches))
-    return configs
-
-
-def rms_norm_configs(arch: int, quick: bool) -> list[Config]:
-    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), RMS_NORM_SHAPES, ("silu", "none"))
-    if quick:
-        cases = (("bf16", True, (1, 96, 4, 480, 832), "silu"), ("fp32", False, (1, 384, 4, 60, 104), "none"))
-    configs = []
-    for dtype, channels_last, shape, act in cases:
-        with recorded_launches(rms_norm_act, arch) as launches:
-            x = _cuda(shape, dtype)
-            x = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
-            weight = _cuda(shape[1:2], dtype)
-            rms_norm_act.rms_norm_act_triton(x, weight, None, 1e-12 * shape[1] ** -0.5, act, "clamp")
-        layout = "channels_last_3d" if channels_last else "NCTHW"
-        configs.append(Config(f"{dtype} {layout} {_shape(shape)} {act}", launches))
-    return configs
-
-
-CONFIG_BUILDERS: dict[str, Callable[[int, bool], list[Config]]] = {
-    "group_norm_act": group_norm_configs,
-    "rms_norm_act": rms_norm_configs,
-    "attention": attention_configs,
-    "patch_unembed": patch_unembed_configs,
-}
-
-
-def _shape(shape) -> str:
-    return "x".join(map(str, shape))
 
 
 # --- compiling one launch ---------------------------------------------------------------------------------------
@@ -374,8 +294,9 @@ def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] =
     results: list[Result] = []
     index: dict[str, int] = {}
     configs = []
-    for arch, (op, build) in itertools.product(archs, CONFIG_BUILDERS.items()):
-        for config in build(arch, quick):
+    for arch, module in itertools.product(archs, KERNEL_MODULES):
+        op = module.__name__.rpartition(".")[2]
+        for config in op_configs(module, arch, quick):
             used = []
             for launch in config.launches:
                 signature, constexprs, attrs, options = compile_job(launch)

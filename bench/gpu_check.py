@@ -25,17 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import fastdec
 from fastdec import ops
-from fastdec.kernels import attention as attention_kernel
-from fastdec.kernels import group_norm_act as group_norm_kernel
-from fastdec.kernels import patch_unembed as patch_unembed_kernel
-from fastdec.kernels import pixel_shuffle as pixel_shuffle_kernel
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKED_OPS = tuple(name for name, module in ops.OP_MODULES.items() if hasattr(module, "gpu_cases"))
 LOW_PRECISION_REL = 1e-2  # bf16/fp16 operands, fp32 accumulation (METHOD: between 1e-3 and 1e-2)
 
 
@@ -131,102 +127,22 @@ class Check:
               f"x{row.get('speedup_vs_best_peer', float('nan')):.2f} vs best peer", flush=True)
 
 
-def compiled(fn):
-    return torch.compile(fn, dynamic=False)
+def _fp32(args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
-def check_group_norm(c: Check, dtype: torch.dtype) -> None:
-    shapes = [(1, 32, 8, 8)] if c.smoke else [(1, 512, 64, 64), (1, 512, 128, 128), (1, 128, 512, 512),
-                                                (8, 128, 512, 512)]
-    eager = group_norm_kernel.group_norm_act_reference
-    eager_compiled = compiled(eager)
-    for shape in shapes:
-        for layout in ("nchw", "channels_last"):
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
-            def make(shape=shape, fmt=fmt):
-                x = torch.randn(shape, device=c.device, dtype=dtype).contiguous(memory_format=fmt)
-                w = torch.randn(shape[1], device=c.device, dtype=dtype)
-                return x, w, torch.randn_like(w)
-
-            nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
-            c.run("group_norm_act", f"{tuple(shape)} {layout}", dtype, make,
-                  lambda a: ops.group_norm_act(a[0], 32, a[1], a[2], 1e-6, "silu"),
-                  lambda a: F.silu(F.group_norm(a[0].float(), 32, a[1].float(), a[2].float(), 1e-6)),
-                  {"eager": lambda a: F.silu(F.group_norm(a[0], 32, a[1], a[2], 1e-6)),
-                   "torch.compile": lambda a: eager_compiled(a[0], 32, a[1], a[2], 1e-6, "silu")},
-                  nbytes=nbytes)
-
-
-def check_attention(c: Check, dtype: torch.dtype) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    shapes = [(1, 1, 64, 512), (1, 2, 33, 64)] if c.smoke else [(1, 1, 4096, 512), (1, 1, 16384, 512),
-                                                                 (1, 8, 4096, 64), (1, 2, 9216, 96)]
-    eager_compiled = compiled(attention_kernel.attention_reference)
-    for shape in shapes:
-        b, h, n, d = shape
-
-        def make(shape=shape):
-            return tuple(torch.randn(shape, device=c.device, dtype=dtype) for _ in range(3))
-
-        def sdpa_with(backend):
-            def run(a):
-                with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(*a)
-            return run
-
-        peers = {f"sdpa:{backend.name.lower()}": sdpa_with(backend) for backend in
-                 (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                  SDPBackend.CUDNN_ATTENTION)}
-        peers["torch.compile"] = lambda a: eager_compiled(*a, None)
-        c.run("attention", str(shape), dtype, make, lambda a: ops.attention(*a),
-              lambda a: attention_kernel.attention_reference(*(t.float() for t in a), None), peers,
-              flops=4 * b * h * n * n * d)
-
-
-def check_patch_unembed(c: Check, dtype: torch.dtype) -> None:
-    cases = [(1, 16, 8)] if c.smoke else [(1, 512, 8), (8, 512, 8), (1, 1024, 16), (8, 1024, 8)]
-    eager_compiled = compiled(patch_unembed_kernel.patch_unembed_reference)
-    for batch, side, patch in cases:
-        grid = side // patch
-
-        def make(batch=batch, grid=grid, patch=patch):
-            tokens = torch.randn(batch, grid * grid, patch * patch * 3, device=c.device, dtype=dtype)
-            return tokens, torch.randn(patch * patch * 3, device=c.device, dtype=dtype)
-
-        nbytes = batch * side * side * 3 * (dtype.itemsize + 4)  # tokens read, fp32 image written
-        call = (patch, grid, grid)
-        c.run("patch_unembed", f"B{batch} {side}^2 p{patch}", dtype, make,
-              lambda a, call=call: ops.patch_unembed(a[0], *call, a[1], "to_unit", torch.float32),
-              lambda a, call=call: patch_unembed_kernel.patch_unembed_reference(
-                  a[0].float(), *call, a[1].float(), "to_unit", torch.float32),
-              {"eager": lambda a, call=call: patch_unembed_kernel.patch_unembed_reference(
-                  a[0], *call, a[1], "to_unit", torch.float32),
-               "torch.compile": lambda a, call=call: eager_compiled(a[0], *call, a[1], "to_unit", torch.float32)},
-              nbytes=nbytes)
-
-
-def check_pixel_shuffle(c: Check, dtype: torch.dtype) -> None:
-    shapes = [(1, 16, 8, 8)] if c.smoke else [(1, 512, 256, 256), (8, 512, 256, 256)]
-    shuffle_compiled = compiled(F.pixel_shuffle)
-    for shape in shapes:
-        for phase_offset, layout in ((0, "nchw"), (0, "channels_last"), (1, "nchw"), (1, "channels_last")):
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
-            def make(shape=shape, fmt=fmt):
-                return (torch.randn(shape, device=c.device, dtype=dtype).contiguous(memory_format=fmt),)
-
-            out_numel = torch.Size(shape).numel() if phase_offset == 0 else (
-                shape[0] * shape[1] * (shape[2] - 1) * (shape[3] - 1))
-            nbytes = (torch.Size(shape).numel() + out_numel) * dtype.itemsize
-            peers = ({"F.pixel_shuffle": lambda a: F.pixel_shuffle(a[0], 2),
-                      "torch.compile": lambda a: shuffle_compiled(a[0], 2)} if phase_offset == 0 else
-                     {"eager (slices)": lambda a: pixel_shuffle_kernel.pixel_shuffle_reference(a[0], 2, 1)})
-            c.run("pixel_shuffle", f"{tuple(shape)} off{phase_offset} {layout}", dtype, make,
-                  lambda a, p=phase_offset: ops.pixel_shuffle(a[0], 2, p),
-                  lambda a, p=phase_offset: pixel_shuffle_kernel.pixel_shuffle_reference(a[0], 2, p), peers,
-                  nbytes=nbytes, bitwise=True)
+def check_op(c: Check, name: str, dtype: torch.dtype) -> None:
+    """Every gpu case the op file declares (kernels/<name>.py): fastdec against its peers and the compiled
+    reference."""
+    module = ops.OP_MODULES[name]
+    fused, reference = getattr(ops, name), getattr(module, f"{name}_reference")
+    compiled_reference = torch.compile(reference, dynamic=False)
+    for case in module.gpu_cases(c.device, dtype, c.smoke):
+        peers = {"torch.compile": compiled_reference, **case.peers}
+        c.run(name, case.label, dtype, case.make, lambda a: fused(*a),
+              (lambda a: reference(*a)) if case.bitwise else (lambda a: reference(*_fp32(a))),
+              {peer: (lambda a, fn=fn: fn(*a)) for peer, fn in peers.items()},
+              nbytes=case.nbytes, flops=case.flops, bitwise=case.bitwise)
 
 
 def copy_bandwidth(device: torch.device, smoke: bool) -> float | None:
@@ -292,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the .json/.md go")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device (tests this script)")
     parser.add_argument("--seconds", type=float, default=0.3, help="timing budget per variant")
-    parser.add_argument("--ops", default="pixel_shuffle,group_norm_act,attention,patch_unembed")
+    parser.add_argument("--ops", default=",".join(CHECKED_OPS), help="comma list (default: %(default)s)")
     parser.add_argument("--skip-decoders", action="store_true", help="skip the end-to-end `fastdec bench` run")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -305,16 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(device, args.smoke, args.seconds)
     # Each op against its peers in the dtype its goal is stated in; then fastdec alone in the other half precision
     # (correctness at every size, no peers: their torch.compile runs would double the script's time).
-    runners = {"pixel_shuffle": (check_pixel_shuffle, torch.float16),
-               "group_norm_act": (check_group_norm, torch.float16),
-               "attention": (check_attention, torch.bfloat16),
-               "patch_unembed": (check_patch_unembed, torch.bfloat16)}
     for name in args.ops.split(","):
-        runner, goal_dtype = runners[name]
+        goal_dtype = ops.OP_MODULES[name].GPU_DTYPE
         other = torch.float16 if goal_dtype == torch.bfloat16 else torch.bfloat16
         for dtype, with_peers in ([(torch.float32, True)] if args.smoke else [(goal_dtype, True), (other, False)]):
             check.with_peers = with_peers
-            runner(check, dtype)
+            check_op(check, name, dtype)
         print(f"-- {name} done at {time.perf_counter() - started:.0f} s", flush=True)
     report = {"environment": environment(device), "copy_GBps": copy_bandwidth(device, args.smoke),
               "rows": check.rows, "seconds": None}

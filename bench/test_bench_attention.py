@@ -38,7 +38,7 @@ def case(device, shape, dtype):
 
 CASES = [
     case("cuda", shape, torch.bfloat16)
-    for shape in [(1, 1, 4096, 512), (1, 1, 16384, 512), (1, 8, 4096, 64), (1, 2, 9216, 96)]
+    for shape in attn.BENCH_SHAPES
 ] + [case("cpu", (1, 1, 256, 64), torch.float32)]
 
 

@@ -19,7 +19,7 @@ from fastdec.kernels import group_norm_act as gna
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
-NUM_GROUPS, EPS, ACT = 32, 1e-6, "silu"  # SD-VAE's ResNet-block norm
+NUM_GROUPS, EPS, ACT = gna.GROUPS, 1e-6, "silu"  # SD-VAE's ResNet-block norm
 
 
 def case(device, shape, dtype, layout):
@@ -29,7 +29,7 @@ def case(device, shape, dtype, layout):
 
 CASES = [
     case("cuda", shape, torch.float16, layout)
-    for shape in [(1, 512, 64, 64), (1, 512, 128, 128), (1, 128, 512, 512), (8, 128, 512, 512)]
+    for shape in gna.BENCH_SHAPES
     for layout in ("contiguous", "channels_last")
 ] + [case("cpu", (1, 64, 32, 32), torch.float32, "contiguous")]
 IMPLS = ["fastdec", "eager", "compiled", "device_copy"]

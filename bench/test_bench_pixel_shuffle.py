@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec import ops
+from fastdec.kernels import pixel_shuffle as ps
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
@@ -39,10 +40,8 @@ def case(device: str, shape: tuple[int, ...], dtype: torch.dtype):
     return pytest.param(device, shape, dtype, id=name, marks=needs_cuda if device == "cuda" else ())
 
 
-SHUFFLE_CASES = [
-    case("cuda", (1, 512, 256, 256), torch.float16),
-    case("cuda", (8, 512, 256, 256), torch.float16),
-    case("cpu", (1, 16, 16, 16), torch.float32),
+SHUFFLE_CASES = [case("cuda", shape, torch.float16) for shape in ps.BENCH_SHAPES] + [
+    case("cpu", (1, 16, 16, 16), torch.float32)
 ]
 # phase_offset=1 at the upsamplers of an SD-style VAE decoder: a 2x2 conv with 4*C outputs over the padded input
 # gives (H+1, W+1) phase maps; the result is C x 2H x 2W.

@@ -28,9 +28,8 @@ def case(device, shape, dtype, layout):
 
 
 CASES = [
-    # Wan 2.1 decoder at 480x832, one chunk of 4 output frames: 384 channels at 1/8..1/2 size, 96 at full size
     case("cuda", shape, torch.bfloat16, layout)
-    for shape in [(1, 384, 4, 60, 104), (1, 384, 4, 240, 416), (1, 96, 4, 480, 832)]
+    for shape in rna.BENCH_SHAPES
     for layout in ("contiguous", "channels_last")
 ] + [case("cpu", (1, 96, 2, 32, 32), torch.float32, "contiguous")]
 IMPLS = ["fastdec", "eager", "compiled", "device_copy"]

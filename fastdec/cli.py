@@ -14,7 +14,6 @@ from fastdec.latents_io import read_latents
 def _check(args: argparse.Namespace) -> int:
     """Print the backend table, then run every op once on random data against its eager reference."""
     from fastdec import ops
-    from fastdec.kernels import attention, group_norm_act, patch_unembed, pixel_shuffle, rms_norm_act
 
     print(ops.format_backends(), "\n")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -27,18 +26,7 @@ def _check(args: argparse.Namespace) -> int:
         def r(*shape, device=device):
             return torch.randn(*shape, generator=g).to(device)
 
-        cases = {
-            "group_norm_act": (ops.group_norm_act, group_norm_act.group_norm_act_reference,
-                               (r(1, 96, 17, 9), 32, r(96), r(96), 1e-6, "silu")),
-            "rms_norm_act": (ops.rms_norm_act, rms_norm_act.rms_norm_act_reference,
-                             (r(1, 96, 3, 17, 9), r(96), None, 1e-12 * 96**-0.5, "silu", "clamp")),
-            "attention": (ops.attention, attention.attention_reference, (r(1, 2, 33, 64), r(1, 2, 33, 64),
-                                                                         r(1, 2, 33, 64), None)),
-            "patch_unembed": (ops.patch_unembed, patch_unembed.patch_unembed_reference,
-                              (r(2, 12, 4 * 4 * 3), 4, 3, 4, r(48), "to_unit", None)),
-            "pixel_shuffle": (ops.pixel_shuffle, pixel_shuffle.pixel_shuffle_reference, (r(1, 32, 9, 7), 2, 1)),
-        }
-        for name, (op, reference, call) in cases.items():
+        for name, module in ops.OP_MODULES.items():
             backend = ops.backends()[name][device]
             if backend.startswith("eager"):  # the op *is* its reference here: comparing them would prove nothing
                 why = backend.partition(": ")[2] or (
@@ -46,7 +34,8 @@ def _check(args: argparse.Namespace) -> int:
                     "check them through Triton's interpreter" if device == "cpu" else "no fused kernel for this op")
                 print(f"skip {name:15s} {device:5s} skipped: no fused backend runs here ({why})")
                 continue
-            out, expected = op(*call), reference(*call)
+            call = module.check_call(r)
+            out, expected = getattr(ops, name)(*call), getattr(module, f"{name}_reference")(*call)
             error = (out.double() - expected.double()).abs().max().item()
             ok = bool(torch.isfinite(out).all()) and error <= 1e-4 * max(1.0, expected.abs().max().item())
             failures += not ok
@@ -212,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch_cli.add_arguments(batch_parser)
     batch_parser.set_defaults(run=batch_cli.run)
-    from fastdec import eval as evaluation
+    from fastdec import evaluation
     from fastdec.train import cli as train_cli
 
     train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")

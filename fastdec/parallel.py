@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastdec.pixels import to_uint8_hwc
-from fastdec.tiling import Executor, SlabTensor, TiledRun, TileError, even_bounds, run_decode
+from fastdec.tiling import Executor, SlabTensor, TiledRun, TileError, even_bounds, run_decode, zeros_rows
 from fastdec.validate import check_latents, weights_device_and_dtype
 
 OUTPUTS = ("rank0", "all", "sharded")
@@ -87,7 +87,7 @@ class RankSlabs(Executor):
                 request.wait()
         chunks = []
         if start < 0:
-            chunks.append(_rows_like(part, hdim, -start))
+            chunks.append(zeros_rows(part, hdim, -start))
         if "top" in received:
             chunks.append(received["top"])
         lo, hi = max(start, b[r]), min(stop, b[r + 1])
@@ -96,7 +96,7 @@ class RankSlabs(Executor):
         if "bottom" in received:
             chunks.append(received["bottom"])
         if stop > b[-1]:
-            chunks.append(_rows_like(part, hdim, stop - b[-1]))
+            chunks.append(zeros_rows(part, hdim, stop - b[-1]))
         yield r, chunks[0] if len(chunks) == 1 else torch.cat(chunks, hdim)
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
@@ -109,7 +109,7 @@ class RankSlabs(Executor):
         part = x.parts[self.rank]
         pad = tallest - part.shape[x.hdim]
         if pad:
-            part = torch.cat([part, _rows_like(part, x.hdim, pad)], x.hdim)
+            part = torch.cat([part, zeros_rows(part, x.hdim, pad)], x.hdim)
         return part.contiguous(), tallest
 
     def _joined(self, x: SlabTensor, padded: list[Tensor]) -> Tensor:
@@ -127,12 +127,6 @@ class RankSlabs(Executor):
         padded = [torch.empty_like(part) for _ in range(self.world)] if self.rank == dst else None
         dist.gather(part, padded, dst=self._peer(dst), group=self.group)
         return self._joined(x, padded) if self.rank == dst else None
-
-
-def _rows_like(part: Tensor, hdim: int, count: int) -> Tensor:
-    shape = list(part.shape)
-    shape[hdim] = count
-    return part.new_zeros(shape)
 
 
 def decode(

@@ -42,12 +42,16 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
+from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
 from fastdec.kernels._triton import tl, triton, triton_interpreting
 
 MAX_HEAD_DIM = 512
@@ -507,3 +511,93 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return _launch(q, k, v, scale, _INTERPRETER_CONFIG)
     with torch.cuda.device(q.device):  # triton launches (and the tuner times) on the current device
         return _launch(q, k, v, scale, _tuned_config(q, k, v, scale))
+
+
+# --- registration: torch.ops.fastdec.attention ------------------------------------------------------------------
+
+FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
+
+
+@torch.library.custom_op("fastdec::attention", mutates_args=(), device_types="cpu")
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for (B, H, N, D) tensors, head_dim up to 512; scale defaults to D ** -0.5."""
+    return cpu_kernel(attention_triton, attention_reference)(q, k, v, scale)
+
+
+@attention.register_kernel("cuda")
+def _(q, k, v, scale=None):
+    return cuda_kernel(attention_triton, attention_reference)(q, k, v, scale)
+
+
+@attention.register_fake
+def _(q, k, v, scale=None):
+    check_attention(q, k, v, scale)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out):
+    return (*attention_backward(grad_out, *ctx.saved_tensors, ctx.scale), None)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the calls its checks and benchmarks make -----------------------------------------------------------------
+
+# (B, H, N, D): the SD-VAE mid-block (one head of 512 channels) at 512 and 1024 px, multi-head transformer decoders
+# (gpu_check, bench/). compile_check: ViT-S at 512 px (6 heads of 64), 96/128-wide heads at the same length, the
+# SD-VAE mid-block at 512 px; on an H100 each is short of one program per SM with the larger query tiles, so the
+# tuner's key-split configs (and the combine kernel) compile too.
+BENCH_SHAPES = ((1, 1, 4096, 512), (1, 1, 16384, 512), (1, 8, 4096, 64), (1, 2, 9216, 96))
+COMPILE_SHAPES = ((1, 6, 1024, 64), (1, 8, 1024, 96), (1, 8, 1024, 128), (1, 1, 4096, 512))
+GPU_DTYPE = torch.bfloat16  # the dtype its speed goal is stated in
+
+
+def check_call(r) -> tuple:
+    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
+    return r(1, 2, 33, 64), r(1, 2, 33, 64), r(1, 2, 33, 64), None
+
+
+def compile_cases(quick: bool) -> list[CompileCase]:
+    """Every candidate of the tuner's table (and its fallback) with each key-split count the tuner tries; called
+    where the GPU's properties are those compiled for."""
+    cases = itertools.product(("bf16", "fp16", "fp32"), COMPILE_SHAPES)
+    if quick:
+        cases = (("bf16", (1, 1, 4096, 512)), ("fp16", (1, 8, 1024, 128)), ("fp32", (1, 6, 1024, 64)))
+
+    def run(shape, dtype, config):
+        _launch(*(cuda_empty(shape, dtype) for _ in range(3)), None, config)
+
+    found = []
+    for dtype, shape in cases:
+        q = cuda_empty(shape, dtype)
+        tiles = _FP32_CANDIDATES if dtype == "fp32" else _CANDIDATES[_padded_head_dim(shape[-1])]
+        candidates = _candidate_configs(q, q, tiles[:1] if quick else tiles)
+        if not quick:
+            candidates += _candidate_configs(q, q, (_FALLBACK_CANDIDATE,))
+        found += [CompileCase(f"{dtype} {shape_label(shape)}", functools.partial(run, shape, dtype, config), tuned=True)
+                  for config in candidates]
+    return found
+
+
+def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
+    """Against every SDPA backend that takes the shape (and the torch.compile'd reference)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend, q, k, v, scale):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def make(shape):
+        return *(torch.randn(shape, device=device, dtype=dtype) for _ in range(3)), None
+
+    backends = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+    peers = {f"sdpa:{backend.name.lower()}": functools.partial(sdpa, backend) for backend in backends}
+    return [GpuCase(str(shape), functools.partial(make, shape), peers, flops=4 * math.prod(shape) * shape[2])
+            for shape in ([(1, 1, 64, 512), (1, 2, 33, 64)] if smoke else BENCH_SHAPES)]

@@ -32,14 +32,27 @@ Kernel design (statistics in fp32, fp64 for fp64 input):
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels._norm_checks import ACTIVATIONS, check_norm_input, check_norm_params  # noqa: F401 (ACTIVATIONS: the acts this op takes)
-from fastdec.kernels._triton import tl, triton, triton_interpreting
+from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
+from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
+    ACTIVATIONS,
+    TILE_ELEMENTS,
+    activate,
+    activation_grad,
+    check_norm_input,
+    check_norm_params,
+    compute_dtype,
+    flat_views,
+)
+from fastdec.kernels._triton import tl, triton
 
 
 def check_group_norm_act(
@@ -62,9 +75,6 @@ def check_group_norm_act(
     check_norm_params("group_norm_act", x, weight, bias, eps, act)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics and arithmetic run in fp32 (fp64 for fp64 input)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
@@ -88,7 +98,7 @@ def group_norm_act_reference(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     w = weight.to(compute) if weight is not None else None
     b = bias.to(compute) if bias is not None else None
     # contiguous(): torch's CPU channels_last GroupNorm computes E[x^2] - E[x]^2 and cancels for offset data.
@@ -112,7 +122,7 @@ def group_norm_act_backward(
     grad_x = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dy * weight,
     where mean_g averages over each (sample, group).
     """
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     n, channels = x.shape[:2]
     grouped = x.to(compute).reshape(n, num_groups, -1)
     mean = grouped.mean(-1, keepdim=True)
@@ -124,12 +134,7 @@ def group_norm_act_backward(
     grad_y = grad_out.to(compute).reshape(n, channels, -1)
     if act != "none":
         y = xhat * w if w is not None else xhat
-        y = y + b if b is not None else y
-        if act == "silu":
-            sig = torch.sigmoid(y)
-            grad_y = grad_y * sig * (1 + y * (1 - sig))
-        else:
-            grad_y = grad_y * (y > 0)
+        grad_y = activation_grad(grad_y, y + b if b is not None else y, act)
     grad_weight = (grad_y * xhat).sum((0, 2)).to(weight.dtype) if weight is not None else None
     grad_bias = grad_y.sum((0, 2)).to(bias.dtype) if bias is not None else None
     grad_xhat = (grad_y * w if w is not None else grad_y).reshape(n, num_groups, -1)
@@ -347,21 +352,13 @@ def _group_norm_act_kernel(
             mask = channel_mask[:, :, None] & (positions < s_end)[None, None, :]
             x_offsets = (channel * stride_xc)[:, :, None] + (positions * stride_xs)[None, None, :]
             x = tl.load(x_ptr + x_sample + x_offsets, mask=mask, other=0.0).to(COMPUTE)
-            y = (x - mean[:, None, None]) * scale[:, :, None] + shift[:, :, None]
-            if ACT == "silu":  # y * sigmoid(y) with exp(-|y|), which never overflows
-                decay = tl.exp(-tl.abs(y))
-                y = y * tl.where(y >= 0, 1.0, decay) / (1.0 + decay)
-            elif ACT == "relu":  # where, not maximum: NaN stays NaN as in torch.relu
-                y = tl.where(y < 0.0, 0.0, y)
+            y = activate((x - mean[:, None, None]) * scale[:, :, None] + shift[:, :, None], ACT)
             out_offsets = (channel * stride_oc)[:, :, None] + (positions * stride_os)[None, None, :]
             tl.store(out_ptr + out_sample + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launcher --------------------------------------------------------------------------------------------------
 
-# Elements per loaded tile: 16 values per thread at 4 warps on a GPU. Triton's CPU interpreter pays per tile op, not
-# per element (numpy), so there tiles are 16x larger: same kernel code, far fewer loop trips.
-TILE_ELEMENTS = 32768 if triton_interpreting() else 2048
 MIN_CHUNK_ELEMENTS = 4096  # a split-path program handles at least this many elements (amortizes the combine)
 COMBINE_GROUPS, COMBINE_CHUNKS = 16, 64  # combine pass: groups per program, partials per step
 _CPU_PROGRAM_TARGET = 4  # the interpreter runs programs one after another: a few large ones are fastest
@@ -427,15 +424,6 @@ def _program_target(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None."""
-    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True) if size != 1]
-    for (_, outer_stride), (inner_size, inner_stride) in zip(spatial[:-1], spatial[1:], strict=True):
-        if outer_stride != inner_size * inner_stride:
-            return None
-    return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
-
-
 def group_norm_act_triton(
     x: torch.Tensor,
     num_groups: int,
@@ -455,26 +443,20 @@ def group_norm_act_triton(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    # Layouts whose spatial dims do not flatten to one stride (e.g. a transposed H/W view) run on a copy.
-    source = x if _flat_strides(x) is not None else x.contiguous()
-    target = out if _flat_strides(out) is not None else torch.empty_like(source)
-    x_strides, out_strides = _flat_strides(source), _flat_strides(target)
-
+    source, target, x_strides, out_strides, index = flat_views(x, out)
     batch, channels = x.shape[:2]
     spatial = math.prod(x.shape[2:])
     group_channels = channels // num_groups
     plan = plan_launch(
         batch, num_groups, group_channels, spatial, x_strides[1] == 1, _program_target(x.device), chunk_size
     )
-    compute = _compute_dtype(x)
-    # int32 offsets inside one sample unless they can pass 2^31 (e.g. 128 x 4096 x 4096)
-    span = (channels - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
+    compute = compute_dtype(x)
     meta = {
         "BLOCK_G": plan.block_g,
         "BLOCK_CG": plan.block_cg,
         "BLOCK_S": plan.block_s,
         "COMPUTE": tl.float64 if compute == torch.float64 else tl.float32,
-        "INDEX": tl.int64 if span >= 2**31 else tl.int32,
+        "INDEX": index,
         "num_warps": 4,
     }
     sizes = (num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks, plan.num_group_blocks)
@@ -506,3 +488,93 @@ def group_norm_act_triton(
     if target is not out:
         out.copy_(target)
     return out
+
+
+# --- registration: torch.ops.fastdec.group_norm_act -------------------------------------------------------------
+
+FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
+
+
+@torch.library.custom_op("fastdec::group_norm_act", mutates_args=(), device_types="cpu")
+def group_norm_act(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    act: str = "none",
+) -> torch.Tensor:
+    """act(group_norm(x)) for 4-D (N,C,H,W) or 5-D (N,C,T,H,W) x; act in {"none", "silu", "relu"}."""
+    return cpu_kernel(group_norm_act_triton, group_norm_act_reference)(x, num_groups, weight, bias, eps, act)
+
+
+@group_norm_act.register_kernel("cuda")
+def _(x, num_groups, weight, bias, eps=1e-6, act="none"):
+    return cuda_kernel(group_norm_act_triton, group_norm_act_reference)(x, num_groups, weight, bias, eps, act)
+
+
+@group_norm_act.register_fake
+def _(x, num_groups, weight, bias, eps=1e-6, act="none"):
+    check_group_norm_act(x, num_groups, weight, bias, eps, act)
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, act = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (num_groups, eps, act)
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    num_groups, eps, act = ctx.args
+    grad_x, grad_w, grad_b = group_norm_act_backward(grad_out, x, num_groups, weight, bias, eps, act)
+    return grad_x, None, grad_w, grad_b, None, None
+
+
+group_norm_act.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the calls its checks and benchmarks make -----------------------------------------------------------------
+
+GROUPS = 32  # SD-VAE's ResNet-block norm (with eps 1e-6 and silu)
+# SD-VAE decoder sizes: mid/up blocks at 512 and 1024 px, one sample and eight (gpu_check, bench/).
+BENCH_SHAPES = ((1, 512, 64, 64), (1, 512, 128, 128), (1, 128, 512, 512), (8, 128, 512, 512))
+# compile_check, one sample at 512 px: the first two take the split path (stats, combine, normalize), the last the
+# single-program path.
+COMPILE_SHAPES = ((1, 512, 64, 64), (1, 128, 512, 512), (1, 192, 32, 32))
+GPU_DTYPE = torch.float16  # the dtype its speed goal is stated in
+
+
+def check_call(r) -> tuple:
+    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
+    return r(1, 96, 17, 9), 32, r(96), r(96), 1e-6, "silu"
+
+
+def compile_cases(quick: bool) -> list[CompileCase]:
+    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), COMPILE_SHAPES, ("silu", "none"))
+    if quick:
+        cases = (("bf16", True, (1, 512, 64, 64), "silu"), ("fp32", False, (1, 192, 32, 32), "silu"))
+
+    def run(dtype, channels_last, shape, act):
+        x = cuda_empty(shape, dtype, torch.channels_last if channels_last else torch.contiguous_format)
+        group_norm_act_triton(x, GROUPS, cuda_empty(shape[1:2], dtype), cuda_empty(shape[1:2], dtype), 1e-6, act)
+
+    return [CompileCase(f"{dtype} {'channels_last' if cl else 'NCHW'} {shape_label(shape)} {act}",
+                        functools.partial(run, dtype, cl, shape, act)) for dtype, cl, shape, act in cases]
+
+
+def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
+    def case(shape, layout):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+        def make():
+            x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            w = torch.randn(shape[1], device=device, dtype=dtype)
+            return x, GROUPS, w, torch.randn_like(w), 1e-6, "silu"
+
+        eager = {"eager": lambda x, groups, w, b, eps, act: _activate(F.group_norm(x, groups, w, b, eps), act)}
+        return GpuCase(f"{tuple(shape)} {layout}", make, eager, nbytes=2 * math.prod(shape) * dtype.itemsize)
+
+    return [case(shape, layout) for shape in ([(1, 32, 8, 8)] if smoke else BENCH_SHAPES)
+            for layout in ("nchw", "channels_last")]

@@ -29,9 +29,14 @@ channels are adjacent, so a [channels, pixels] tile reads whole (p_col, C) spans
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 from torch import Tensor
 
+from fastdec.kernels._cases import DTYPES, CompileCase, GpuCase, cuda_empty
+from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
 from fastdec.kernels._triton import tl, triton
 
 OUT_MODES = ("identity", "to_unit")
@@ -286,3 +291,94 @@ def patch_unembed_backward(
         grad = torch.where((unit >= 0.0) & (unit <= 1.0), grad * 0.5, torch.zeros_like(grad))
     grad_bias = None if bias is None else grad.sum(dim=(0, 1)).to(bias.dtype)
     return grad.to(tokens.dtype), grad_bias
+
+
+# --- registration: torch.ops.fastdec.patch_unembed --------------------------------------------------------------
+
+FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
+
+
+@torch.library.custom_op("fastdec::patch_unembed", mutates_args=(), device_types="cpu")
+def patch_unembed(
+    tokens: Tensor,
+    patch: int,
+    grid_h: int,
+    grid_w: int,
+    bias: Tensor | None = None,
+    out: str = "identity",
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """(B, grid_h*grid_w, p*p*C) tokens -> (B, C, grid_h*p, grid_w*p) image; see the module docstring."""
+    fn = cpu_kernel(patch_unembed_triton, patch_unembed_reference)
+    return fn(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
+
+
+@patch_unembed.register_kernel("cuda")
+def _(tokens, patch, grid_h, grid_w, bias=None, out="identity", out_dtype=None):
+    fn = cuda_kernel(patch_unembed_triton, patch_unembed_reference)
+    return fn(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
+
+
+@patch_unembed.register_fake
+def _(tokens, patch, grid_h, grid_w, bias=None, out="identity", out_dtype=None):
+    shape = check_patch_unembed(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
+    return tokens.new_empty(shape, dtype=out_dtype or tokens.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    tokens, patch, grid_h, grid_w, bias, out, out_dtype = inputs
+    ctx.save_for_backward(tokens, bias)
+    ctx.args = (patch, grid_h, grid_w, out, out_dtype)
+
+
+def _backward(ctx, grad_out):
+    tokens, bias = ctx.saved_tensors
+    grad_tokens, grad_bias = patch_unembed_backward(grad_out, tokens, *ctx.args[:3], bias, *ctx.args[3:])
+    return grad_tokens, None, None, None, grad_bias, None, None
+
+
+patch_unembed.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the calls its checks and benchmarks make -----------------------------------------------------------------
+
+# A ViT decoder's RGB head, (batch, image side, patch) with tokens (batch, grid^2, p*p*3), grid = side / p, a bias
+# and out="to_unit" (gpu_check). compile_check: one image of 512 px in three output types.
+BENCH_CASES = ((1, 512, 8), (8, 512, 8), (1, 1024, 16), (8, 1024, 8))
+COMPILE_PATCHES = (8, 16)
+COMPILE_OUTPUTS = (("fp32", "identity"), ("bf16", "identity"), ("u8", "to_unit"))
+GPU_DTYPE = torch.bfloat16  # the dtype its speed goal is stated in
+
+
+def check_call(r) -> tuple:
+    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
+    return r(2, 12, 4 * 4 * 3), 4, 3, 4, r(48), "to_unit", None
+
+
+def compile_cases(quick: bool) -> list[CompileCase]:
+    cases = itertools.product(COMPILE_PATCHES, COMPILE_OUTPUTS)
+    if quick:
+        cases = ((16, ("u8", "to_unit")), (8, ("bf16", "identity")))
+
+    def run(patch, out_dtype, out):
+        grid = 512 // patch
+        tokens, bias = cuda_empty((1, grid * grid, patch * patch * 3), "bf16"), cuda_empty((patch * patch * 3,), "bf16")
+        patch_unembed_triton(tokens, patch, grid, grid, bias, out, DTYPES[out_dtype])
+
+    return [CompileCase(f"bf16 -> {out_dtype} {out} p={patch} {512 // patch}x{512 // patch}",
+                        functools.partial(run, patch, out_dtype, out)) for patch, (out_dtype, out) in cases]
+
+
+def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
+    def case(batch, side, patch):
+        grid = side // patch
+
+        def make():
+            tokens = torch.randn(batch, grid * grid, patch * patch * 3, device=device, dtype=dtype)
+            bias = torch.randn(patch * patch * 3, device=device, dtype=dtype)
+            return tokens, patch, grid, grid, bias, "to_unit", torch.float32
+
+        nbytes = batch * side * side * 3 * (dtype.itemsize + 4)  # tokens read, fp32 image written
+        return GpuCase(f"B{batch} {side}^2 p{patch}", make, {"eager": patch_unembed_reference}, nbytes=nbytes)
+
+    return [case(*shape) for shape in ([(1, 16, 8)] if smoke else BENCH_CASES)]

@@ -10,6 +10,10 @@ run over a padded input, where phase (a, b) sits at offset (a, b) of the conv re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from fastdec.kernels._cases import GpuCase
+from fastdec.kernels._extension import EXTENSION
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -71,3 +75,70 @@ def pixel_shuffle_backward(grad_out: torch.Tensor, x: torch.Tensor, factor: int,
     for src, dst in _phase_views(grad_x, grad_out, factor, phase_offset):
         src.copy_(dst)
     return grad_x
+
+
+# --- registration: torch.ops.fastdec.pixel_shuffle (schema and kernels in csrc/pixel_shuffle.cpp) ------------------
+
+FUSED = "extension"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
+
+if EXTENSION is None:
+    # Same schema as csrc/pixel_shuffle.cpp, backed by the eager reference.
+    torch.library.define("fastdec::pixel_shuffle", "(Tensor x, int factor, int phase_offset=0) -> Tensor")
+    torch.library.impl("fastdec::pixel_shuffle", "cpu")(pixel_shuffle_reference)
+    torch.library.impl("fastdec::pixel_shuffle", "cuda")(pixel_shuffle_reference)
+elif not EXTENSION.built_with_cuda():
+    torch.library.impl("fastdec::pixel_shuffle", "cuda")(pixel_shuffle_reference)
+
+torch.library.register_fake("fastdec::pixel_shuffle")(pixel_shuffle_empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, factor, phase_offset = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (factor, phase_offset)
+
+
+def _backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return pixel_shuffle_backward(grad_out, x, *ctx.args), None, None
+
+
+torch.library.register_autograd("fastdec::pixel_shuffle", _backward, setup_context=_setup_context)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int, phase_offset: int = 0) -> torch.Tensor:
+    """Pixel-shuffle upsampling, bitwise equal to F.pixel_shuffle (phase_offset=0); see the module docstring."""
+    return torch.ops.fastdec.pixel_shuffle(x, factor, phase_offset)
+
+
+# --- the calls its checks and benchmarks make -----------------------------------------------------------------
+
+# The last upsamplers of an SD-style VAE decoder at 1024 px, one sample and eight (gpu_check, bench/).
+BENCH_SHAPES = ((1, 512, 256, 256), (8, 512, 256, 256))
+GPU_DTYPE = torch.float16  # the dtype its speed goal is stated in
+
+
+def check_call(r) -> tuple:
+    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
+    return r(1, 32, 9, 7), 2, 1
+
+
+def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
+    """Bitwise against the reference; phase_offset=0 also against F.pixel_shuffle and its torch.compile."""
+    compiled = torch.compile(F.pixel_shuffle, dynamic=False)
+
+    def case(shape, phase_offset, layout):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        def make():
+            return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt), 2, phase_offset
+
+        n, c, h, w = shape
+        out_numel = n * c * (h - phase_offset) * (w - phase_offset)
+        peers = ({"F.pixel_shuffle": lambda x, factor, _: F.pixel_shuffle(x, factor),
+                  "torch.compile": lambda x, factor, _: compiled(x, factor)}
+                 if phase_offset == 0 else {"eager (slices)": pixel_shuffle_reference})
+        return GpuCase(f"{tuple(shape)} off{phase_offset} {layout}", make, peers,
+                       nbytes=(n * c * h * w + out_numel) * dtype.itemsize, bitwise=True)
+
+    return [case(shape, phase_offset, layout) for shape in ([(1, 16, 8, 8)] if smoke else BENCH_SHAPES)
+            for phase_offset in (0, 1) for layout in ("nchw", "channels_last")]

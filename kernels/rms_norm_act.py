@@ -24,18 +24,26 @@ fp32 (fp64 for fp64 input); loads convert to it at once, the result is cast to x
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels._norm_checks import ACTIVATIONS, check_norm_input, check_norm_params  # noqa: F401 (ACTIVATIONS: the acts this op takes)
-from fastdec.kernels._triton import tl, triton
-from fastdec.kernels.group_norm_act import (
+from fastdec.kernels._cases import CompileCase, cuda_empty, shape_label
+from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
+    ACTIVATIONS,
     TILE_ELEMENTS,
-    _compute_dtype,
-    _flat_strides,
+    activate,
+    activation_grad,
+    check_norm_input,
+    check_norm_params,
+    compute_dtype,
+    flat_views,
 )
+from fastdec.kernels._triton import tl, triton
 
 EPS_MODES = ("add", "clamp")
 
@@ -81,7 +89,7 @@ def rms_norm_act_reference(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    xc = x.to(_compute_dtype(x))
+    xc = x.to(compute_dtype(x))
     y = xc * _inverse_rms(xc, eps, eps_mode)
     if weight is not None:
         y.mul_(_per_channel(weight, y))
@@ -110,18 +118,13 @@ def rms_norm_act_backward(
     grad_x = inv * g - x * inv^3 * mean_c(g * x). In "clamp" mode inv = 1/eps is constant where the rms is
     clamped, and there grad_x = inv * g.
     """
-    xc = x.to(_compute_dtype(x))
+    xc = x.to(compute_dtype(x))
     inv = _inverse_rms(xc, eps, eps_mode)
     xhat = xc * inv
     grad_y = grad_out.to(xc.dtype)
     if act != "none":
         y = xhat * _per_channel(weight, xhat) if weight is not None else xhat
-        y = y + _per_channel(bias, y) if bias is not None else y
-        if act == "silu":
-            sig = torch.sigmoid(y)
-            grad_y = grad_y * sig * (1 + y * (1 - sig))
-        else:
-            grad_y = grad_y * (y > 0)
+        grad_y = activation_grad(grad_y, y + _per_channel(bias, y) if bias is not None else y, act)
     reduce_dims = [0, *range(2, x.dim())]
     grad_weight = (grad_y * xhat).sum(reduce_dims).to(weight.dtype) if weight is not None else None
     grad_bias = grad_y.sum(reduce_dims).to(bias.dtype) if bias is not None else None
@@ -192,11 +195,7 @@ def _rms_norm_act_kernel(
             y = y * tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(COMPUTE)[:, None]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(COMPUTE)[:, None]
-        if ACT == "silu":  # y * sigmoid(y) with exp(-|y|), which never overflows
-            decay = tl.exp(-tl.abs(y))
-            y = y * tl.where(y >= 0, 1.0, decay) / (1.0 + decay)
-        elif ACT == "relu":  # where, not maximum: NaN stays NaN as in torch.relu
-            y = tl.where(y < 0.0, 0.0, y)
+        y = activate(y, ACT)
         out_offsets = (channels * stride_oc)[:, None] + (positions * stride_os)[None, :]
         tl.store(out_base + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -231,18 +230,12 @@ def rms_norm_act_triton(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    # Layouts whose spatial dims do not flatten to one stride (e.g. a transposed H/W view) run on a copy.
-    source = x if _flat_strides(x) is not None else x.contiguous()
-    target = out if _flat_strides(out) is not None else torch.empty_like(source)
-    x_strides, out_strides = _flat_strides(source), _flat_strides(target)
-
+    source, target, x_strides, out_strides, index = flat_views(x, out)
     batch, channels = x.shape[:2]
     spatial = math.prod(x.shape[2:])
     block_c, block_s = tile_shape(channels, spatial, x_strides[1] == 1 and channels > 1)
     num_position_blocks = triton.cdiv(spatial, block_s)
-    # int32 offsets inside one sample unless they can pass 2^31
-    span = (channels - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     _rms_norm_act_kernel[(batch * num_position_blocks,)](
         source,
         target,
@@ -261,9 +254,80 @@ def rms_norm_act_triton(
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
-        INDEX=tl.int64 if span >= 2**31 else tl.int32,
+        INDEX=index,
         num_warps=4,
     )
     if target is not out:
         out.copy_(target)
     return out
+
+
+# --- registration: torch.ops.fastdec.rms_norm_act ---------------------------------------------------------------
+
+FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
+
+
+@torch.library.custom_op("fastdec::rms_norm_act", mutates_args=(), device_types="cpu")
+def rms_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    act: str = "none",
+    eps_mode: str = "add",
+) -> torch.Tensor:
+    """act(x / rms_c(x) * weight + bias), channel RMS per position of 4-D/5-D x; eps_mode "add" (RMSNorm,
+    rsqrt(ms + eps)) or "clamp" (Wan, 1 / max(rms, eps)); see the module docstring."""
+    return cpu_kernel(rms_norm_act_triton, rms_norm_act_reference)(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_kernel("cuda")
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    return cuda_kernel(rms_norm_act_triton, rms_norm_act_reference)(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_fake
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    check_rms_norm_act(x, weight, bias, eps, act, eps_mode)
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, act, eps_mode = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (eps, act, eps_mode)
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = rms_norm_act_backward(grad_out, x, weight, bias, *ctx.args)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+rms_norm_act.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the calls its checks and benchmarks make -----------------------------------------------------------------
+
+# The Wan 2.1 decoder at 480x832, one chunk of 4 output frames: 384 channels at 1/8..1/2 size, 96 at full size
+# (bench/); compile_check takes the smallest and the largest.
+BENCH_SHAPES = ((1, 384, 4, 60, 104), (1, 384, 4, 240, 416), (1, 96, 4, 480, 832))
+COMPILE_SHAPES = (BENCH_SHAPES[0], BENCH_SHAPES[2])
+
+
+def check_call(r) -> tuple:
+    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
+    return r(1, 96, 3, 17, 9), r(96), None, 1e-12 * 96**-0.5, "silu", "clamp"
+
+
+def compile_cases(quick: bool) -> list[CompileCase]:
+    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), COMPILE_SHAPES, ("silu", "none"))
+    if quick:
+        cases = (("bf16", True, (1, 96, 4, 480, 832), "silu"), ("fp32", False, (1, 384, 4, 60, 104), "none"))
+
+    def run(dtype, channels_last, shape, act):
+        x = cuda_empty(shape, dtype, torch.channels_last_3d if channels_last else torch.contiguous_format)
+        rms_norm_act_triton(x, cuda_empty(shape[1:2], dtype), None, 1e-12 * shape[1] ** -0.5, act, "clamp")
+
+    return [CompileCase(f"{dtype} {'channels_last_3d' if cl else 'NCTHW'} {shape_label(shape)} {act}",
+                        functools.partial(run, dtype, cl, shape, act)) for dtype, cl, shape, act in cases]

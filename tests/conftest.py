@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fastdec.kernels import attention, group_norm_act, patch_unembed, rms_norm_act
+from fastdec import ops
 
-LAUNCHERS = ((group_norm_act, "group_norm_act_triton"), (attention, "attention_triton"),
-             (patch_unembed, "patch_unembed_triton"), (rms_norm_act, "rms_norm_act_triton"))
+LAUNCHERS = tuple((ops.OP_MODULES[name], f"{name}_triton") for name in ops.TRITON_OPS)
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ def test_video_latents_become_the_mp4_of_fastdec_decode(tmp_path):
 
 
 def test_throughput_bench_reports_items_per_second_and_the_projection(tmp_path, monkeypatch):
-    from fastdec.batch import bench
+    from fastdec.bench import batch_throughput as bench
 
     assert bench.main(["--decoders", "taesd", "--side", "64", "--items", "taesd=3", "--engines", "local",
                        "--threads", "1", "--out", str(tmp_path)]) == 0

@@ -318,6 +318,7 @@ def test_parallel_needs_a_process_group():
 # --- real weights --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; test_tiled_equals_untiled covers every family at small sizes in CI
 @pytest.mark.skipif(not (TAEF2 / "taef2_decoder.pth").is_file(), reason=f"TAEF2 weights not found in {TAEF2}")
 @torch.no_grad()
 def test_taef2_real_weights_1536_photo_tiled_equals_untiled():

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from fastdec.cli import main
-from fastdec.eval import ssim
 from fastdec.models.dcae import DCAEDecoder
 from fastdec.models.preview import LatentPreview
 from fastdec.models.taesd import TAESDDecoder, TAESDEncoder
@@ -21,6 +20,7 @@ from fastdec.train import TrainConfig, train
 from fastdec.train import checkpoint as ckpt
 from fastdec.train.data import list_images, load_samples
 from fastdec.train.losses import LPIPSUnavailable, load_lpips, lpips_unavailable_reason
+from fastdec.train.scoring import ssim
 
 CHANNELS = 4
 

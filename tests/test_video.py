@@ -164,6 +164,21 @@ def test_save_video_without_pyav_says_how_to_install(tmp_path, monkeypatch):
 
 
 @needs_weights
+def test_cli_decodes_a_video_latent_to_mp4(tmp_path, capsys):
+    """The CLI's video path end to end at a small size (the real latent's full size is the slow test below)."""
+    latents = tmp_path / "clip.pt"
+    torch.save(torch.randn(1, 16, 2, 4, 6), latents)
+    code = cli.main(["decode", str(latents), "--decoder", str(WEIGHTS), "-o", str(tmp_path), "--fps", "8",
+                     "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    path = tmp_path / "clip.mp4"
+    assert out.split() == [str(path)] and "2/2 latent frames" in err
+    assert read_video(path) == (5, 32, 48, 8.0, "h264")
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: 61 frames of 320x512
+@needs_weights
 @pytest.mark.skipif(not WAN_LATENTS.is_file(), reason=f"real Wan latent not found: {WAN_LATENTS}")
 def test_cli_decodes_the_real_wan_latent_to_mp4(tmp_path, capsys):
     """The real Wan 2.1 latent (16 x 40 x 64, saved on CUDA: the CLI maps it to the CPU) with the fixture weights:

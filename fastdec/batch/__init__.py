@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastdec.batch.reader import list_sources, write_parquet
+from fastdec.batch.reader import count_items, list_sources, write_parquet
 from fastdec.batch.work import OutputFormat, load_decoder, resolve_device
 from fastdec.batch.writer import BatchReport, Progress, Writer
 from fastdec.models.base import Decoder
@@ -66,8 +66,6 @@ def decode_dataset(
     sources, _ = list_sources(input)
     name = decoder if isinstance(decoder, str) else type(decoder).__name__
     writer = Writer(output, output_format.suffix, name)
-    from fastdec.batch.reader import count_items
-
     total = sum(count_items(source) or 1 for source in sources)
     report = BatchReport(engine=engine, decoder=name, total=total)
     meter = Progress(total, enabled=progress)

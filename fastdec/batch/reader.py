@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,9 +262,3 @@ def write_parquet(path: str | Path, latents: Mapping[str, Tensor] | Iterable[tup
     path = Path(path)
     pq.write_table(pa.table(columns, schema=schema), path, row_group_size=row_group_size)
     return path
-
-
-def iter_units(sources: Iterable[Source], batch_size: int) -> Iterator[tuple[Source, Unit]]:
-    for source in sources:
-        for unit in read_source(source, batch_size):
-            yield source, unit

@@ -81,10 +81,9 @@ def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, late
                 return module(latents)
         return run
 
-    variants = [
-        Variant("fastdec", fastdec_call(False, model), fastdec_range, backend),
-        Variant("fastdec-reference", fastdec_call(True, model), fastdec_range, "eager-reference ops"),
-    ]
+    variants = [Variant("fastdec", fastdec_call(False, model), fastdec_range, backend)]
+    if settings.reference_variant:
+        variants.append(Variant("fastdec-reference", fastdec_call(True, model), fastdec_range, "eager-reference ops"))
     if twin is None:
         variants.append(Variant("diffusers", status="n/a", reason=contender.no_diffusers_reason))
     else:
@@ -167,8 +166,9 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
 
         reference, fidelity_reason = None, None
         by_name = {v.name: v for v in variants}
-        reference_variant = by_name.get("fastdec-reference", by_name["fastdec"])  # the same code when absent
-        if dtype == torch.float32 and reference_variant.output is not None:
+        # fastdec's own output is the reference only when it ran the reference code (fastdec-reference dropped)
+        reference_variant = by_name.get("fastdec-reference", None if fused_differs else by_name["fastdec"])
+        if dtype == torch.float32 and reference_variant is not None and reference_variant.output is not None:
             reference = image_of(reference_variant.output, model.output_range)
         else:  # an fp32 copy of the same weights, every op on its eager reference
             try:

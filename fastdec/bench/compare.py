@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fastdec.bench.render import _ms
+from fastdec.bench.render import format_ms
 
 
 def read_result(path: str | Path) -> dict:
@@ -42,8 +42,8 @@ def compare(old: dict, new: dict) -> str:
         ratio = new_row["median_ms"] / old_rows[row_key]["median_ms"]
         ratios.setdefault(row_key[1], []).append(ratio)
         decoder, variant, side, batch, dtype = row_key
-        lines.append(f"| {decoder} | {variant} | {side}² | {batch} | {dtype} | {_ms(old_rows[row_key]['median_ms'])} "
-                     f"| {_ms(new_row['median_ms'])} | {ratio:.3f} |")
+        lines.append(f"| {decoder} | {variant} | {side}² | {batch} | {dtype} | "
+                     f"{format_ms(old_rows[row_key]['median_ms'])} | {format_ms(new_row['median_ms'])} | {ratio:.3f} |")
     lines.append("")
     for variant, values in ratios.items():
         lines.append(f"geometric mean new/old, {variant}: {math.exp(statistics.fmean(map(math.log, values))):.3f} "

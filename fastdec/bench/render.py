@@ -14,7 +14,8 @@ from fastdec.bench.spec import GIB, MIB
 from fastdec.bench.timing import fused_backend
 
 
-def _ms(value: float | None) -> str:
+def format_ms(value: float | None) -> str:
+    """Milliseconds with 3 significant digits (whole below 1000), "n/a" for a missing time."""
     if value is None:
         return "n/a"
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
@@ -67,6 +68,9 @@ def load_line(load: dict) -> str:
         return "load average: not available on this OS"
     line = (f"load average (1 min) {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end, on "
             f"{load['cpu_count']} cores with {load['torch_threads']} torch threads")
+    if load.get("busy_cores_at_start") is not None:
+        line += f" ({load.get('threads_chosen', 'set by --threads')}; {load['busy_cores_at_start']:.1f} cores busy " \
+                "with other processes at the start)"
     if load["busy"]:
         line += ": the machine was busy during the run, times are noisy (goals say inconclusive when it shows)"
     return line
@@ -86,7 +90,7 @@ def summary_table(result: dict) -> list[str]:
     for decoder, side, batch in keys:
         case = {r["variant"]: r for r in rows if (r["decoder"], r["resolution"], r["batch"]) == (decoder, side, batch)}
         fused, eager = case.get("fastdec"), case.get("diffusers")
-        times = [_ms(case[v]["median_ms"]) if v in case else "n/a" for v in present]
+        times = [format_ms(case[v]["median_ms"]) if v in case else "n/a" for v in present]
         memory = f"{_mib(fused and fused['peak_memory_bytes'])} / {_mib(eager and eager['peak_memory_bytes'])}"
         goal_marks = "; ".join(mark for mark in (goal_for_row(case[v], goals) for v in case) if mark)
         lines.append("| " + " | ".join([decoder, f"{side}²", str(batch), *times, _speedup(fused) if fused else "n/a",
@@ -100,7 +104,8 @@ def full_table(result: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         if row["status"] == "ok":
-            cells = [_ms(row["median_ms"]), _ms(row["iqr_ms"]), f"{_ms(row['min_ms'])}–{_ms(row['max_ms'])}",
+            cells = [format_ms(row["median_ms"]), format_ms(row["iqr_ms"]),
+                     f"{format_ms(row['min_ms'])}–{format_ms(row['max_ms'])}",
                      "–" if row["compile_s"] is None else f"{row['compile_s']:.1f}", _mib(row["peak_memory_bytes"]),
                      _error(row, 2), _psnr(row), _speedup(row)]
         else:
@@ -135,13 +140,14 @@ def pipeline_lines(result: dict) -> list[str]:
     for share in result.get("pipeline_share") or []:
         unet = share["unet_step"]
         lines += ["", f"Pipeline share, {share['resolution']}² batch {share['batch']}: one UNet step "
-                      f"{_ms(unet['median_ms'])} ms (IQR {_ms(unet['iqr_ms'])}); {share['unet_label']}; a run is "
-                      "steps x UNet step + one decode; speed-up is against the same run with diffusers' SD-VAE", ""]
+                      f"{format_ms(unet['median_ms'])} ms (IQR {format_ms(unet['iqr_ms'])}); {share['unet_label']}; "
+                      "a run is steps x UNet step + one decode; speed-up is against the same run with diffusers' "
+                      "SD-VAE", ""]
         labels = list(share["decoders"])
         head = ["steps", *(f"{label}: decode share / total ms / speed-up" for label in labels)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for entry in share["steps"]:
-            cells = [f"{entry['decode_share'][label]:.1%} / {_ms(entry['total_ms'][label])} / "
+            cells = [f"{entry['decode_share'][label]:.1%} / {format_ms(entry['total_ms'][label])} / "
                      f"{entry['speedup_vs_diffusers'].get(label, float('nan')):.2f}x" for label in labels]
             lines.append("| " + " | ".join([str(entry["steps"]), *cells]) + " |")
     return lines
@@ -169,7 +175,7 @@ def print_rich(result: dict) -> None:
         table.add_column(column, justify="right" if column not in ("decoder", "variant", "goal") else "left")
     for row in result["rows"]:
         if row["status"] == "ok":
-            cells = [_ms(row["median_ms"]), _ms(row["iqr_ms"]),
+            cells = [format_ms(row["median_ms"]), format_ms(row["iqr_ms"]),
                      "–" if row["compile_s"] is None else f"{row['compile_s']:.1f}", _mib(row["peak_memory_bytes"]),
                      _error(row, 1), _psnr(row), _speedup(row)]
         else:

@@ -17,11 +17,14 @@ from fastdec.api import RandomWeightsWarning
 from fastdec.bench.cases import bench_decoder
 from fastdec.bench.compare import compare, read_result
 from fastdec.bench.contenders import build_contender
-from fastdec.bench.environment import auto_threads, environment, load_average, machine_load
+from fastdec.bench.environment import auto_threads, busy_cores, environment, load_average, machine_load
 from fastdec.bench.goals import evaluate_goals
 from fastdec.bench.pipeline import pipeline_share
 from fastdec.bench.render import print_rich, render_markdown, write_outputs
 from fastdec.bench.settings import Settings, add_arguments, dtype_name, settings_from
+
+DESCRIPTION = ("``fastdec bench``: every decoder family, timed on this device against the same architecture in "
+               "diffusers.")
 
 
 class Progress:
@@ -69,7 +72,8 @@ def run_benchmark(settings: Settings, command: str) -> dict:
     progress = Progress(len(settings.decoders) * len(configs) + (len(configs) if settings.pipeline_share else 0))
     rows: list[dict] = []
     threads = torch.get_num_threads()
-    run_threads = settings.threads or (auto_threads(load_start, threads) if settings.device.type == "cpu" else threads)
+    busy = busy_cores() if settings.device.type == "cpu" else None
+    run_threads = settings.threads or (auto_threads(busy, threads) if settings.device.type == "cpu" else threads)
     torch.set_num_threads(run_threads)
     try:
         with warnings.catch_warnings():
@@ -89,9 +93,9 @@ def run_benchmark(settings: Settings, command: str) -> dict:
                     shares.append(pipeline_share(rows, settings, side, batch))
                     progress.advance()
         env = environment(settings.device)
-        load = machine_load(load_start, load_average(), run_threads)
+        load = machine_load(load_start, load_average(), run_threads, busy)
         if settings.threads is None and settings.device.type == "cpu":
-            load["threads_chosen"] = f"auto: {run_threads} of {threads} (load {load_start and load_start[0]} at start)"
+            load["threads_chosen"] = f"auto: {run_threads} of {threads}"
     finally:
         progress.close()
         torch.set_num_threads(threads)
@@ -122,7 +126,6 @@ def run_benchmark(settings: Settings, command: str) -> dict:
     }
 
 
-
 def typed_command(argv: list[str] | None) -> str:
     """The command as a user types it (``fastdec bench ARGS``), never the executable's path on this machine."""
     if argv is None:
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Runs ``fastdec bench`` from parsed arguments (for a subcommand parser built with add_arguments)."""
     command = typed_command(argv)
     if getattr(args, "batch_throughput", False):
-        from fastdec.batch.bench import run_from_bench_args
+        from fastdec.bench.batch_throughput import run_from_bench_args
 
         return run_from_bench_args(args)
     if getattr(args, "tiling", False):
@@ -179,9 +182,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastdec.bench [options]``; returns the exit status (2: bad arguments, 1: a variant failed)."""
-    import fastdec.bench
-
-    parser = argparse.ArgumentParser(prog="fastdec bench", description=fastdec.bench.__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fastdec bench", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -54,6 +54,7 @@ class Settings:
     seed: int
     quick: bool
     threads: int | None = None
+    reference_variant: bool = True  # time fastdec on reference ops too (--quick leaves it out)
 
     def to_json(self) -> dict:
         return {
@@ -62,7 +63,7 @@ class Settings:
             "warmup": self.warmup, "compile": self.compile, "compile_backend": self.compile_backend,
             "weights": self.weights or "random", "pipeline_share": self.pipeline_share,
             "unet_config": self.unet_config if self.pipeline_share else None, "seed": self.seed, "quick": self.quick,
-            "threads": self.threads,
+            "threads": self.threads, "reference_variant": self.reference_variant,
         }
 
 
@@ -90,13 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --quick: every default decoder rather than one of each kind")
     parser.add_argument("--resolution", type=_int_list, default=None,
                         help="image side(s) in pixels, comma-separated; latents are side/8 (default: 512,1024 on "
-                             "CUDA, 256 on CPU; --quick: 512 on CUDA, 128 on CPU)")
+                             "CUDA, 256 on CPU; --quick: 512 on CUDA, 64 on CPU)")
     parser.add_argument("--batch", type=_int_list, default=None,
                         help="batch size(s), comma-separated (default: 1,8 on CUDA, 1 on CPU; --quick: 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds per variant (default: 20 on CUDA, 5 on CPU; at least 2)")
+                        help="timed rounds per variant (default: 20 on CUDA, 5 on CPU; --quick: 10 / 3; at least 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 CUDA, 1 CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--compile-backend", default="inductor",
@@ -104,9 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", action="append", default=[], metavar="DECODER=PATH",
                         help="real weights for one decoder, loaded by fastdec.load (repeatable); default: random")
     parser.add_argument("--quick", action="store_true",
-                        help="small and fast (about a minute on 2 idle CPU cores): one decoder of each kind "
-                             f"({','.join(QUICK_DECODERS)}), 128 px fp32 on CPU, 512 px bf16 on CUDA, batch 1, "
-                             "5 rounds on CPU / 10 on CUDA, no compile")
+                        help="small and fast (under a minute on 2 idle CPU cores): one decoder of each kind "
+                             f"({','.join(QUICK_DECODERS)}), 64 px fp32 on CPU, 512 px bf16 on CUDA, batch 1, "
+                             "3 rounds on CPU (no warm-up call) / 10 on CUDA, no compile, no fastdec-reference row")
     parser.add_argument("--out", default=None, metavar="DIR", help="write DIR/bench.json, bench.png and bench.md")
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                         help="OLD.json: run, then print new/old median per row; OLD.json NEW.json: compare two files "
@@ -120,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-throughput", action="store_true",
                         help="instead: items/s of `fastdec batch`, local engine vs Ray, for taesd, tae-192 and sd-vae "
                              "(--resolution: first side, default 512; --threads, --out apply) and the time to decode "
-                             "100K 1024^2 images projected from it; more options: python -m fastdec.batch.bench -h")
+                             "100K 1024^2 images projected from it; more options: "
+                             "python -m fastdec.bench.batch_throughput -h")
     parser.add_argument("--tiling", action="store_true",
                         help="instead: peak memory, max error and seams of exact tiled vs untiled decoding, fastdec "
                              "and diffusers' enable_tiling (--resolution: SD-VAE sizes; --device, --out apply); more "
@@ -152,8 +154,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if unknown or not decoders:
         raise ValueError(f"--decoders: unknown {unknown or 'empty list'}; choose from {','.join(DECODERS)}")
     if args.quick:
-        resolutions, batches = args.resolution or ((512,) if cuda else (128,)), args.batch or (1,)
-        repeats, compile_ = args.repeats or (10 if cuda else 5), False
+        resolutions, batches = args.resolution or ((512,) if cuda else (64,)), args.batch or (1,)
+        repeats, compile_ = args.repeats or (10 if cuda else 3), False
     else:
         resolutions = args.resolution or ((512, 1024) if cuda else (256,))
         batches = args.batch or ((1, 8) if cuda else (1,))
@@ -168,7 +170,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                              f"{multiple} (or leave them out of --decoders)")
     if repeats < 2:
         raise ValueError(f"--repeats {repeats}: at least 2 rounds (a median of one run is no measurement)")
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    # On CPU a first call costs no compilation, and --quick's probe call (memory) precedes the timed rounds anyway.
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else (0 if args.quick else 1))
     if warmup < 0:
         raise ValueError(f"--warmup {warmup}: must be >= 0")
     weights = {}
@@ -186,6 +189,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         decoders=decoders, resolutions=tuple(resolutions), batches=tuple(batches), dtype=dtype, device=device,
         repeats=repeats, warmup=warmup, compile=compile_, compile_backend=args.compile_backend, weights=weights,
         pipeline_share=args.pipeline_share, unet_config=args.unet_config or ("sd15" if cuda else "tiny"),
-        seed=args.seed, quick=args.quick, threads=args.threads,
+        seed=args.seed, quick=args.quick, threads=args.threads, reference_variant=not args.quick,
     )
 

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastdec.machine import device_name
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (results go to bench/results, TAEF2 is in ../shared)
 TAEF2 = ROOT / ".." / "shared" / "weights" / "taef2"
@@ -248,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     taef2_sizes = [int(s) for s in args.taef2_sizes.split(",") if s] if (TAEF2 / "taef2_decoder.pth").is_file() else []
     date = datetime.date.today().isoformat()
-    cores = len(os.sched_getaffinity(0))
-    machine = f"{platform.processor() or platform.machine()} ({cores} cores)" if args.device == "cpu" else \
-        torch.cuda.get_device_name()
-    meta = {"date": date, "machine": machine, "torch": torch.__version__, "device": args.device,
+    meta = {"date": date, "machine": device_name(torch.device(args.device)), "torch": torch.__version__,
+            "device": args.device,
             "command": "python -m fastdec.bench.tiling " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
     plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]

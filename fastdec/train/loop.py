@@ -13,8 +13,6 @@ import functools
 import json
 import logging
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdec.machine import device_name
 from fastdec.models.base import Decoder
 from fastdec.train import checkpoint as ckpt
 from fastdec.train.data import Skips, draw_batch, load_samples
@@ -35,6 +34,7 @@ from fastdec.train.losses import (
     load_lpips,
     psnr,
 )
+from fastdec.train.scoring import quick_eval
 
 log = logging.getLogger("fastdec.train")
 LOSSES = ("l1", "mse")
@@ -342,8 +342,6 @@ def _finish(config: TrainConfig, output: Path, model: Decoder, student_class: st
     model.save_pretrained(folder)
     final_eval = None
     if config.eval_data:
-        from fastdec.eval import quick_eval
-
         final_eval = quick_eval(model, config.eval_data, encoder, config.eval_images, device)
         log.info("final eval on %s: %s", config.eval_data, final_eval)
     card = {
@@ -359,25 +357,13 @@ def _finish(config: TrainConfig, output: Path, model: Decoder, student_class: st
         "training": {k: v for k, v in _jsonable(config).items() if k not in ("data", "output", "encoder", "extra")},
         "notes": config.extra,
         "steps": step, "steps_planned": config.steps, "wall_time_s": round(wall, 1),
-        "device": _device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "final_eval": final_eval,
     }
     (folder / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     _plot_curves(output / "metrics.jsonl", output / "curves.png")
     log.info("saved %s (%d steps, %.1f min)", folder, step, wall / 60)
     return folder
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:  # Linux: the CPU's marketing name
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu ({model}, {os.cpu_count()} cores)"
 
 
 def _jsonable(config: TrainConfig) -> dict:

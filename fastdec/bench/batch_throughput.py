@@ -2,7 +2,7 @@
 weights, random latents written as Parquet), and a projection of the time to decode 100K images from a measured
 per-device throughput.
 
-    python -m fastdec.batch.bench --out bench/results/<date>-batch-<machine>
+    python -m fastdec.bench.batch_throughput --out bench/results/<date>-batch-<machine>
 
 Writes bench.json (every report, the machine, versions, date) and bench.md (the tables). Wall times include each
 job's start-up (loading the decoder; for Ray, starting the actors), as a user pays it; the Ray instance itself is
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
+import sys
 import tempfile
 import time
 import warnings
@@ -40,7 +40,7 @@ def _counts(text: str | None, default: dict[str, int], decoders: list[str]) -> d
 
 
 def _decoder_folder(name: str, root: Path) -> Path:
-    from fastdec.bench import fastdec_model
+    from fastdec.bench.contenders import fastdec_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -200,7 +200,8 @@ def run_from_bench_args(bench_args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdec.batch.bench", description=__doc__.split("\n\n")[0])
+    prog = "python -m fastdec.bench.batch_throughput"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--decoders", default="taesd,tae-192,sd-vae")
     parser.add_argument("--engines", default="local,ray")
     parser.add_argument("--side", type=int, default=512, help="image side (default 512)")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
     parser.add_argument("--out", help="folder for bench.json and bench.md")
     args = parser.parse_args(argv)
-    args.command_line = "python -m fastdec.batch.bench " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    args.command_line = f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     run(args)
     print(f"bench took {time.perf_counter() - start:.0f} s")

@@ -1,0 +1,89 @@
+"""Executors: where slabs live and how halos, statistics and gathers travel (one device here; many ranks in
+fastdec.parallel)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from fastdec.tiling.slab import Bounds, SlabTensor, zeros_rows
+
+
+class Executor:
+    """Where slabs live and how they meet: the part of tiling that differs between one device and many ranks."""
+
+    device: torch.device
+
+    def local(self, tiles: int) -> list[int]:
+        """The slab indices held here."""
+        raise NotImplementedError
+
+    def load(self, part: Tensor) -> Tensor:
+        """A held slab, on the compute device."""
+        return part
+
+    def keep(self, tensor: Tensor) -> Tensor:
+        """A computed slab, to where slabs are held."""
+        return tensor
+
+    def rows(self, x: SlabTensor, needs: list[tuple[int, int]]) -> Iterator[tuple[int, Tensor]]:
+        """For each held slab t, rows ``needs[t]`` of x on the compute device (zeros outside the image)."""
+        raise NotImplementedError
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """Sum over executors (one device: the tensor itself)."""
+        return tensor
+
+    def gather(self, x: SlabTensor) -> Tensor:
+        """The whole tensor on the compute device."""
+        raise NotImplementedError
+
+
+def assemble_rows(pieces: dict[int, Tensor], bounds: Bounds, hdim: int, start: int, stop: int,
+                  fetch: Callable[[Tensor], Tensor]) -> Tensor:
+    """Rows [start, stop) of a slabbed tensor from the slabs in ``pieces`` (each moved by ``fetch``); rows outside
+    [0, total) are zeros (the zero padding of the true image border)."""
+    total, chunks = bounds[-1], []
+    any_piece = next(iter(pieces.values()))
+    if start < 0:
+        chunks.append(zeros_rows(fetch(any_piece.narrow(hdim, 0, 0)), hdim, -start))
+    for t, part in pieces.items():
+        lo, hi = max(start, bounds[t]), min(stop, bounds[t + 1])
+        if lo < hi:
+            chunks.append(fetch(part.narrow(hdim, lo - bounds[t], hi - lo)))
+    if stop > total:
+        chunks.append(zeros_rows(fetch(any_piece.narrow(hdim, 0, 0)), hdim, stop - total))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, hdim)
+
+
+class HostTiles(Executor):
+    """One device: every slab is held in ``storage`` memory (host RAM by default) and moved to ``device`` only
+    while it is computed on, so device memory holds one slab (plus halo) at a time."""
+
+    def __init__(self, device: torch.device, storage: torch.device | str = "cpu"):
+        self.device, self.storage = torch.device(device), torch.device(storage)
+        self.peak_slab_bytes = 0  # largest slab input + output moved to the device at once (bench accounting)
+
+    def local(self, tiles: int) -> list[int]:
+        return list(range(tiles))
+
+    def load(self, part: Tensor) -> Tensor:
+        return part.to(self.device)
+
+    def keep(self, tensor: Tensor) -> Tensor:
+        if tensor.device == self.storage:
+            return tensor
+        return tensor.to(self.storage)
+
+    def rows(self, x: SlabTensor, needs: list[tuple[int, int]]) -> Iterator[tuple[int, Tensor]]:
+        for t, (start, stop) in enumerate(needs):
+            yield t, assemble_rows(x.parts, x.bounds, x.hdim, start, stop, self.load)
+
+    def gather(self, x: SlabTensor) -> Tensor:
+        return torch.cat([self.load(x.parts[t]) for t in range(len(x.bounds) - 1)], x.hdim)
+
+    def note(self, *tensors: Tensor) -> None:
+        self.peak_slab_bytes = max(self.peak_slab_bytes, sum(t.numel() * t.element_size() for t in tensors))
+

@@ -1,0 +1,70 @@
+"""How a registered op picks its implementation at call time; shared by the op files (kernels/<op>.py).
+
+* CUDA tensors run the Triton launcher (``cuda_kernel``), or the eager reference when triton is missing or in
+  interpreter mode.
+* CPU tensors run the eager reference, or the launcher through triton's interpreter when FASTDEC_TRITON_INTERPRET=1
+  (and TRITON_INTERPRET=1, which kernels/_triton.py sets if triton is not imported yet), one launch at a time
+  (``cpu_kernel``).
+* Inside ``with reference_ops():`` every Triton op runs its eager reference on every device (parity tests).
+
+``fastdec.ops`` re-exports ``reference_ops`` and says which of these runs where (``backends()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton_interpreting
+
+_force_reference = False
+
+
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Run the Triton ops on their eager references inside this block (any device), e.g. for parity tests."""
+    global _force_reference
+    previous, _force_reference = _force_reference, True
+    try:
+        yield
+    finally:
+        _force_reference = previous
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("FASTDEC_TRITON_INTERPRET") == "1"
+
+
+def triton_on_cpu() -> bool:
+    return not _force_reference and interpreter_requested() and triton_interpreting()
+
+
+def triton_on_cuda() -> bool:
+    return not _force_reference and TRITON_IMPORT_ERROR is None and not triton_interpreting()
+
+
+# Triton's interpreter patches triton.language process-wide while it runs a kernel, so two threads interpreting at
+# once break each other ("_semantic argument must be provided outside of JIT functions"): one launch at a time.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _interpreted(launcher: Callable) -> Callable:
+    """``launcher`` (a Triton launcher run on CPU through the interpreter) serialised by the interpreter lock."""
+    @functools.wraps(launcher)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return launcher(*args, **kwargs)
+    return locked
+
+
+def cpu_kernel(launcher: Callable, reference: Callable) -> Callable:
+    """A Triton op's CPU kernel: the launcher in the interpreter (serialised) when requested, else the reference."""
+    return _interpreted(launcher) if triton_on_cpu() else reference
+
+
+def cuda_kernel(launcher: Callable, reference: Callable) -> Callable:
+    """A Triton op's CUDA kernel: the launcher, or the reference when triton cannot run it or references are forced."""
+    return launcher if triton_on_cuda() else reference

@@ -1,0 +1,98 @@
+"""What the normalisation+activation ops (group_norm_act, rms_norm_act) share: the argument checks (the same rules,
+worded with the op's name), the compute dtype, the (N, C, S) strided view of x, the tile budget and the activation
+(its in-kernel form and its derivative)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdec.kernels._triton import tl, triton, triton_interpreting
+
+ACTIVATIONS = ("none", "silu", "relu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_norm_input(op: str, x: torch.Tensor) -> None:
+    """x is a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) floating-point tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"fastdec.{op}: x must be a 4-D (N, C, H, W) or 5-D (N, C, T, H, W) tensor, "
+            f"got {shape}; add a spatial dim of size 1 for (N, C, L) input"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"fastdec.{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_norm_params(
+    op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, act: str,
+    shape_hint: str = "",
+) -> None:
+    """Per-channel weight/bias (shape (C,), x's device, x's dtype or fp32), eps > 0 and finite, a known act."""
+    channels = x.shape[1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if param.shape != (channels,):
+            raise ValueError(
+                f"fastdec.{op}: {name} must have shape ({channels},), got {tuple(param.shape)}{shape_hint}"
+            )
+        if param.device != x.device:
+            raise ValueError(f"fastdec.{op}: {name} is on {param.device} but x is on {x.device}")
+        if param.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"fastdec.{op}: {name} must be {x.dtype} (like x) or float32, got {param.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"fastdec.{op}: eps must be a finite number > 0, got {eps!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fastdec.{op}: act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics and arithmetic run in fp32 (fp64 for fp64 input)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None."""
+    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True) if size != 1]
+    for (_, outer_stride), (inner_size, inner_stride) in zip(spatial[:-1], spatial[1:], strict=True):
+        if outer_stride != inner_size * inner_stride:
+            return None
+    return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
+
+
+def flat_views(x: torch.Tensor, out: torch.Tensor):
+    """(source, target, x strides, target strides, index dtype) for a kernel over the (N, C, S) views of x and out.
+    Layouts whose spatial dims do not flatten to one stride (e.g. a transposed H/W view) run on a copy (the caller
+    copies target into out when they differ); offsets are int32 inside one sample unless they can pass 2^31."""
+    source = x if flat_strides(x) is not None else x.contiguous()
+    target = out if flat_strides(out) is not None else torch.empty_like(source)
+    x_strides, out_strides = flat_strides(source), flat_strides(target)
+    spatial = math.prod(x.shape[2:])
+    span = (x.shape[1] - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
+    return source, target, x_strides, out_strides, tl.int64 if span >= 2**31 else tl.int32
+
+
+# Elements per loaded tile: 16 values per thread at 4 warps on a GPU. Triton's CPU interpreter pays per tile op, not
+# per element (numpy), so there tiles are 16x larger: same kernel code, far fewer loop trips.
+TILE_ELEMENTS = 32768 if triton_interpreting() else 2048
+
+
+@triton.jit
+def activate(y, ACT: tl.constexpr):
+    if ACT == "silu":  # y * sigmoid(y) with exp(-|y|), which never overflows
+        decay = tl.exp(-tl.abs(y))
+        y = y * tl.where(y >= 0, 1.0, decay) / (1.0 + decay)
+    elif ACT == "relu":  # where, not maximum: NaN stays NaN as in torch.relu
+        y = tl.where(y < 0.0, 0.0, y)
+    return y
+
+
+def activation_grad(grad: torch.Tensor, y: torch.Tensor, act: str) -> torch.Tensor:
+    """The gradient at the activation's input y from the gradient at its output."""
+    if act == "silu":
+        sig = torch.sigmoid(y)
+        return grad * sig * (1 + y * (1 - sig))
+    return grad * (y > 0) if act == "relu" else grad
