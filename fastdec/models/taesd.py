@@ -171,7 +171,7 @@ class TAESDDecoder(Decoder, nn.Sequential):
     @classmethod
     def from_pth(cls, path: str | Path, variant: str, device: Device = None, dtype: DType = None) -> TAESDDecoder:
         """madebyollin's <name>_decoder.pth (keys like ``1.weight``, ``3.conv.0.weight``); dtype None: float32."""
-        state = _read_pth(path, "decoder")
+        state = read_pth(path, "decoder")
         if "1.weight" not in state or "0.weight" in state:
             raise ValueError(
                 f"{path} is not a TAESD decoder state dict (a decoder has '1.weight', its first conv, and no "
@@ -235,7 +235,7 @@ class TAESDEncoder(nn.Sequential):
     @classmethod
     def from_pth(cls, path: str | Path, variant: str, device: Device = None, dtype: DType = None) -> TAESDEncoder:
         """madebyollin's <name>_encoder.pth (keys like ``0.weight``, ``1.conv.0.weight``); dtype None: float32."""
-        state = _read_pth(path, "encoder")
+        state = read_pth(path, "encoder")
         if "0.weight" not in state or state["0.weight"].shape[1] != 3:
             raise ValueError(
                 f"{path} is not a TAESD encoder state dict (an encoder starts with '0.weight', a conv from 3 "
@@ -264,7 +264,8 @@ class TAESDEncoder(nn.Sequential):
 _DIFFUSERS_INDEX_SHIFT = {"decoder": 1, "encoder": 0}
 
 
-def _read_pth(path: str | Path, part: str) -> dict[str, Tensor]:
+def read_pth(path: str | Path, part: str) -> dict[str, Tensor]:
+    """The tensors of madebyollin's <variant>_<part>.pth (``part``: decoder or encoder, for the messages)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -341,7 +342,7 @@ def variant_of_file(path: Path) -> str:
     named = variant_of_name(path.stem)
     if named is not None:
         return named
-    state = _read_pth(path, "decoder")
+    state = read_pth(path, "decoder")
     if "1.weight" not in state:
         raise ValueError(f"{path} is not a TAESD decoder state dict (no '1.weight', the decoder's first conv)")
     width, latent_channels = state["1.weight"].shape[:2]

@@ -70,7 +70,7 @@ def taesd_variant_of_encoder(path: Path, latent_channels: int) -> str:
 def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
     """A TAESD encoder .pth, a diffusers AutoencoderKL / AutoencoderTiny (instance, folder, or Hub id), frozen,
     fp32, in eval mode."""
-    from fastdec.models.taesd import TAESDEncoder, _read_pth
+    from fastdec.models.taesd import TAESDEncoder, read_pth
 
     if isinstance(source, nn.Module):
         return _from_diffusers_module(source, type(source).__name__, device)
@@ -78,7 +78,7 @@ def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
     if path.suffix in (".pth", ".pt"):
         if not path.is_file():
             raise FileNotFoundError(f"encoder weights {path} not found")
-        state = _read_pth(path, "encoder")
+        state = read_pth(path, "encoder")
         if "0.weight" not in state:
             raise ValueError(f"{path} is not a TAESD encoder state dict (no '0.weight'); a decoder file?")
         last = max(int(k.partition(".")[0]) for k in state if k.partition(".")[0].isdigit())
