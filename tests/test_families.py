@@ -134,3 +134,15 @@ def test_decode_stream_yields_the_decode_in_pieces():
     taesd = TAESDDecoder("taesd", blocks=(1, 1)).eval()
     image = torch.randn(2, 4, 2, 2)
     assert [piece.shape for piece in taesd.decode_stream(image)] == [(2, 3, 4, 4)]
+
+
+@pytest.mark.parametrize(("latent_dtype", "decoder_dtype"), [(torch.bfloat16, torch.float32),
+                                                             (torch.float32, torch.bfloat16)])
+def test_decoder_decode_casts_latents_to_its_dtype_as_fastdec_decode_does(latent_dtype, decoder_dtype):
+    """The README's "load once, decode many" with bf16 latents (the real Wan latent is bf16) into an fp32 decoder,
+    and fp32 latents into a decoder loaded in a half dtype, decode as fastdec.decode does: no raw dtype error."""
+    decoder = TAESDDecoder("taesd").to(decoder_dtype).eval()
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).to(latent_dtype)
+    images = decoder.decode(latents)
+    assert images.dtype == decoder_dtype and images.shape == (1, 3, 32, 32)
+    assert torch.equal(images, fastdec.decode(latents, decoder=decoder))

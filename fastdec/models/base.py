@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdec.read_errors import read_error_advice, read_error_reason
-from fastdec.validate import check_latents
+from fastdec.validate import check_latents, weights_device_and_dtype
 
 Progress = Callable[[int, int], None]  # progress(done, total), in latent frames
 # decode() with a tile_size attribute hands the decode to this tiler (decoder, checked latents, tile_size) -> images,
@@ -51,7 +51,8 @@ class Decoder(nn.Module):
 
     def decode(self, latents: Tensor, check_finite: bool | None = None, **options) -> Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], or video latents (B, C, T, h, w) ->
-        frames (B, T_out, 3, H, W) in [0, 1], in the decoder's dtype.
+        frames (B, T_out, 3, H, W) in [0, 1], in the decoder's dtype. Latents of another float dtype are cast to
+        the decoder's (bf16 latents into an fp32 decoder, fp32 into an fp16 one), as fastdec.decode does.
 
         The latents are checked first (fastdec.validate.check_latents: type, shape, channels, device, and NaN/Inf
         unless ``check_finite=False``, compiled or captured). ``options`` are the family's own (its
@@ -59,6 +60,9 @@ class Decoder(nn.Module):
         With ``tile_size`` set, the decode runs in exact slabs (fastdec.tiling.tiled_decode); not with options,
         which a tiled decode does not pass on."""
         self.check_options(options)
+        if isinstance(latents, Tensor) and latents.is_floating_point():
+            # One behaviour with fastdec.decode: latents of any float dtype are cast to the decoder's.
+            latents = latents.to(weights_device_and_dtype(self)[1])
         inputs = {name: options.pop(name) for name in self.input_options if name in options}
         latents = self.prepare(latents, check_finite, **inputs)
         if self.tile_size is not None and _tiler is not None and not options:
