@@ -13,6 +13,7 @@ A name that is found nowhere raises FileNotFoundError naming the file to fetch, 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -31,6 +32,7 @@ from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents_tensor, weights_device_and_dtype
 
 OUTPUTS = ("tensor", "uint8", "pil")
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")  # files load() reads, or that users try
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -118,12 +120,17 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     if name in registry.named():
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_name(name, device, dtype)
-    if str(source).count("/") in (1, 2) and not str(source).startswith((".", "/", "~")):
+    # A path to a weights file or an explicit path that does not exist: a typo, not a Hub id or a name.
+    if path.suffix.lower() in WEIGHT_SUFFIXES or str(source).startswith((".", "/", "~")):
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise FileNotFoundError(f"no such file or folder: {path}{where}")
+    if str(source).count("/") in (1, 2):
         _refuse_overrides(config_overrides, f"the Hub repo {source!r}")
         return _from_hub_id(str(source), device, dtype)
+    close = difflib.get_close_matches(name, names(), n=3, cutoff=0.6)
     raise FileNotFoundError(
         f"{source!r} is neither an existing path, a Hub repo id (owner/repo[/subfolder]) nor a known name; "
-        f"names: {', '.join(names())}"
+        + (f"did you mean {' or '.join(repr(match) for match in close)}?" if close else f"names: {', '.join(names())}")
     )
 
 

@@ -114,6 +114,18 @@ def test_load_rejects_other_modules_and_objects():
         fastdec.load("no-such-decoder")
 
 
+def test_load_names_a_missing_file_and_suggests_a_close_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in ("weights/taef2_decoder.pth", "./taef2_decoder.pth", str(tmp_path / "a" / "decoder.safetensors")):
+        with pytest.raises(FileNotFoundError, match="^no such file or folder: ") as error:
+            fastdec.load(missing)
+        assert "Hub" not in str(error.value) and "names:" not in str(error.value)
+    assert "relative to the working directory" in str(pytest.raises(FileNotFoundError, fastdec.load, "x.pth").value)
+    with pytest.raises(FileNotFoundError, match="did you mean 'efficientvit-taef2'") as error:
+        fastdec.load("efficientvit-taef")
+    assert "names:" not in str(error.value)
+
+
 # --- load: folders and files ------------------------------------------------------------------------------------------
 
 
