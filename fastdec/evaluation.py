@@ -96,7 +96,7 @@ def evaluate(
         decoder.eval()
         result, outputs[label] = measure(decoder, latents, targets, lpips, speed_runs)
         rows.append({"decoder": label, **result})
-        log.info("%s: %s", label, result)
+        log.info("%s", score_line(label, result))
     report = {
         "data": str(data), "images": [name for name, _ in pairs], "size": list(targets[0].shape[1:]),
         "encoder": frozen.description, "preview_fitted_on": f"first {preview_images} images of {preview_data}",
@@ -120,6 +120,23 @@ def write_report(report: dict, output: Path, originals: list[Tensor], outputs: d
     save_grid(output / "grid.png", originals, outputs, grid_crop)
 
 
+def score_line(label: str, result: dict) -> str:
+    """One decoder's scores as a progress line (the per-image numbers stay in report.json)."""
+    parts = [f"PSNR {result['psnr']:.2f} dB", f"SSIM {result['ssim']:.3f}"]
+    if "lpips" in result:
+        parts.append(f"LPIPS {result['lpips']:.3f}")
+    if result.get("ms_per_image") is not None:
+        parts.append(f"{result['ms_per_image']:.1f} ms/image")
+    return f"{label}: " + ", ".join(parts) + f", {format_params(result['params'])} parameters"
+
+
+def format_params(count: int) -> str:
+    """A parameter count for the table: 1.34M, 99 (the latent preview's), 12.5K: never "0.00M"."""
+    if count >= 1e6:
+        return f"{count / 1e6:.2f}M"
+    return f"{count / 1e3:.1f}K" if count >= 1e4 else str(count)
+
+
 def markdown_table(report: dict) -> str:
     has_lpips = any("lpips" in row for row in report["rows"])
     header = "| decoder | params | PSNR (dB) | SSIM |" + (" LPIPS |" if has_lpips else "") + " ms / image |"
@@ -130,7 +147,7 @@ def markdown_table(report: dict) -> str:
         header, "|---" * (header.count("|") - 1) + "|",
     ]
     for row in report["rows"]:
-        cells = [row["decoder"], f"{row['params'] / 1e6:.2f}M", f"{row['psnr']:.2f}", f"{row['ssim']:.3f}"]
+        cells = [row["decoder"], format_params(row["params"]), f"{row['psnr']:.2f}", f"{row['ssim']:.3f}"]
         if has_lpips:
             cells.append(f"{row['lpips']:.3f}" if "lpips" in row else "-")
         ms = row.get("ms_per_image")

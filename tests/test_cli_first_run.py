@@ -131,3 +131,13 @@ def test_pyproject_installs_without_setuptools_deprecation_warnings():
         distribution = apply_configuration(Distribution(), REPO / "pyproject.toml")
     assert [str(w.message).splitlines()[0] for w in caught] == []
     assert distribution.metadata.license_expression == "MIT"
+
+
+def test_help_shows_no_internal_option_and_check_says_what_it_does(capsys):
+    for command in ("batch", "check"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--fail-after" not in out
+    assert "runs each fused op against its eager reference" in out

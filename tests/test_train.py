@@ -144,6 +144,15 @@ def test_eval_report_and_grid(workspace, tmp_path):
         assert grid.size == (4 * 48, 2 * (32 + 16))
 
 
+def test_eval_prints_readable_lines_not_python_dicts():
+    from fastdec.evaluation import format_params, score_line
+
+    assert [format_params(n) for n in (99, 12_345, 1_338_499)] == ["99", "12.3K", "1.34M"]
+    line = score_line("latent preview", {"psnr": 18.0, "ssim": 0.5, "ms_per_image": 0.2, "params": 99,
+                                         "per_image": {"psnr": [17.9, 18.1]}})
+    assert line == "latent preview: PSNR 18.00 dB, SSIM 0.500, 0.2 ms/image, 99 parameters"
+
+
 def test_latent_preview_fit_recovers_a_linear_map():
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(3, CHANNELS, generator=g) * 0.1, torch.rand(3, generator=g)

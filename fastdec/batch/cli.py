@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--actors", type=int, help="decoder actors (default: one per GPU, else one per CPU but one)")
     ray.add_argument("--actor-cpus", type=float, help="CPUs per actor (default: 1)")
     ray.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    parser.add_argument("--fail-after", type=int, help="testing: a worker exits after this many items, once")
+    # For the resume tests only: a worker exits after this many items, once. Not a user option: hidden from --help.
+    parser.add_argument("--fail-after", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--report", help="also write the report as JSON to this file")
 
