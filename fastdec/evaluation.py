@@ -36,11 +36,12 @@ def fit_preview(folders: list[str], encoder: FrozenEncoder, count: int, cache_di
     from fastdec.models.preview import LatentPreview
 
     samples = []
-    for folder in folders:
+    for folder in folders:  # encodes only the images it fits on, not the whole folders
+        if len(samples) >= count:
+            break
         found, _ = load_samples(folder, encoder.encode, encoder.downscale, encoder.downscale, encoder.description,
-                                cache_dir=cache_dir, flips=False)
+                                cache_dir=cache_dir, flips=False, limit=count - len(samples))
         samples += found
-    samples = samples[:count]
     return LatentPreview.fit([s.latents for s in samples], [s.image.float() / 255 for s in samples],
                              encoder.downscale)
 

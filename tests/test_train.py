@@ -275,3 +275,26 @@ def test_a_preset_student_is_built_even_beside_a_folder_of_its_name(tmp_path, mo
     (tmp_path / "tae-192").mkdir()
     student = build_student("tae-192", CHANNELS)
     assert isinstance(student, TAESDDecoder) and student.latent_channels == CHANNELS
+
+
+def test_eval_encodes_only_the_preview_images_it_uses(tmp_path):
+    """--preview-images 2 of a folder of 5 photos encodes 2, not 5 (a 4-image eval encoded 200 photos)."""
+    from types import SimpleNamespace
+
+    from fastdec.evaluation import fit_preview
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for index in range(5):
+        pixels = (torch.rand(32, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    calls = []
+
+    def encode(images):
+        calls.append(images.shape[0])
+        return torch.nn.functional.avg_pool2d(images, 8).repeat(1, 2, 1, 1)[:, :CHANNELS]
+
+    encoder = SimpleNamespace(encode=encode, downscale=8, description="test pooling encoder")
+    preview = fit_preview([str(folder)], encoder, 2, cache_dir=None)
+    assert sum(calls) == 2 and preview.latent_channels == CHANNELS

@@ -110,6 +110,7 @@ def load_samples(
     cache_dir: str | Path | None = None,
     latents_folder: str | Path | None = None,
     flips: bool = True,
+    limit: int | None = None,
 ) -> tuple[list[Sample], Skips]:
     """Every usable image of ``folder`` with its latents (and teacher decodes), from ``cache_dir`` when cached there.
 
@@ -118,7 +119,7 @@ def load_samples(
     the image as stored cropped to a multiple of ``downscale`` (no mirrored latents: flips are then off).
     ``flips``: also encode (and teacher-decode) each image mirrored, for flip augmentation; twice the encoding cost.
     Unreadable files and images smaller than ``min_size`` are skipped, counted and logged; no usable image left
-    is an error.
+    is an error. ``limit``: stop after that many usable images (the first, in sorted order): nothing more is encoded.
     """
     from safetensors.torch import load_file, save_file
 
@@ -181,6 +182,8 @@ def load_samples(
         ))
         if (index + 1) % 25 == 0:
             log.info("latents of %d/%d images ready", index + 1, len(paths))
+        if limit is not None and len(samples) >= limit:
+            break
     if skips.unreadable or skips.too_small:
         log.warning("skipped %d unreadable image(s) and %d smaller than %d px in %s", len(skips.unreadable),
                     len(skips.too_small), min_size, folder)
