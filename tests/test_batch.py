@@ -24,6 +24,7 @@ from PIL import Image
 from fastdec.batch import decode_dataset, write_parquet
 from fastdec.batch.reader import read_latents
 from fastdec.cli import main
+from fastdec.models.taesd import TAESDDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 def test_outputs_are_the_bytes_of_fastdec_decode_of_each_file(batch_dataset, batch_local_run, tmp_path):
@@ -149,8 +150,11 @@ def test_errors_say_what_to_do(batch_dataset, batch_local_run, tmp_path, capsys)
     for extra, message in cases:
         assert main(["batch", str(folder), str(tmp_path / "o"), "--decoder", str(decoder), *extra]) == 2
         assert message in capsys.readouterr().err
-    assert main(["batch", str(folder), str(batch_local_run), "--decoder", "taesd", "--quiet"]) == 2
-    assert "pass the same --decoder" in capsys.readouterr().err
+    other = tmp_path / "other-decoder"  # the same architecture, other weights
+    torch.manual_seed(123)
+    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(other)
+    assert main(["batch", str(folder), str(batch_local_run), "--decoder", str(other), "--quiet"]) == 2
+    assert "another decoder or other output settings" in capsys.readouterr().err
     assert main(["batch", str(folder / "sample000.safetensors"), str(tmp_path / "o"), "--decoder", "x"]) == 2
     assert "fastdec decode" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "missing"), str(tmp_path / "o"), "--decoder", "x"]) == 2
@@ -200,3 +204,25 @@ def test_throughput_bench_reports_items_per_second_and_the_projection(tmp_path, 
     assert main(["bench", "--batch-throughput", "--decoders", "taesd,sd-vae", "--resolution", "256",
                  "--out", str(tmp_path / "b")]) == 0
     assert forwarded == [["--side", "256", "--out", str(tmp_path / "b"), "--decoders", "taesd,sd-vae"]]
+
+
+def test_resume_knows_the_decoder_by_its_content_not_its_name(batch_dataset, batch_local_run, tmp_path, capsys,
+                                                               monkeypatch):
+    """The same weights by a relative path, or copied elsewhere, resume the job (all skipped); other weights
+    under the same folder name are refused, and so is another output setting."""
+    folder, decoder = batch_dataset
+    job = tmp_path / "job"
+    shutil.copytree(batch_local_run, job)
+    monkeypatch.chdir(decoder.parent)
+    assert main(["batch", str(folder), str(job), "--decoder", decoder.name]) == 1  # the 3 bad files fail again
+    assert f"0 done, {ITEMS} skipped" in capsys.readouterr().out
+    copy = tmp_path / "elsewhere" / decoder.name
+    shutil.copytree(decoder, copy)
+    assert main(["batch", str(folder), str(job), "--decoder", str(copy), "--quiet"]) == 1
+    assert f"0 done, {ITEMS} skipped" in capsys.readouterr().out
+    torch.manual_seed(7)
+    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(copy)  # same name, other weights
+    assert main(["batch", str(folder), str(job), "--decoder", str(copy), "--quiet"]) == 2
+    assert "another decoder or other output settings" in capsys.readouterr().err
+    assert main(["batch", str(folder), str(job), "--decoder", decoder.name, "--fps", "8", "--quiet"]) == 2
+    assert "another decoder or other output settings" in capsys.readouterr().err

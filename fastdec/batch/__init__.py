@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fastdec.batch.reader import count_items, list_sources, write_parquet
-from fastdec.batch.work import OutputFormat, load_decoder, resolve_device
+from fastdec.batch.work import OutputFormat, job_identity, load_decoder, resolve_device
 from fastdec.batch.writer import BatchReport, Progress, Writer
 from fastdec.models.base import Decoder
 
@@ -65,7 +65,11 @@ def decode_dataset(
     output_format = OutputFormat(image_format, quality, fps)
     sources, _ = list_sources(input)
     name = decoder if isinstance(decoder, str) else type(decoder).__name__
-    writer = Writer(output, output_format.suffix, name)
+    devices = _local_devices(device) if engine == "local" else [torch.device("cpu")]  # ray: the driver's copy
+    if engine == "ray" and device is not None:
+        raise ValueError("device is chosen by Ray (an actor's GPU, else the CPU): drop --device")
+    decoders = [(d, load_decoder(decoder, d, dtype)) for d in devices]
+    writer = Writer(output, output_format.suffix, name, job_identity(decoders[0][1], output_format))
     total = sum(count_items(source) or 1 for source in sources)
     report = BatchReport(engine=engine, decoder=name, total=total)
     meter = Progress(total, enabled=progress)
@@ -74,14 +78,11 @@ def decode_dataset(
         if engine == "local":
             from fastdec.batch.local import run_local
 
-            devices = _local_devices(device)
-            decoders = [(d, load_decoder(decoder, d, dtype)) for d in devices]
             run_local(sources, writer, decoders, output_format, batch_size, report, meter, workers, fail_after)
         else:
             from fastdec.batch.ray_engine import init_ray, run_ray
 
-            if device is not None:
-                raise ValueError("device is chosen by Ray (an actor's GPU, else the CPU): drop --device")
+            del decoders  # the actors load their own
             started = init_ray(address, ray_num_cpus)
             try:
                 run_ray(sources, writer, decoder, dtype, output_format, batch_size, report, meter, actors,

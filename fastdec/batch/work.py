@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +89,20 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
+
+
+def job_identity(decoder: Decoder, output_format: OutputFormat) -> str:
+    """What makes a job's bytes, as a hash: the decoder's class, config and weights (values, dtypes, shapes) and
+    the output settings. The same weights given by another path (absolute, relative, a copy) are the same job;
+    other weights under the same file name are not."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([type(decoder).__name__, getattr(decoder, "config", {}),
+                              dataclasses.asdict(output_format)], sort_keys=True, default=str).encode())
+    for key, tensor in sorted(decoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_decoder(decoder: str | Decoder, device: torch.device, dtype: torch.dtype | None) -> Decoder:

@@ -25,10 +25,12 @@ MANIFEST, FAILURES = "manifest.jsonl", "failures.jsonl"
 class Writer:
     """Writes outputs into ``output_dir``, thread-safe; at most one manifest line per id."""
 
-    def __init__(self, output_dir: str | Path, suffix: str, decoder: str):
+    def __init__(self, output_dir: str | Path, suffix: str, decoder: str, job: str):
+        """``decoder``: the decoder as the user named it (shown); ``job``: work.job_identity, what a resumed run
+        must match (the decoder's content and the output settings, not its name)."""
         self.output_dir = Path(output_dir).expanduser()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.suffix, self.decoder = suffix, decoder
+        self.suffix, self.decoder, self.job = suffix, decoder, job
         self._lock = threading.Lock()
         self.done: dict[str, dict] = self._read_manifest()
         self._manifest = open(self.output_dir / MANIFEST, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -48,7 +50,14 @@ class Writer:
                     continue
                 raise ValueError(
                     f"{path} line {number} is not JSON: the manifest is damaged; use a new output folder") from error
-            if record.get("decoder") != self.decoder:
+            if record.get("job", self.job) != self.job:
+                raise ValueError(
+                    f"{self.output_dir} holds outputs of another decoder or other output settings (decoder "
+                    f"{record.get('decoder')!r}, job {record['job']}; this job: {self.decoder!r}, job {self.job}; "
+                    "a job is a hash of the weights, config and output settings): resume with the same weights and "
+                    "settings, or use a new output folder"
+                )
+            if "job" not in record and record.get("decoder") != self.decoder:  # a manifest from before job ids
                 raise ValueError(
                     f"{self.output_dir} holds outputs of decoder {record.get('decoder')!r}, this job decodes with "
                     f"{self.decoder!r}: pass the same --decoder to resume, or use a new output folder"
@@ -80,7 +89,7 @@ class Writer:
             self.done[item_id] = {}  # claimed: a concurrent duplicate stops here
         path = self.output_path(item_id, suffix)
         self._replace(path, data)
-        record = {"id": item_id, "path": path.name, "decoder": self.decoder, "shape": list(shape),
+        record = {"id": item_id, "path": path.name, "decoder": self.decoder, "job": self.job, "shape": list(shape),
                   "sha256": hashlib.sha256(data).hexdigest()}
         with self._lock:
             self.done[item_id] = record
