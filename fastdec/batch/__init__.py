@@ -20,7 +20,15 @@ from fastdec.batch.writer import BatchReport, Progress, Writer
 from fastdec.models.base import Decoder
 
 ENGINES = ("local", "ray")
-__all__ = ["BatchReport", "decode_dataset", "write_parquet"]
+__all__ = ["BatchReport", "JobInterrupted", "decode_dataset", "write_parquet"]
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a job cleanly: every file written is whole and listed; rerunning the same call resumes."""
+
+    def __init__(self, finished: int, total: int):
+        super().__init__(f"interrupted after {finished} of {total}; run the same command to resume")
+        self.finished, self.total = finished, total
 
 
 def decode_dataset(
@@ -74,6 +82,7 @@ def decode_dataset(
     report = BatchReport(engine=engine, decoder=name, total=total)
     meter = Progress(total, enabled=progress)
     start = time.perf_counter()
+    interrupted = False
     try:
         if engine == "local":
             from fastdec.batch.local import run_local
@@ -92,8 +101,12 @@ def decode_dataset(
                     import ray
 
                     ray.shutdown()
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         writer.close()
+    if interrupted:
+        raise JobInterrupted(meter.done + meter.skipped, total) from None
     meter.finish()
     report.wall_seconds = time.perf_counter() - start
     report.first_output_seconds = None if meter.first_done_at is None else meter.first_done_at - start

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastdec.batch import decode_dataset
+    from fastdec.batch import JobInterrupted, decode_dataset
 
     try:
         report = decode_dataset(
@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
             actors=args.actors, actor_cpus=args.actor_cpus, ray_num_cpus=args.num_cpus, fail_after=args.fail_after,
             progress=not args.quiet,
         )
+    except JobInterrupted as interrupted:
+        print(f"\nfastdec batch: {interrupted}", file=sys.stderr)
+        return 130  # the shell's status for a SIGINT
     except ImportError as error:
         hint = " (the Ray engine needs: pip install 'fastdec[ray]')" if args.engine == "ray" else ""
         print(f"fastdec batch: error: {error}{hint}", file=sys.stderr)

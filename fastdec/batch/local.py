@@ -128,15 +128,23 @@ def run_local(sources: list[Source], writer: Writer, decoders: list[tuple[torch.
                for i in range(workers)]
     for thread in threads + writers:
         thread.start()
-    for thread in threads:
-        thread.join()
     try:
-        for _ in writers:
-            stages.put(images, _END)
-    except _Stopped:
-        pass
-    for thread in writers:
-        thread.join()
+        for thread in threads:
+            thread.join()
+        try:
+            for _ in writers:
+                stages.put(images, _END)
+        except _Stopped:
+            pass
+        for thread in writers:
+            thread.join()
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C: every thread stops at its next queue operation, after the unit it holds (its files are whole);
+        # joined here, so that none is still in torch or PIL when the interpreter exits (SIGABRT otherwise).
+        with stages.lock:
+            stages.error = interrupt
+        for thread in threads + writers:
+            thread.join()
     if stages.error is not None:
         raise stages.error
     report.read_seconds, report.decode_seconds, report.write_seconds = (
