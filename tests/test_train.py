@@ -298,3 +298,34 @@ def test_eval_encodes_only_the_preview_images_it_uses(tmp_path):
     encoder = SimpleNamespace(encode=encode, downscale=8, description="test pooling encoder")
     preview = fit_preview([str(folder)], encoder, 2, cache_dir=None)
     assert sum(calls) == 2 and preview.latent_channels == CHANNELS
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resume_stays_exact(workspace, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C during step 2 finishes that step, checkpoints, and stops with a message and status 130 from the
+    CLI; --resume then gives the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from fastdec.train import loop
+
+    straight = checkpoint(run(workspace, tmp_path / "straight").parent)
+    lr_at, pressed = loop.lr_at, []
+
+    def lr_at_then_ctrl_c(step, config):
+        if step == 1 and not pressed:  # once, inside step 2 (0-based 1), before its update
+            pressed.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, config)
+
+    monkeypatch.setattr(loop, "lr_at", lr_at_then_ctrl_c)
+    with pytest.raises(loop.TrainingInterrupted, match="interrupted at step 2 of 4, checkpointed; run the same "
+                                                       "command with --resume"):
+        run(workspace, tmp_path / "resumed")
+    assert "stopping after this step" in capsys.readouterr().err
+    assert checkpoint(tmp_path / "resumed")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    monkeypatch.setattr(loop, "lr_at", lr_at)
+    run(workspace, tmp_path / "resumed", resume=str(tmp_path / "resumed"))
+    resumed = checkpoint(tmp_path / "resumed")
+    for key in straight["student"]:
+        torch.testing.assert_close(straight["student"][key], resumed["student"][key], rtol=1e-6, atol=1e-7)

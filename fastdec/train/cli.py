@@ -54,11 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastdec.train.loop import train
+    from fastdec.train.loop import TrainingInterrupted, train
 
     options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     try:
         folder = train(TrainConfig(**options))
+    except TrainingInterrupted as interrupted:
+        print(f"fastdec train: {interrupted}", file=sys.stderr)
+        return 130  # the shell's status for a SIGINT
     except (ValueError, FileNotFoundError, TypeError, OSError, FloatingPointError) as error:
         print(f"fastdec train: error: {error}", file=sys.stderr)
         return 2

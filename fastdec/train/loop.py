@@ -9,11 +9,14 @@ state), so N steps + resume + N steps give the weights of 2N steps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,6 +155,37 @@ class EMA:
             ema_buffer.copy_(buffer)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary, after a checkpoint: ``--resume`` continues exactly."""
+
+    def __init__(self, step: int, steps: int, output: Path):
+        super().__init__(f"interrupted at step {step} of {steps}, checkpointed; run the same command with "
+                         f"--resume {output} to continue")
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While training: the first Ctrl-C asks to stop after the current step (a checkpoint at a step boundary keeps
+    the resume exact); a second one stops at once. Only the main thread can take signals: elsewhere, no change."""
+    requested = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def ask(signum, frame) -> None:
+        if requested[0]:
+            raise KeyboardInterrupt
+        requested[0] = True
+        print("\nCtrl-C: stopping after this step, with a checkpoint (again: stop now, without one)", file=sys.stderr,
+              flush=True)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(config: TrainConfig | None = None, **options) -> Path:
     """Trains a student decoder; returns the ``save_pretrained`` folder it ends with (``<output>/decoder``).
 
@@ -232,63 +266,68 @@ def train(config: TrainConfig | None = None, **options) -> Path:
             state["discriminator"], state["discriminator_optimizer"] = disc.state_dict(), disc_opt.state_dict()
         ckpt.save_checkpoint(output / ckpt.CHECKPOINT_NAME, state)
 
-    while step < last:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        latents, images, targets = draw_batch(samples, config.batch, config.crop, downscale, generator, flips, distill)
-        latents, images = latents.to(device), images.to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        with autocast:
-            out = forward(latents)
-            out = out * 0.5 + 0.5 if student.output_range == "-1,1" else out  # pixels in [0, 1]
-        if out.shape != images.shape:
-            raise ValueError(
-                f"the student decodes {tuple(latents.shape[-2:])} latents to {tuple(out.shape[-2:])} pixels, the crop "
-                f"is {tuple(images.shape[-2:])}: its upsampling does not match the encoder's downscale {downscale}"
-            )
-        out = out.float()
-        pixel = F.l1_loss if config.loss == "l1" else F.mse_loss
-        terms = {"pixel": pixel(out, images)}
-        if distill:
-            terms["distill"] = config.distill_weight * pixel(out, targets.to(device))
-        if lpips is not None:
-            terms["lpips"] = config.lpips_weight * lpips(out.clamp(0, 1), images).mean()
-        adversarial = disc is not None and step >= config.adv_start
-        if adversarial:
-            terms["adv"] = config.adv_weight * generator_adversarial_loss(disc(out))
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-        optimizer.step()
-        if adversarial:
-            disc_opt.zero_grad(set_to_none=True)
-            discriminator_hinge_loss(disc(images), disc(out.detach())).backward()
-            disc_opt.step()
-        ema.update(student, step)
-        step += 1
-        window.append({"loss": loss.item(), "psnr": psnr(out.detach(), images).mean().item(),
-                       "grad_norm": grad_norm.item(), **{k: v.item() for k, v in terms.items()}})
-        if not math.isfinite(window[-1]["loss"]):
-            raise FloatingPointError(f"the loss became {window[-1]['loss']} at step {step}: lower --lr")
-        if step % config.log_every == 0 or step == last:
-            now = time.perf_counter()
-            rate = len(window) / max(now - window_start, 1e-9)
-            record = {"step": step, "lr": lr_at(step - 1, config), "it_s": rate, "elapsed": now - started,
-                      **{k: sum(r[k] for r in window) / len(window) for k in window[0]}}
-            with open(output / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            eta = (last - step) / rate
-            print(f"step {step}/{config.steps} loss {record['loss']:.4f} psnr {record['psnr']:.2f} dB "
-                  f"{rate:.2f} it/s ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
-            window, window_start = [], now
-        limit_hit = config.time_limit is not None and time.perf_counter() - started > config.time_limit * 60
-        if step % config.checkpoint_every == 0 or step == last or limit_hit:
-            save()
-        if limit_hit:
-            log.info("time limit of %.1f min reached at step %d: checkpointed; --resume continues", config.time_limit,
-                     step)
-            break
+    with _stop_requests() as stop_requested:
+        while step < last:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            latents, images, targets = draw_batch(samples, config.batch, config.crop, downscale, generator, flips,
+                                                  distill)
+            latents, images = latents.to(device), images.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            with autocast:
+                out = forward(latents)
+                out = out * 0.5 + 0.5 if student.output_range == "-1,1" else out  # pixels in [0, 1]
+            if out.shape != images.shape:
+                raise ValueError(
+                    f"the student decodes {tuple(latents.shape[-2:])} latents to {tuple(out.shape[-2:])} pixels, the "
+                    f"crop is {tuple(images.shape[-2:])}: its upsampling does not match the encoder's downscale "
+                    f"{downscale}"
+                )
+            out = out.float()
+            pixel = F.l1_loss if config.loss == "l1" else F.mse_loss
+            terms = {"pixel": pixel(out, images)}
+            if distill:
+                terms["distill"] = config.distill_weight * pixel(out, targets.to(device))
+            if lpips is not None:
+                terms["lpips"] = config.lpips_weight * lpips(out.clamp(0, 1), images).mean()
+            adversarial = disc is not None and step >= config.adv_start
+            if adversarial:
+                terms["adv"] = config.adv_weight * generator_adversarial_loss(disc(out))
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+            optimizer.step()
+            if adversarial:
+                disc_opt.zero_grad(set_to_none=True)
+                discriminator_hinge_loss(disc(images), disc(out.detach())).backward()
+                disc_opt.step()
+            ema.update(student, step)
+            step += 1
+            window.append({"loss": loss.item(), "psnr": psnr(out.detach(), images).mean().item(),
+                           "grad_norm": grad_norm.item(), **{k: v.item() for k, v in terms.items()}})
+            if not math.isfinite(window[-1]["loss"]):
+                raise FloatingPointError(f"the loss became {window[-1]['loss']} at step {step}: lower --lr")
+            if step % config.log_every == 0 or step == last:
+                now = time.perf_counter()
+                rate = len(window) / max(now - window_start, 1e-9)
+                record = {"step": step, "lr": lr_at(step - 1, config), "it_s": rate, "elapsed": now - started,
+                          **{k: sum(r[k] for r in window) / len(window) for k in window[0]}}
+                with open(output / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                eta = (last - step) / rate
+                print(f"step {step}/{config.steps} loss {record['loss']:.4f} psnr {record['psnr']:.2f} dB "
+                      f"{rate:.2f} it/s ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+                window, window_start = [], now
+            limit_hit = config.time_limit is not None and time.perf_counter() - started > config.time_limit * 60
+            if step % config.checkpoint_every == 0 or step == last or limit_hit or stop_requested[0]:
+                save()
+            if stop_requested[0]:
+                raise TrainingInterrupted(step, config.steps, output)
+            if limit_hit:
+                log.info("time limit of %.1f min reached at step %d: checkpointed; --resume continues",
+                         config.time_limit, step)
+                break
     if step < config.steps:
         log.info("stopped at step %d of %d; resume with --resume %s", step, config.steps, output)
     return _finish(config, output, ema.model, student_class, encoder, skips, len(samples), step,
