@@ -135,6 +135,10 @@ def _decode(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, ImportError) as error:  # fastdec.tiling.TileError is a ValueError
         print(f"fastdec decode: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # save_video removes the video it was writing: what is listed above is whole
+        print("\nfastdec decode: interrupted; the file being written was removed (those printed are complete); run "
+              "the same command to decode again", file=sys.stderr)
+        return 130  # the shell's status for a SIGINT
     return 0
 
 

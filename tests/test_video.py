@@ -177,6 +177,25 @@ def test_cli_decodes_a_video_latent_to_mp4(tmp_path, capsys):
     assert read_video(path) == (5, 32, 48, 8.0, "h264")
 
 
+@needs_weights
+def test_cli_ctrl_c_mid_video_leaves_no_half_file(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a long video is decoded and written: status 130, a message, and no half-written mp4."""
+    stream = TAEHVDecoder.decode_stream
+
+    def interrupted_after_one_chunk(self, *args, **kwargs):
+        yield next(iter(stream(self, *args, **kwargs)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TAEHVDecoder, "decode_stream", interrupted_after_one_chunk)
+    latents = tmp_path / "clip.pt"
+    torch.save(torch.randn(1, 16, 3, 4, 6), latents)
+    code = cli.main(["decode", str(latents), "--decoder", str(WEIGHTS), "-o", str(tmp_path), "--chunk-frames", "1",
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "clip.mp4").exists()
+
+
 @pytest.mark.slow  # ~40 s on 2 cores: 61 frames of 320x512
 @needs_weights
 @pytest.mark.skipif(not WAN_LATENTS.is_file(), reason=f"real Wan latent not found: {WAN_LATENTS}")
