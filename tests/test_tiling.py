@@ -175,6 +175,52 @@ def test_decode_api_and_decoder_option(caplog):
 
 
 @torch.no_grad()
+def test_cpu_decodes_too_large_for_host_memory_are_tiled_or_refused_up_front(monkeypatch, caplog):
+    """On the CPU as on CUDA: an untiled peak over the memory this process may take is tiled (a log line says so),
+    and one that fits in no slab is refused before anything is allocated, with the numbers."""
+    from fastdec.tiling import planning
+
+    decoder = families()["taef2"].eval()
+    latents = _latents(decoder, rows=6)
+    reference = fastdec.decode(latents, decoder, tile_size=0)
+    need = tiling.estimate_decode_bytes(decoder, latents)
+    assert planning.free_device_bytes(torch.device("cpu")) > 0
+    monkeypatch.setattr(planning, "host_available_bytes", lambda: need // 2)
+    with caplog.at_level(logging.WARNING, logger="fastdec"):
+        tiled = fastdec.decode(latents, decoder)
+    assert "slabs of" in caplog.text and relative_error(tiled, reference) < 1e-4
+    monkeypatch.setattr(planning, "host_available_bytes", lambda: need // 100)
+    with pytest.raises(tiling.TileError, match=r"needs about .* GiB untiled .* GiB free on cpu: decode fewer"):
+        fastdec.decode(latents, decoder)
+
+
+@torch.no_grad()
+def test_out_of_memory_untiled_is_retried_in_slabs(monkeypatch, caplog):
+    """An out-of-memory error of an automatic untiled decode (CUDA's; simulated) is retried exactly in slabs, with a
+    log line; tile_size=0 (never tile) lets it through."""
+    import contextlib
+
+    from fastdec.tiling import decoding
+
+    decoder = families()["taef2"].eval()
+    latents = _latents(decoder, rows=6)
+    reference = fastdec.decode(latents, decoder, tile_size=0)
+
+    @contextlib.contextmanager
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield
+
+    monkeypatch.setattr(decoding, "untiled", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="fastdec"):
+        retried = tiling.decode(decoder, latents)
+    assert "out of memory" in caplog.text and "retrying exactly in slabs of 24 pixel rows" in caplog.text
+    assert relative_error(retried, reference) < 1e-4
+    with pytest.raises(torch.OutOfMemoryError):
+        tiling.decode(decoder, latents, tile_size=0)
+
+
+@torch.no_grad()
 def test_decode_api_video_latents():
     decoder = families()["toy_video"].eval()
     latents = _latents(decoder, rows=6)

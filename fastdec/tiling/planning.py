@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -94,17 +95,38 @@ def estimate_decode_bytes(decoder: nn.Module, latents: Tensor) -> int:
 
 
 def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory on a CUDA device (free + cached by torch's allocator); None elsewhere (on the CPU the host is
-    the device: slabs held in host memory would not lower the peak)."""
-    if device.type != "cuda":
+    """Free memory on a CUDA device (free + cached by torch's allocator), or on the CPU the host memory this process
+    may still take (MemAvailable, and the cgroup's limit where one is set: a container's); None where unknown. On
+    the CPU slabs lower the peak too: the activations of one slab are far larger than its share of the image."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int | None:
+    """Host memory available to this process: /proc/meminfo's MemAvailable, capped by the cgroup v2 limit
+    (memory.max - memory.current) when there is one; None without /proc."""
+    available = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = left if available is None else min(available, left)
+    return available
 
 
 def auto_tile_size(decoder: nn.Module, latents: Tensor, free_bytes: int | None = None) -> int | None:
     """A tile size (pixel rows) when the untiled decode would not fit in ``free_bytes`` (default: the free memory
     of the decoder's device), else None. Says so in a log line."""
+    if torch.compiler.is_compiling():  # host-side planning is not traced: a compiled decode is never auto-tiled
+        return None
     device, _ = weights_device_and_dtype(decoder)
     free_bytes = free_device_bytes(device) if free_bytes is None else free_bytes
     if free_bytes is None:
@@ -113,8 +135,14 @@ def auto_tile_size(decoder: nn.Module, latents: Tensor, free_bytes: int | None =
     if need <= 0.9 * free_bytes:
         return None
     h = latents.shape[-2]
-    rows = max(1, int(h * 0.5 * free_bytes / need))
+    rows = int(h * 0.5 * free_bytes / need)
     factor = spatial_factor(decoder, latents)
+    if rows < 1:
+        raise TileError(
+            f"decoding latents {tuple(latents.shape)} needs about {need / 2**30:.2f} GiB untiled and "
+            f"{need / h / 2**30:.2f} GiB even in slabs of {factor} pixel rows, with {free_bytes / 2**30:.2f} GiB free "
+            f"on {device}: decode fewer latents at a time (a smaller batch or image), or free memory"
+        )
     logger.warning(
         "fastdec: an untiled decode of latents %s needs about %.2f GiB, %.2f GiB free on %s: decoding exactly in "
         "slabs of %d pixel rows (tile_size=...) instead", tuple(latents.shape), need / 2**30, free_bytes / 2**30,
