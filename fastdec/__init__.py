@@ -2,7 +2,8 @@
 
 from fastdec import ops
 from fastdec.api import decode, load
+from fastdec.encoders import encode
 from fastdec.video import save_video
 
 __version__ = "0.1.0"
-__all__ = ["decode", "load", "ops", "save_video"]
+__all__ = ["decode", "encode", "load", "ops", "save_video"]

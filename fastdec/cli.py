@@ -98,6 +98,31 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
     return paths
 
 
+def _encode(args: argparse.Namespace) -> int:
+    """Images -> one latents file (B, C, h, w), written atomically."""
+    import fastdec
+    from fastdec.files import write_atomically
+
+    try:
+        from PIL import Image
+        from safetensors.torch import save_file
+
+        output = Path(args.output)
+        if output.suffix != ".safetensors":
+            raise ValueError(f"-o {output}: the latents are written as .safetensors; name the file <name>.safetensors")
+        pictures = []
+        for name in args.images:
+            with Image.open(name) as picture:
+                pictures.append(picture.convert("RGB"))
+        latents = fastdec.encode(pictures, encoder=args.encoder, device=args.device or "cpu")
+        write_atomically(output, lambda tmp: save_file({"latents": latents.cpu().contiguous()}, str(tmp)))
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"fastdec encode: error: {error}", file=sys.stderr)
+        return 2
+    print(output)
+    return 0
+
+
 def _decode(args: argparse.Namespace) -> int:
     """Decode a latents file to PNGs (one per batch item, <stem>_000.png, ...) or, for video latents
     (B, C, T, h, w), to <stem>.mp4."""
@@ -147,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="fastdec", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="fastdec: diffusion latents to images, fast.\n\n"
                     "  check   which backend runs each op here, each checked against its reference\n"
+                    "  encode  photos to a latents file (the input of decode)\n"
                     "  decode  a latents file to PNG images (video latents to an mp4)\n"
                     "  bench   every decoder timed against diffusers on this machine\n"
                     "  batch   a whole dataset of latents to images or mp4s (local threads or Ray), resumable\n"
@@ -195,6 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         "default: only when the untiled decode would not fit in free GPU memory",
     )
     decode.set_defaults(run=_decode)
+    encode = commands.add_parser(
+        "encode", help="encode images (PNG, JPEG, ...) of one size to a latents file that fastdec decode reads",
+        description="Encodes images into diffusion latents with a TAESD-family encoder .pth or a diffusers VAE, "
+                    "written as one (B, C, h, w) tensor 'latents' in a .safetensors file.")
+    encode.add_argument("images", nargs="+", help="image files, all of one size (sides multiples of 8)")
+    encode.add_argument("--encoder", required=True, help="a TAESD-family encoder .pth (e.g. taef2_encoder.pth), or "
+                        "a diffusers AutoencoderKL / AutoencoderTiny folder or Hub id")
+    encode.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    encode.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    encode.set_defaults(run=_encode)
     from fastdec import bench  # imports only argparse-level code until a benchmark runs
 
     bench_parser = commands.add_parser(

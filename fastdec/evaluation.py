@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fastdec.encoders import FrozenEncoder, load_encoder
 from fastdec.machine import device_name
 from fastdec.models.base import Decoder
 from fastdec.train.data import load_samples
-from fastdec.train.encoders import FrozenEncoder, load_encoder
 from fastdec.train.losses import load_lpips, lpips_unavailable_reason
 from fastdec.train.scoring import load_eval_images, measure
 

@@ -26,7 +26,7 @@ LAYERS = (
     ("ops", ("fastdec.ops",)),
     ("models", ("fastdec.models", "fastdec.validate")),
     ("tiling", ("fastdec.tiling",)),
-    ("api", ("fastdec", "fastdec.api", "fastdec.diffusers")),
+    ("api", ("fastdec", "fastdec.api", "fastdec.diffusers", "fastdec.encoders")),
     ("applications", ("fastdec.cli", "fastdec.bench", "fastdec.batch", "fastdec.train", "fastdec.evaluation",
                       "fastdec.parallel", "bench")),
 )

@@ -75,7 +75,7 @@ def _family_literals(path: Path, family_strings: set[str]) -> list[str]:
 
 def test_no_module_outside_the_registry_keeps_a_family_table():
     """api, validate, the CLI, diffusers, video, parallel, ... and train list no decoder names, aliases, presets or
-    diffusers decoder classes: the family modules register them. (train/encoders.py names the diffusers VAEs it
+    diffusers decoder classes: the family modules register them. (fastdec/encoders.py names the diffusers VAEs it
     encodes with, which is not a decoder table.)"""
     names = {*registry.named(), *registry.aliases(), *registry.presets()}
     core = sorted(PACKAGE.glob("*.py"))

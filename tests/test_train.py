@@ -193,7 +193,7 @@ def test_odd_image_files_are_converted_or_skipped_and_counted(tmp_path, workspac
     Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grayscale
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     Image.fromarray(smooth_image(4, 16, 64)).save(tmp_path / "small.png")
-    from fastdec.train.encoders import load_encoder
+    from fastdec.encoders import load_encoder
 
     encoder = load_encoder(workspace["encoder"])
     samples, skips = load_samples(tmp_path, encoder.encode, 8, 32, encoder.description)

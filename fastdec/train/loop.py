@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdec.encoders import FrozenEncoder, load_encoder
 from fastdec.machine import device_name
 from fastdec.models.base import Decoder
 from fastdec.train import checkpoint as ckpt
 from fastdec.train.data import Skips, draw_batch, load_samples
-from fastdec.train.encoders import FrozenEncoder, load_encoder
 from fastdec.train.losses import (
     PatchDiscriminator,
     discriminator_hinge_loss,

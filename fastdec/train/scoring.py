@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdec.encoders import FrozenEncoder
 from fastdec.models.base import Decoder
 from fastdec.train.data import centre_crop, list_images, read_rgb
-from fastdec.train.encoders import FrozenEncoder
 from fastdec.train.losses import psnr
 
 

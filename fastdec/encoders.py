@@ -1,5 +1,6 @@
-"""The frozen encoder that defines a student's latent space: a TAESD-family encoder (.pth or diffusers
-AutoencoderTiny) or the encoder of a diffusers AutoencoderKL (instance, folder or Hub id).
+"""Images to latents: ``fastdec.encode`` and the frozen encoder that defines a student's latent space (``fastdec
+train``, ``fastdec eval``): a TAESD-family encoder (.pth or diffusers AutoencoderTiny) or the encoder of a diffusers
+AutoencoderKL (instance, folder or Hub id).
 
 ``encode`` maps RGB in [0, 1] to the *diffusion latents* (what a diffusion model produces and fastdec.decode takes):
 TAESD encoders already write them; an AutoencoderKL's mean latent z becomes (z - shift_factor) * scaling_factor.
@@ -8,6 +9,7 @@ Students are trained on exactly these latents, so they decode them with scaling 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +133,52 @@ def _from_diffusers_module(vae: nn.Module, description: str, device) -> FrozenEn
 def _frozen(module: nn.Module, channels: int, downscale: int, description: str, device) -> FrozenEncoder:
     module = module.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     return FrozenEncoder(module, channels, downscale, description)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_encoder(source: str, device: str) -> FrozenEncoder:
+    return load_encoder(source, device)
+
+
+def encode(images, encoder: str | Path | nn.Module | FrozenEncoder, device: torch.device | str | None = None) -> Tensor:
+    """Images -> diffusion latents (B, C, H/8, W/8), what ``fastdec.decode`` takes back.
+
+    ``images``: a PIL image, a list of them (one size), or a float tensor (3, H, W) / (B, 3, H, W) in [0, 1], with H
+    and W multiples of the encoder's downscale (8). ``encoder``: a TAESD-family encoder .pth (e.g. taef2_encoder.pth),
+    a diffusers AutoencoderKL / AutoencoderTiny (instance, folder or Hub id), or a FrozenEncoder; paths and ids are
+    loaded once and cached. ``device``: default the tensor's, else the CPU."""
+    if not isinstance(images, Tensor):
+        images = _pil_to_tensor(images)
+    if not images.is_floating_point() or images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(f"images must be a float tensor (3, H, W) or (B, 3, H, W) in [0, 1] or PIL images, got a "
+                         f"{images.dtype} tensor of shape {tuple(images.shape)}")
+    batch = images.unsqueeze(0) if images.dim() == 3 else images
+    device = torch.device(device) if device is not None else batch.device
+    if isinstance(encoder, FrozenEncoder):
+        frozen = encoder
+    elif isinstance(encoder, nn.Module):
+        frozen = load_encoder(encoder, device)
+    else:
+        frozen = _cached_encoder(str(encoder), str(device))
+    height, width = batch.shape[-2:]
+    if height % frozen.downscale or width % frozen.downscale:
+        raise ValueError(
+            f"images of {height}x{width} pixels: this encoder needs sides that are multiples of {frozen.downscale}; "
+            f"crop them, e.g. image.crop((0, 0, {width // frozen.downscale * frozen.downscale}, "
+            f"{height // frozen.downscale * frozen.downscale})) for a PIL image"
+        )
+    return frozen.encode(batch.to(device=device, dtype=torch.float32))
+
+
+def _pil_to_tensor(images) -> Tensor:
+    import numpy as np
+    from PIL import Image
+
+    items = [images] if isinstance(images, Image.Image) else list(images)
+    if not items or not all(isinstance(item, Image.Image) for item in items):
+        raise TypeError("images must be a PIL image, a list of PIL images or a float tensor in [0, 1]")
+    sizes = {item.size for item in items}
+    if len(sizes) > 1:
+        raise ValueError(f"the images have different sizes {sorted(sizes)}: encode them one at a time or crop them")
+    arrays = [np.asarray(item.convert("RGB"), dtype=np.float32) / 255 for item in items]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
