@@ -9,9 +9,13 @@ import torch
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy", ".npz")
 
 
-def read_latents(path: Path, key: str | None = None) -> torch.Tensor:
+KEY_ADVICE = "pick one with --key"
+
+
+def read_latents(path: Path, key: str | None = None, several: str = KEY_ADVICE) -> torch.Tensor:
     """A latent tensor from .safetensors, .pt/.pth (torch.load, weights only), .npy or .npz; ``key`` picks one
-    tensor of a file holding several."""
+    tensor of a file holding several; ``several``: what to do about a file holding several, in the caller's words
+    (``fastdec decode`` has --key, ``fastdec batch`` has not)."""
     if path.is_dir():
         raise ValueError(f"{path} is a directory: pass a latents file in it (.safetensors, .pt, .npy or .npz)")
     if not path.is_file():
@@ -44,6 +48,11 @@ def read_latents(path: Path, key: str | None = None) -> torch.Tensor:
         ) from error
     if isinstance(content, dict):
         tensors = {name: value for name, value in content.items() if hasattr(value, "shape")}
+        if not tensors:
+            keys = sorted(str(name) for name in content)
+            raise ValueError(f"{path} holds a dict without a tensor at its top level (keys: {keys[:10]}"
+                             f"{', ...' if len(keys) > 10 else ''}): save the latents tensor itself, or a flat dict "
+                             "of tensors")
         if key is not None:
             if key not in tensors:
                 raise ValueError(f"{path} has no tensor {key!r}; its tensors: {sorted(tensors)}")
@@ -51,7 +60,7 @@ def read_latents(path: Path, key: str | None = None) -> torch.Tensor:
         elif len(tensors) == 1:
             content = next(iter(tensors.values()))
         else:
-            raise ValueError(f"{path} holds {len(tensors)} tensors {sorted(tensors)}: pick one with --key")
+            raise ValueError(f"{path} holds {len(tensors)} tensors {sorted(tensors)}: {several}")
     elif key is not None:
         raise ValueError(f"{path} holds a single tensor, not a dict: drop --key")
     if not isinstance(content, torch.Tensor):

@@ -261,3 +261,23 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(batch_dataset, tmp_pa
         assert hashlib.sha256((out / record["path"]).read_bytes()).hexdigest() == record["sha256"]
     assert subprocess.run(command, capture_output=True, text=True, timeout=600).returncode == 0
     assert len(manifest(out)) == 60
+
+
+def test_file_messages_speak_the_commands_own_options(batch_dataset, tmp_path, capsys):
+    """batch has no --key: a file of several tensors is a failure that says what batch reads; a nested dict is
+    named as such, not "holds 0 tensors"."""
+    from safetensors.torch import save_file
+
+    _, decoder = batch_dataset
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_file({"a": torch.randn(4, 2, 2), "b": torch.randn(4, 2, 2)}, str(folder / "two.safetensors"))
+    torch.save({"outer": {"latents": torch.randn(4, 2, 2)}}, folder / "nested.pt")
+    assert main(["batch", str(folder), str(tmp_path / "out"), "--decoder", str(decoder), "--quiet"]) == 1
+    reasons = failures(tmp_path / "out")
+    assert len(reasons) == 2, reasons
+    two, nested = (next(r for i, r in reasons.items() if i.startswith(stem)) for stem in ("two", "nested"))
+    assert "one tensor per file" in two and "with --key" not in two.replace("decode --key", "")
+    assert "a dict without a tensor at its top level (keys: ['outer'])" in nested
+    assert main(["decode", str(folder / "nested.pt"), "--decoder", str(decoder), "-o", str(tmp_path)]) == 2
+    assert "without a tensor at its top level" in capsys.readouterr().err

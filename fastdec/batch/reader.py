@@ -31,6 +31,9 @@ from torch import Tensor
 
 from fastdec.latents_io import LATENT_SUFFIXES, read_latents
 
+SEVERAL_ADVICE = "fastdec batch reads one tensor per file: save one latent or one batch per file (or decode this " \
+                 "file with fastdec decode --key NAME)"
+
 PARQUET_COLUMNS = ("id", "latent", "shape", "dtype")
 PARQUET_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ID_PATTERN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
@@ -137,7 +140,7 @@ def count_items(source: Source) -> int | None:
             tensors = list(content.values()) if isinstance(content, dict) else [content]
             shape = tensors[0].shape if len(tensors) == 1 and isinstance(tensors[0], Tensor) else None
         else:  # .npz: no cheap header
-            shape = read_latents(path).shape
+            shape = read_latents(path, several=SEVERAL_ADVICE).shape
         return None if shape is None else _items_in(list(shape))
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read, not counted here
         return None
@@ -164,7 +167,7 @@ def read_source(source: Source, batch_size: int) -> list[Unit]:
 def _read_file(source: Source, batch_size: int) -> list[Unit]:
     path = Path(source.path)
     try:
-        latents = read_latents(path)
+        latents = read_latents(path, several=SEVERAL_ADVICE)
     except (ValueError, TypeError, OSError) as error:
         return [Unit([path.stem], error=str(error))]
     if latents.dim() == IMAGE_NDIM:

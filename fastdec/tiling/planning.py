@@ -27,10 +27,13 @@ def _meta_decode(decoder: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,
     ``mode`` when given."""
     from torch.func import functional_call
 
-    state = {name: torch.empty_like(v, device="meta") for name, v in decoder.state_dict().items()}
-    meta = torch.empty(shape, dtype=dtype, device="meta")
-    with torch.no_grad(), mode or contextlib.nullcontext():
-        return functional_call(decoder, state, (meta,))
+    # Out of inference mode (fastdec batch decodes in it): functional_call swaps tensors in, which needs the
+    # version counters that inference tensors lack.
+    with torch.inference_mode(False), torch.no_grad():
+        state = {name: torch.empty_like(v, device="meta") for name, v in decoder.state_dict().items()}
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        with mode or contextlib.nullcontext():
+            return functional_call(decoder, state, (meta,))
 
 
 def spatial_factor(decoder: nn.Module, latents: Tensor) -> int:
