@@ -281,3 +281,11 @@ def test_file_messages_speak_the_commands_own_options(batch_dataset, tmp_path, c
     assert "a dict without a tensor at its top level (keys: ['outer'])" in nested
     assert main(["decode", str(folder / "nested.pt"), "--decoder", str(decoder), "-o", str(tmp_path)]) == 2
     assert "without a tensor at its top level" in capsys.readouterr().err
+
+
+def test_a_job_that_fails_to_start_leaves_no_files(batch_dataset, tmp_path, capsys):
+    folder, _ = batch_dataset
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), str(out), "--decoder", str(tmp_path / "none.pth"), "--quiet"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not (out / "manifest.jsonl").exists() and not (out / "failures.jsonl").exists()
