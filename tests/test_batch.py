@@ -289,3 +289,22 @@ def test_a_job_that_fails_to_start_leaves_no_files(batch_dataset, tmp_path, caps
     assert main(["batch", str(folder), str(out), "--decoder", str(tmp_path / "none.pth"), "--quiet"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not (out / "manifest.jsonl").exists() and not (out / "failures.jsonl").exists()
+
+
+def test_progress_prints_its_last_line_once():
+    import io
+
+    from fastdec.batch.writer import Progress
+
+    stream = io.StringIO()
+    progress = Progress(2, interval=0.0, stream=stream)
+    progress.update(done=1)
+    progress.update(done=1)  # printed: 2/2
+    progress.finish()  # nothing new to say
+    assert [line.split(" items")[0] for line in stream.getvalue().splitlines()] == [
+        "[fastdec batch] 1/2", "[fastdec batch] 2/2"]
+    stream = io.StringIO()
+    progress = Progress(1, interval=60.0, stream=stream)
+    progress.update(done=1)  # within the interval: not printed
+    progress.finish()
+    assert stream.getvalue().count("1/1 items") == 1

@@ -167,6 +167,7 @@ class Progress:
         self.start = self._last = time.perf_counter()
         self.done = self.skipped = self.failed = 0
         self.first_done_at: float | None = None
+        self._printed: tuple[int, int, int] | None = None  # the counts of the last line, so the end is not repeated
         self._lock = threading.Lock()
 
     def update(self, done: int = 0, skipped: int = 0, failed: int = 0) -> None:
@@ -180,10 +181,11 @@ class Progress:
                 self._print(now)
 
     def finish(self) -> None:
-        if self.enabled:
+        if self.enabled and self._printed != (self.done, self.skipped, self.failed):
             self._print(time.perf_counter())
 
     def _print(self, now: float) -> None:
+        self._printed = (self.done, self.skipped, self.failed)
         finished = self.done + self.skipped + self.failed
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
