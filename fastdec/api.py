@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fastdec import tiling
+from fastdec import tiling, wording
 from fastdec.models import registry
 from fastdec.models.base import Decoder, install_tiler
 from fastdec.pixels import to_uint8_hwc
@@ -134,15 +134,13 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
     )
 
 
-def default_decoder_name(latent_channels: int,
-                         how: str = "decoder=<a name, path or Decoder for this latent space>") -> str:
-    """The TAESD-family decoder decode() uses for latents with this many channels; ``how`` says how to pass one
-    in the caller's words (the CLI: --decoder)."""
+def default_decoder_name(latent_channels: int) -> str:
+    """The TAESD-family decoder decode() uses for latents with this many channels."""
     defaults = registry.default_decoders()
     if latent_channels not in defaults:
         raise ValueError(
             f"no default decoder for {latent_channels}-channel latents (defaults exist for "
-            f"{sorted(defaults)} channels): pass {how}"
+            f"{sorted(defaults)} channels): pass {wording.decoder_choice()}"
         )
     return defaults[latent_channels]
 
@@ -156,7 +154,7 @@ def default_video_decoder_name(latent_channels: int) -> str:
         video += [name for name, (cls, _) in registry.presets().items() if cls.latent_ndim == 5]
         raise ValueError(
             f"no default decoder for {latent_channels}-channel video latents (defaults exist for "
-            f"{sorted(defaults)} channels): pass decoder=<a video decoder for this latent space>: {', '.join(video)}"
+            f"{sorted(defaults)} channels): pass {wording.decoder_choice()}: the video decoders are {', '.join(video)}"
         )
     return defaults[latent_channels]
 
@@ -297,8 +295,8 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
 def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
     model = build_preset(name, device, dtype, **config_overrides)
     warnings.warn(
-        f"fastdec.load({name!r}) built a {type(model).__name__} with random weights: it decodes noise until trained. "
-        "Load trained weights with fastdec.load('<folder written by save_pretrained>').",
+        f"{wording.loading(name)} built a {type(model).__name__} with random weights: it decodes noise until "
+        f"trained. Load trained weights with {wording.loading('<folder written by save_pretrained>')}.",
         RandomWeightsWarning,
         stacklevel=3,
     )
@@ -403,9 +401,9 @@ def _from_name(name: str, device, dtype) -> Decoder:
     published = weights.files[-1] if weights.files else None
     if weights.hub is None:
         raise FileNotFoundError(
-            f"fastdec.load({name!r}): {published} not found in {home} (FASTDEC_HOME). It is published on GitHub: "
+            f"{wording.loading(name)}: {published} not found in {home} (FASTDEC_HOME). It is published on GitHub: "
             f"download {weights.github}/raw/main/{published} into {home}/, or pass its path: "
-            f"fastdec.load('/path/to/{published}')"
+            f"{wording.loading('/path/to/' + published)}"
         )
     also = f" Or put {published} ({weights.github}) in {home}/." if published else ""
     return _from_folder(_hub_folder(name, *weights.hub, home, also), device, dtype, name)
@@ -445,7 +443,7 @@ def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path, also: s
         from huggingface_hub import hf_hub_download
     except ImportError as error:
         raise FileNotFoundError(
-            f"fastdec.load({name!r}) needs huggingface_hub to fetch {repo} (pip install huggingface_hub), or put "
+            f"{wording.loading(name)} needs huggingface_hub to fetch {repo} (pip install huggingface_hub), or put "
             f"config.json and {DIFFUSERS_WEIGHTS} in {home / name}/"
         ) from error
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
@@ -464,10 +462,10 @@ def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path, also: s
             if isinstance(error, GatedRepoError) else ""
         )
         raise FileNotFoundError(
-            f"fastdec.load({name!r}): the weights are not in {home} (FASTDEC_HOME) nor in the Hugging Face cache, "
+            f"{wording.loading(name)}: the weights are not in {home} (FASTDEC_HOME) nor in the Hugging Face cache, "
             f"and {'HF_HUB_OFFLINE is set' if offline else 'the Hub could not be reached'} "
             f"({type(error).__name__}). Fetch config.json and {DIFFUSERS_WEIGHTS} from {where} into {home / name}/ "
             f"(or run `hf download {repo}` while online, into the Hugging Face cache).{also} Or pass a path: "
-            "fastdec.load('/path/to/folder')." + gated
+            f"{wording.loading('/path/to/folder')}." + gated
         ) from error
     return Path(paths[1]).parent

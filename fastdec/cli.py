@@ -145,7 +145,7 @@ def _decode(args: argparse.Namespace) -> int:
                 f"{tuple(latents.shape)}"
             )
         batch = latents.unsqueeze(0) if latents.dim() == 3 else latents
-        name = args.decoder or default_decoder_name(batch.shape[1], how="--decoder NAME_OR_PATH")
+        name = args.decoder or default_decoder_name(batch.shape[1])
         output_dir = Path(args.output_dir)
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"-o {output_dir} is an existing file: pass a folder for the PNGs (created if missing)")
@@ -256,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.set_defaults(run=evaluation.run)
     typed = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(typed)
-    if args.command == "bench":  # the bench records its command as typed: fastdec bench ARGS
-        return bench.run(args, typed[typed.index("bench") + 1:])
-    return args.run(args)
+    from fastdec.wording import cli_words
+
+    with cli_words():  # the library's advice says what to type (--decoder taef1), not what to write in Python
+        if args.command == "bench":  # the bench records its command as typed: fastdec bench ARGS
+            return bench.run(args, typed[typed.index("bench") + 1:])
+        return args.run(args)
 
 
 if __name__ == "__main__":

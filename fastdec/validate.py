@@ -16,6 +16,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from fastdec import wording
 from fastdec.models import registry
 
 CHECK_FINITE_ENV = "FASTDEC_CHECK_FINITE"
@@ -51,7 +52,7 @@ def check_latents_tensor(latents: object) -> Tensor:
             "latents are on the meta device and hold no values: create or load them on a real device (cpu, cuda)"
         )
     if not latents.is_floating_point():
-        raise TypeError(f"latents must be a float tensor, got {latents.dtype}: cast them, e.g. latents.float()")
+        raise TypeError(f"latents must be a float tensor, got {latents.dtype}: {wording.float_cast()}")
     return latents
 
 
@@ -68,7 +69,7 @@ def check_latents(latents: object, decoder: nn.Module, check_finite: bool | None
         if ndim == 4 and latents.dim() == 5:
             advice = (
                 f"these look like video latents (B, C, T, h, w), and {name} decodes images: use a video decoder "
-                "(fastdec.load('taew2_1'), ...) or decode the frames as images: latents.transpose(1, 2).flatten(0, 1)"
+                f"({wording.loading('taew2_1')}, ...) or {wording.frames_as_images()}"
             )
         elif ndim == 5 and latents.dim() == 4:
             advice = (
@@ -83,7 +84,7 @@ def check_latents(latents: object, decoder: nn.Module, check_finite: bool | None
     packed = getattr(decoder, "packed_latent_channels", None)  # FLUX.2 decoders also take packed latents
     if shape[1] != decoder.latent_channels and shape[1] != packed:
         defaults = registry.default_decoders(ndim)
-        example = f" (e.g. decoder={defaults[shape[1]]!r})" if shape[1] in defaults else ""
+        example = f" (e.g. {wording.decoder_choice(defaults[shape[1]])})" if shape[1] in defaults else ""
         raise ValueError(
             f"latents have {shape[1]} channels but {name} expects {decoder.latent_channels}"
             + (f" (or {packed}: FLUX.2's packed latents)" if packed else "")
@@ -104,6 +105,6 @@ def check_latents(latents: object, decoder: nn.Module, check_finite: bool | None
     if finite_check_enabled(check_finite) and not bool(torch.isfinite(latents).all()):
         raise ValueError(
             "latents contain NaN or Inf: the diffusion run diverged or the latents are corrupt (this check can be "
-            f"turned off with check_finite=False or {CHECK_FINITE_ENV}=0)"
+            f"turned off with {wording.finite_check_off(CHECK_FINITE_ENV)})"
         )
     return latents

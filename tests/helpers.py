@@ -104,7 +104,7 @@ def compile_fullgraph(module, *args) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_latent_dataset(root, files: int = 40, side: int = 6) -> tuple:
     """A tiny batch-decoding dataset under ``root``: (folder of ``files`` latent files, saved tiny TAESD decoder).
-    Files alternate .safetensors/.pt/.npy and hold one latent (C, h, w) or a batch of 2 or 3; two latent sizes;
+    Files alternate .safetensors/.pt/.npy and hold one latent (C, h, w) or a batch of 2 or 3; three latent sizes, mixed;
     plus ``corrupt.pt`` (not a tensor file), ``channels16.npy`` (16 channels for a 4-channel decoder) and
     ``nan_batch.pt`` (a batch of 3 whose middle latent is NaN)."""
     from pathlib import Path
@@ -123,7 +123,7 @@ def make_latent_dataset(root, files: int = 40, side: int = 6) -> tuple:
     folder.mkdir()
     for index in range(files):
         count = (None, 2, 3)[index % 3]
-        size = side if index % 4 else side + 2
+        size = side + (2, 0, 1, 0)[index % 4]
         shape = (4, size, size) if count is None else (count, 4, size, size)
         latents = torch.randn(*shape, generator=generator)
         name = folder / f"sample{index:03d}"

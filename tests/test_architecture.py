@@ -21,7 +21,7 @@ COMPILED = {"fastdec._C"}  # built from csrc/ by setup.py: no Python source, imp
 # __init__ only, which re-exports the API).
 LAYERS = (
     ("leaf helpers", ("fastdec.files", "fastdec.pixels", "fastdec.read_errors", "fastdec.latents_io",
-                      "fastdec.video", "fastdec.machine")),
+                      "fastdec.video", "fastdec.machine", "fastdec.wording")),
     ("kernels", ("fastdec.kernels", "fastdec._C")),
     ("ops", ("fastdec.ops",)),
     ("models", ("fastdec.models", "fastdec.validate")),

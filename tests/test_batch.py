@@ -57,6 +57,36 @@ def test_manifest_lists_each_output_once_with_its_hash_and_failures_say_why(batc
     assert {"nan_batch_000", "nan_batch_002"} <= set(records)  # the rest of that batch decoded
 
 
+def test_bytes_do_not_depend_on_threads_workers_or_the_mix_of_shapes(batch_dataset, batch_local_run, tmp_path):
+    """The dataset mixes three latent sizes and batches of 1-3. One torch thread and one writer, against the
+    fixture's run (torch's default threads, two writers): the same bytes (the Ray engine: test_batch_ray.py)."""
+    folder, decoder = batch_dataset
+    assert len({record["shape"][-1] for record in manifest(batch_local_run).values()}) == 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decode_dataset(folder, tmp_path / "out", str(decoder), batch_size=3, workers=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert images(tmp_path / "out") == images(batch_local_run)
+    assert manifest(tmp_path / "out") == manifest(batch_local_run)
+
+
+def test_a_job_keeps_its_batch_size(batch_dataset, batch_local_run, tmp_path, capsys):
+    """The batch an item is decoded in may change a pixel by one level, so a resumed job decodes in its own batch
+    size: left out, it is the manifest's; another one is refused with what to do."""
+    folder, decoder = batch_dataset
+    job = tmp_path / "job"
+    shutil.copytree(batch_local_run, job)
+    (job / "sample001_001.png").unlink()
+    report = decode_dataset(folder, job, str(decoder), progress=False)  # batch size 3, from the manifest
+    assert (report.done, report.skipped) == (1, ITEMS - 1)
+    assert images(job) == images(batch_local_run)
+    assert main(["batch", str(folder), str(job), "--decoder", str(decoder), "--batch-size", "4", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "decoded with --batch-size 3, this run asks for 4" in error and "leave --batch-size out" in error
+
+
 def test_interrupted_job_resumes_to_the_same_outputs(batch_dataset, batch_local_run, tmp_path):
     folder, decoder = batch_dataset
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ import torch
 
 import fastdec
 from fastdec import ops
+from fastdec.api import RandomWeightsWarning
 from fastdec.cli import main
 from fastdec.models.taesd import TAESDDecoder
 
@@ -85,6 +86,37 @@ def test_decode_messages_name_the_problem_in_cli_words(tmp_path, decoder_dir, ca
     torch.save(torch.randn(1, 5, 2, 2), tmp_path / "five.pt")
     err = decode_error([str(tmp_path / "five.pt")], capsys)
     assert "no default decoder for 5-channel latents" in err and "--decoder" in err and "decoder=<" not in err
+
+
+def test_library_advice_speaks_cli_in_the_cli_and_python_in_python(tmp_path, decoder_dir, capsys):
+    """The same checks word their advice for who is asking: `--decoder taef1` and FASTDEC_CHECK_FINITE=0 on the
+    command line, decoder='taef1' and check_finite=False from Python."""
+    torch.save(torch.randn(1, 16, 2, 2), tmp_path / "sixteen.pt")
+    err = decode_error([str(tmp_path / "sixteen.pt"), "--decoder", str(decoder_dir)], capsys)
+    assert "(e.g. --decoder taef1)" in err and "decoder='" not in err
+    nan = torch.randn(1, 4, 2, 2)
+    nan[0, 0, 0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    err = decode_error([str(tmp_path / "nan.pt"), "--decoder", str(decoder_dir)], capsys)
+    assert "FASTDEC_CHECK_FINITE=0" in err and "check_finite" not in err
+    torch.save(torch.zeros(1, 4, 2, 2, dtype=torch.int32), tmp_path / "ints.pt")
+    err = decode_error([str(tmp_path / "ints.pt"), "--decoder", str(decoder_dir)], capsys)
+    assert "save them as float32" in err and ".float()" not in err
+    torch.save(torch.randn(1, 4, 2, 2, 2), tmp_path / "video.pt")
+    err = decode_error([str(tmp_path / "video.pt"), "--decoder", str(decoder_dir)], capsys)
+    assert "--decoder taew2_1" in err and "fastdec.load" not in err and "transpose" not in err
+    with pytest.warns(RandomWeightsWarning, match="--decoder vit-s built a") as caught:
+        main(["decode", str(tmp_path / "nan.pt"), "--decoder", "vit-s", "-o", str(tmp_path / "out")])
+    assert "fastdec.load" not in str(caught[0].message)
+    capsys.readouterr()
+
+    decoder = fastdec.load(str(decoder_dir))
+    with pytest.raises(ValueError, match=r"\(e\.g\. decoder='taef1'\)"):
+        fastdec.decode(torch.randn(1, 16, 2, 2), decoder)
+    with pytest.raises(ValueError, match="check_finite=False or FASTDEC_CHECK_FINITE=0"):
+        fastdec.decode(nan, decoder)
+    with pytest.warns(RandomWeightsWarning, match=r"fastdec\.load\('vit-s'\) built a"):
+        fastdec.load("vit-s")
 
 
 class Namespaced:  # a pickled class: torch.load(weights_only=True) refuses its global

@@ -16,7 +16,7 @@ import torch
 
 from fastdec.batch.reader import count_items, list_sources, write_parquet
 from fastdec.batch.work import OutputFormat, job_identity, load_decoder, resolve_device
-from fastdec.batch.writer import BatchReport, Progress, Writer
+from fastdec.batch.writer import BatchReport, Progress, Writer, resumed_batch_size
 from fastdec.models.base import Decoder
 
 ENGINES = ("local", "ray")
@@ -31,6 +31,9 @@ class JobInterrupted(KeyboardInterrupt):
         self.finished, self.total = finished, total
 
 
+DEFAULT_BATCH_SIZE = 16
+
+
 def decode_dataset(
     input: str | Path,
     output: str | Path,
@@ -40,7 +43,7 @@ def decode_dataset(
     image_format: str = "png",
     quality: int | None = None,
     fps: float = 16.0,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
     workers: int = 2,
@@ -55,17 +58,21 @@ def decode_dataset(
 
     ``decoder``: a name or path (anything ``fastdec.load`` takes), or a Decoder; a video decoder for video latents
     (C, T, h, w), each written as an mp4 at ``fps`` through ``fastdec.save_video``. ``batch_size``: the most latents
-    of one shape decoded together; a file holding up to ``batch_size`` latents decodes as one batch, as
-    ``fastdec decode`` does. ``device``/``dtype`` (local engine): default every GPU (one decoder each) in bf16, else
-    the CPU in float32; ``workers``: encode+write threads. Ray: ``address`` of a cluster (default: start a local
-    instance with ``ray_num_cpus``), ``actors`` decoders (default: one per GPU, else one per CPU but one) with
-    ``actor_cpus`` each. ``fail_after`` k (tests): a worker exits after k items, once (the local engine's process;
-    a Ray actor, which Ray restarts).
+    of one shape decoded together (default: the resumed job's, else 16); a file holding up to ``batch_size``
+    latents decodes as one batch, as ``fastdec decode`` does. The bytes written depend on the input, the decoder,
+    the output settings, the batch size and the kind of device, never on the engine, its workers, actors or
+    threads, or the order and mix of shapes. ``device``/``dtype`` (local engine): default every GPU (one decoder
+    each) in bf16, else the CPU in float32; ``workers``: encode+write threads. Ray: ``address`` of a cluster
+    (default: start a local instance with ``ray_num_cpus``), ``actors`` decoders (default: one per GPU, else one per
+    CPU but one) with ``actor_cpus`` each. ``fail_after`` k (tests): a worker exits after k items, once (the local
+    engine's process; a Ray actor, which Ray restarts).
 
     Rerunning the same call resumes: finished outputs are skipped; what failed is retried.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {ENGINES}")
+    if batch_size is None:
+        batch_size = resumed_batch_size(output) or DEFAULT_BATCH_SIZE
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if engine == "local" and (address or actors or actor_cpus or ray_num_cpus):
@@ -77,7 +84,8 @@ def decode_dataset(
     if engine == "ray" and device is not None:
         raise ValueError("device is chosen by Ray (an actor's GPU, else the CPU): drop --device")
     decoders = [(d, load_decoder(decoder, d, dtype)) for d in devices]
-    writer = Writer(output, output_format.suffix, name, job_identity(decoders[0][1], output_format))
+    writer = Writer(output, output_format.suffix, name, job_identity(decoders[0][1], output_format, batch_size),
+                    batch_size)
     total = sum(count_items(source) or 1 for source in sources)
     report = BatchReport(engine=engine, decoder=name, total=total)
     meter = Progress(total, enabled=progress)

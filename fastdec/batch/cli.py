@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default: PIL's)")
     parser.add_argument("--fps", type=float, default=16.0,
                         help="frame rate of the mp4 written for each video latent (default 16)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="most latents of one shape decoded together (default: 16); a file holding up to this "
-                             "many decodes as one batch, as `fastdec decode` does")
+    parser.add_argument("--batch-size", type=int,
+                        help="most latents of one shape decoded together (default: 16, or the resumed job's); a "
+                             "file holding up to this many decodes as one batch, as `fastdec decode` does")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="decoder dtype (default: bfloat16 on CUDA, else float32)")
     local = parser.add_argument_group("local engine")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastdec import wording
 from fastdec.batch.reader import PARQUET_DTYPES, Source, Unit, read_source
 from fastdec.batch.work import OutputFormat, decode_unit, load_decoder
 from fastdec.batch.writer import BatchReport, Progress, Writer
@@ -43,15 +44,21 @@ class DecodeActor:
     """A decoder on one device (the actor's GPU, else the CPU): units in, encoded images out, one row per item."""
 
     def __init__(self, decoder: str | Decoder, dtype: torch.dtype | None, output_format: OutputFormat,
-                 threads: int, fail_after: int | None = None, fault_marker: str | None = None):
+                 threads: int, fail_after: int | None = None, fault_marker: str | None = None,
+                 cli_words: bool = False):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.decoder = load_decoder(decoder, self.device, dtype)
         self.output_format = output_format
         self.fail_after, self.fault_marker, self.decoded = fail_after, fault_marker, 0
+        self.cli_words = cli_words  # the driver's: failure reasons in the words of `fastdec batch` or of Python
 
     def __call__(self, batch):
+        with wording.cli_words(self.cli_words):
+            return self._decode_batch(batch)
+
+    def _decode_batch(self, batch):
         import pyarrow as pa
 
         out: dict[str, list] = {key: [] for key in ("id", "status", "data", "suffix", "shape", "reason",
@@ -142,7 +149,8 @@ def run_ray(sources: list[Source], writer: Writer, decoder: str | Decoder, dtype
         num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
         fn_constructor_kwargs={"decoder": decoder, "dtype": dtype, "output_format": output_format,
                                "threads": max(1, int(actor_cpus)), "fail_after": fail_after,
-                               "fault_marker": str(Path(writer.output_dir) / FAULT_MARKER)},
+                               "fault_marker": str(Path(writer.output_dir) / FAULT_MARKER),
+                               "cli_words": wording.speaking_cli()},
     )
     workers = set()
     seen: set[str] = set()

@@ -91,13 +91,14 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
-def job_identity(decoder: Decoder, output_format: OutputFormat) -> str:
-    """What makes a job's bytes, as a hash: the decoder's class, config and weights (values, dtypes, shapes) and
-    the output settings. The same weights given by another path (absolute, relative, a copy) are the same job;
-    other weights under the same file name are not."""
+def job_identity(decoder: Decoder, output_format: OutputFormat, batch_size: int) -> str:
+    """What makes a job's bytes, as a hash: the decoder's class, config and weights (values, dtypes, shapes), the
+    output settings and the batch size (the batch an item is decoded in may change its last bit). The same weights
+    given by another path (absolute, relative, a copy) are the same job; other weights under the same file name are
+    not."""
     digest = hashlib.sha256()
     digest.update(json.dumps([type(decoder).__name__, getattr(decoder, "config", {}),
-                              dataclasses.asdict(output_format)], sort_keys=True, default=str).encode())
+                              dataclasses.asdict(output_format), batch_size], sort_keys=True, default=str).encode())
     for key, tensor in sorted(decoder.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

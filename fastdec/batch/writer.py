@@ -22,15 +22,29 @@ from fastdec.files import write_atomically
 MANIFEST, FAILURES = "manifest.jsonl", "failures.jsonl"
 
 
+def resumed_batch_size(output_dir: str | Path) -> int | None:
+    """The batch size of the job whose outputs ``output_dir`` holds (its manifest's), or None for a new job."""
+    path = Path(output_dir).expanduser() / MANIFEST
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            size = json.loads(line).get("batch_size")
+        except json.JSONDecodeError:  # a cut last line; a damaged manifest is reported by Writer
+            continue
+        if size is not None:
+            return size
+    return None
+
+
 class Writer:
     """Writes outputs into ``output_dir``, thread-safe; at most one manifest line per id."""
 
-    def __init__(self, output_dir: str | Path, suffix: str, decoder: str, job: str):
+    def __init__(self, output_dir: str | Path, suffix: str, decoder: str, job: str, batch_size: int):
         """``decoder``: the decoder as the user named it (shown); ``job``: work.job_identity, what a resumed run
-        must match (the decoder's content and the output settings, not its name)."""
+        must match (the decoder's content, the output settings and the batch size, not the decoder's name)."""
         self.output_dir = Path(output_dir).expanduser()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.suffix, self.decoder, self.job = suffix, decoder, job
+        self.suffix, self.decoder, self.job, self.batch_size = suffix, decoder, job, batch_size
         self._lock = threading.Lock()
         self.done: dict[str, dict] = self._read_manifest()
         self._manifest = open(self.output_dir / MANIFEST, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -50,6 +64,13 @@ class Writer:
                     continue
                 raise ValueError(
                     f"{path} line {number} is not JSON: the manifest is damaged; use a new output folder") from error
+            if record.get("batch_size", self.batch_size) != self.batch_size:
+                raise ValueError(
+                    f"{self.output_dir} holds outputs decoded with --batch-size {record['batch_size']}, this run asks "
+                    f"for {self.batch_size}: the batch a latent is decoded in can change a pixel by one level, so a "
+                    "job keeps its batch size; leave --batch-size out to resume with the job's own, or use a new "
+                    "output folder"
+                )
             if record.get("job", self.job) != self.job:
                 raise ValueError(
                     f"{self.output_dir} holds outputs of another decoder or other output settings (decoder "
@@ -89,7 +110,8 @@ class Writer:
             self.done[item_id] = {}  # claimed: a concurrent duplicate stops here
         path = self.output_path(item_id, suffix)
         self._replace(path, data)
-        record = {"id": item_id, "path": path.name, "decoder": self.decoder, "job": self.job, "shape": list(shape),
+        record = {"id": item_id, "path": path.name, "decoder": self.decoder, "job": self.job,
+                  "batch_size": self.batch_size, "shape": list(shape),
                   "sha256": hashlib.sha256(data).hexdigest()}
         with self._lock:
             self.done[item_id] = record

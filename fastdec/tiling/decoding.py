@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastdec import wording
 from fastdec.tiling.dispatch import TiledRun, untiled
 from fastdec.tiling.executors import HostTiles
 from fastdec.tiling.planning import auto_tile_size, latent_tile_rows, spatial_factor
@@ -78,7 +79,8 @@ def _retry_in_slabs(decoder: nn.Module, latents: Tensor) -> Tensor:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         logger.warning("fastdec: out of memory decoding latents %s untiled or in larger slabs: retrying exactly in "
-                       "slabs of %d pixel rows (tile_size=...)", tuple(latents.shape), rows * factor)
+                       "slabs of %d pixel rows (%s=...)", tuple(latents.shape), rows * factor,
+                       wording.tile_size_option())
         try:
             return tiled_decode(decoder, latents, rows * factor, check_finite=False)
         except torch.OutOfMemoryError:

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fastdec import wording
 from fastdec.tiling.executors import Executor, HostTiles
 from fastdec.tiling.local_rules import LOCAL_OPS, LOCAL_RULES, local_op
 from fastdec.tiling.norm_rules import NORM_RULES
@@ -112,8 +113,8 @@ class TiledRun(TorchDispatchMode):
                 raise TileError(
                     f"tiles too small for {what}: slab {t} of its input (rows {bounds[t]}:{bounds[t + 1]} of "
                     f"{total}, the smallest slab has {smallest} rows) needs rows {start}:{stop}, beyond its "
-                    "neighbouring slabs: use a larger tile_size (or fewer ranks) so that every slab is at least as "
-                    "tall as the op's halo"
+                    f"neighbouring slabs: use a larger {wording.tile_size_option()} (or fewer ranks) so that every "
+                    "slab is at least as tall as the op's halo"
                 )
 
     def stencil(self, x: SlabTensor, out_bounds: Bounds, needs: list[tuple[int, int]], compute, shape, dtype,
@@ -122,7 +123,7 @@ class TiledRun(TorchDispatchMode):
         if any(lo >= hi for lo, hi in pairwise(out_bounds)):
             raise TileError(
                 f"tiles too small for {what}: an output slab would be empty (slab bounds {out_bounds}); use a "
-                "larger tile_size or fewer ranks"
+                f"larger {wording.tile_size_option()} or fewer ranks"
             )
         self.check_halo(x, needs, what)
         parts = {}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fastdec import wording
 from fastdec.tiling.slab import TileError
 from fastdec.validate import weights_device_and_dtype
 
@@ -148,8 +149,8 @@ def auto_tile_size(decoder: nn.Module, latents: Tensor, free_bytes: int | None =
         )
     logger.warning(
         "fastdec: an untiled decode of latents %s needs about %.2f GiB, %.2f GiB free on %s: decoding exactly in "
-        "slabs of %d pixel rows (tile_size=...) instead", tuple(latents.shape), need / 2**30, free_bytes / 2**30,
-        device, rows * factor,
+        "slabs of %d pixel rows (%s=...) instead", tuple(latents.shape), need / 2**30, free_bytes / 2**30,
+        device, rows * factor, wording.tile_size_option(),
     )
     return rows * factor
 
