@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     "  bench   every decoder timed against diffusers on this machine\n"
                     "  batch   a whole dataset of latents to images or mp4s (local threads or Ray), resumable\n"
                     "  train   a decoder on a frozen encoder's latent space\n"
+                    "  distill a smaller, faster decoder made from a teacher decoder\n"
                     "  eval    PSNR, SSIM, LPIPS and speed of decoders on held-out images",
         epilog="examples:\n"
                "  fastdec decode latents.safetensors --decoder taesdxl -o out/\n"
@@ -251,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")
     train_cli.add_arguments(train_parser)
     train_parser.set_defaults(run=train_cli.run)
+    from fastdec.train import distill
+
+    distill_parser = commands.add_parser("distill", help="a smaller, faster decoder from a teacher: prune, distil, "
+                                         "fine-tune, then measure the frontier")
+    distill.add_arguments(distill_parser)
+    distill_parser.set_defaults(run=distill.run)
     eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
     evaluation.add_arguments(eval_parser)
     eval_parser.set_defaults(run=evaluation.run)

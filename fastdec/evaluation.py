@@ -114,11 +114,46 @@ def evaluate(
 
 def write_report(report: dict, output: Path, originals: list[Tensor], outputs: dict[str, list[Tensor]],
                  grid_crop: int | None) -> None:
-    """report.json, report.md (a table) and grid.png (rows: images; columns: original | each decoder)."""
+    """report.json, report.md (a table), grid.png (rows: images; columns: original | each decoder) and
+    frontier.png (quality against decode time)."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output / "report.md").write_text(markdown_table(report))
     save_grid(output / "grid.png", originals, outputs, grid_crop)
+    plot_frontier(report, output / "frontier.png")
+
+
+def plot_frontier(report: dict, png: Path) -> None:
+    """PSNR and SSIM against ms per image, one labelled point per decoder, times on a log axis (the latent preview
+    is about a thousand times faster than a decoder); the decoders no other one beats on both axes are joined."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", png.name)
+        return
+    rows = [row for row in report["rows"] if row.get("ms_per_image")]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for axis, metric, unit in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
+        best = [row for row in rows if not any(
+            other["ms_per_image"] <= row["ms_per_image"] and other[metric] > row[metric] for other in rows)]
+        best.sort(key=lambda row: row["ms_per_image"])
+        axis.plot([r["ms_per_image"] for r in best], [r[metric] for r in best], color="0.7", zorder=1)
+        for row in rows:
+            axis.scatter(row["ms_per_image"], row[metric], zorder=2)
+            axis.annotate(row["decoder"], (row["ms_per_image"], row[metric]), textcoords="offset points",
+                          xytext=(4, 4), fontsize=8)
+        axis.set_xscale("log")
+        axis.set_xlabel("ms per image (log)")
+        axis.set_ylabel(unit)
+        axis.grid(True, which="both", alpha=0.3)
+    figure.suptitle(f"{len(report['images'])} images of {report['data']} at {report['size'][0]}x{report['size'][1]}"
+                    f"; {report['device']}, {report['threads']} thread(s), {report['date']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
 
 
 def score_line(label: str, result: dict) -> str:

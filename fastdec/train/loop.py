@@ -159,6 +159,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training at a step boundary, after a checkpoint: ``--resume`` continues exactly."""
 
     def __init__(self, step: int, steps: int, output: Path):
+        self.step, self.steps = step, steps
         super().__init__(f"interrupted at step {step} of {steps}, checkpointed; run the same command with "
                          f"--resume {output} to continue")
 

@@ -1,0 +1,224 @@
+"""``fastdec distill``: a smaller, faster decoder for any latent space, made from a teacher decoder.
+
+Three stages in one run folder, each a ``fastdec train`` run (so each has its progress lines, metrics, curves and
+checkpoints), then the frontier evaluation:
+
+1. ``student/``: the student's first weights. A TAESD-family teacher is pruned to ``width`` channels, keeping its
+   most active ones (fastdec.train.prune); any other teacher (a diffusers VAE's decoder, a fastdec folder of
+   another family) gets a TAESD-architecture student of that width with random weights, since its own blocks
+   cannot be thinned channel for channel.
+2. ``distill/``: the student learns the teacher's outputs (and the photos) on the encoder's latents of the images.
+3. ``finetune/``: the student learns the photos alone, at a lower learning rate.
+4. ``eval/``: PSNR, SSIM and ms per image of the teacher, the latent preview and the student on held-out images,
+   measured in one run, with the frontier plot (quality against time).
+
+Killed at any point, the same command resumes: a finished stage is skipped, an interrupted one continues from its
+checkpoint exactly as ``fastdec train --resume`` does. The options are recorded in ``distill.json``; a rerun with
+other options is refused (a new run folder starts afresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastdec.models.base import Decoder
+from fastdec.models.taesd import DECODER_BLOCKS, TAESDDecoder
+from fastdec.train import checkpoint as ckpt
+from fastdec.train.loop import TrainConfig, TrainingInterrupted, train
+from fastdec.train.prune import prune_taesd
+
+CALIBRATION_IMAGES = 8  # images whose latents rank the teacher's channels for pruning
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs; the CLI's options map one to one."""
+
+    data: list[str]  # training image folders
+    output: str
+    teacher: str  # a TAESD-family .pth, a fastdec decoder folder, a diffusers VAE folder or Hub id, or a name
+    encoder: str  # the frozen encoder of the latent space (as fastdec train's --encoder)
+    width: int | None = None  # the student's channels; default: from ``speedup``
+    speedup: float | None = None  # target speed-up over a TAESD-family teacher: width = teacher width / sqrt(it)
+    distill_steps: int = 1000
+    finetune_steps: int = 500
+    distill_weight: float = 1.0
+    crop: int = 128
+    batch: int = 4
+    lr: float = 5e-4
+    finetune_lr: float = 1e-4
+    loss: str = "mse"
+    eval_data: str | None = None
+    eval_images: int = 24
+    cache_dir: str | None = None
+    seed: int = 0
+    device: str | None = None
+    threads: int | None = None
+    compile: bool = False
+
+
+def student_width(teacher: Decoder, width: int | None, speedup: float | None) -> int:
+    """The student's width: given, or the widest multiple of 4 whose convolutions cost at most 1/speedup of a
+    TAESD-family teacher's (cost grows with the square of the width)."""
+    if width is not None and speedup is not None:
+        raise ValueError("give --width or --speedup, not both")
+    if width is not None:
+        if width < 4 or width % 4:
+            raise ValueError(f"--width must be a positive multiple of 4, got {width}")
+        return width
+    if not isinstance(teacher, TAESDDecoder):
+        raise ValueError(
+            f"--speedup sizes a pruned TAESD-family teacher; a {type(teacher).__name__} teacher gets a TAESD-"
+            "architecture student: pass its --width (e.g. 64)"
+        )
+    speedup = 2.0 if speedup is None else speedup
+    if not speedup > 1:
+        raise ValueError(f"--speedup must be above 1, got {speedup}")
+    return max(4, int(teacher.config["width"] / math.sqrt(speedup)) // 4 * 4)
+
+
+def _calibration_latents(config: DistillConfig, encoder) -> torch.Tensor:
+    from fastdec.train.scoring import load_eval_images
+
+    pairs = load_eval_images(config.data[0], CALIBRATION_IMAGES, (config.crop, config.crop), encoder.downscale)
+    return torch.cat([encoder.encode(image[None]) for _, image in pairs])
+
+
+def initial_student(teacher: Decoder, width: int, calibration: torch.Tensor) -> Decoder:
+    """The pruned teacher (TAESD family) or a random TAESD-architecture student with the teacher's upsampling."""
+    if teacher.latent_ndim != 4:
+        raise ValueError(f"fastdec distill makes image decoders; {type(teacher).__name__} decodes video latents")
+    if isinstance(teacher, TAESDDecoder):
+        if width >= teacher.config["width"]:
+            raise ValueError(f"--width {width} is not below the teacher's {teacher.config['width']} channels")
+        return prune_taesd(teacher, width, calibration)
+    with torch.no_grad():
+        probe = torch.zeros(1, teacher.latent_channels, 2, 2)
+        factor = teacher.decode(probe.to(next(teacher.parameters()).device)).shape[-1] // 2
+    stages = int(math.log2(factor))
+    if 2**stages != factor:
+        raise ValueError(f"the teacher upsamples {factor}x, not a power of 2: no TAESD-architecture student fits")
+    blocks = DECODER_BLOCKS[-stages - 1:] if stages < len(DECODER_BLOCKS) else (3,) * stages + (1,)
+    return TAESDDecoder("tae-192", teacher.latent_channels, width=width, blocks=blocks)
+
+
+def _stage_done(folder: Path, steps: int) -> bool:
+    path = folder / ckpt.CHECKPOINT_NAME
+    return path.is_file() and int(ckpt.load_checkpoint(path)["step"]) >= steps and (folder / "decoder").is_dir()
+
+
+def _record_options(config: DistillConfig, output: Path) -> None:
+    """distill.json holds the run's options; a rerun must ask for the same ones to resume."""
+    options = dataclasses.asdict(config)
+    recorded = output / "distill.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        changed = sorted(k for k in options if before.get(k) != options[k] and k not in ("threads", "device"))
+        if changed:
+            raise ValueError(
+                f"{output} is a distillation run with other options ({', '.join(changed)} differ): rerun it with "
+                "the same options to resume, or use a new run folder"
+            )
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(options, indent=2) + "\n")
+
+
+def distill(config: DistillConfig) -> dict:
+    """Runs (or resumes) the stages; returns the evaluation report (its rows: teacher, preview, student)."""
+    import fastdec
+    from fastdec.encoders import load_encoder
+    from fastdec.evaluation import evaluate
+
+    if not config.eval_data:
+        raise ValueError("--eval-data is needed: the student is measured against the teacher on held-out images")
+    output = Path(config.output).expanduser()
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    teacher = fastdec.load(config.teacher, device="cpu", dtype=torch.float32).eval()
+    width = student_width(teacher, config.width, config.speedup)
+    _record_options(config, output)
+
+    start = output / "student"
+    if not (start / "config.json").is_file():
+        torch.manual_seed(config.seed)
+        encoder = load_encoder(config.encoder, torch.device("cpu"))
+        initial_student(teacher, width, _calibration_latents(config, encoder)).save_pretrained(start)
+    shared = dict(data=config.data, encoder=config.encoder, crop=config.crop, batch=config.batch, loss=config.loss,
+                  cache_dir=config.cache_dir, seed=config.seed, device=config.device, threads=config.threads,
+                  compile=config.compile, eval_data=config.eval_data)
+    stages = [
+        ("distill", start, dict(steps=config.distill_steps, lr=config.lr, teacher=config.teacher,
+                                distill_weight=config.distill_weight)),
+        ("finetune", output / "distill" / "decoder", dict(steps=config.finetune_steps, lr=config.finetune_lr)),
+    ]
+    for name, decoder, options in stages:
+        folder = output / name
+        if _stage_done(folder, options["steps"]):
+            continue
+        resume = str(folder) if (folder / ckpt.CHECKPOINT_NAME).is_file() else None
+        train(TrainConfig(output=str(folder), decoder=str(decoder), resume=resume, ema=0.99,
+                          warmup=min(50, options["steps"] // 10), **shared, **options))
+    student = output / "finetune" / "decoder"
+    return evaluate({f"student (width {width})": str(student)}, config.eval_data, config.encoder,
+                    preview_data=config.data, reference=config.teacher, images=config.eval_images,
+                    output=output / "eval", cache_dir=config.cache_dir, device=str(device), threads=config.threads)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DistillConfig(data=[], output="", teacher="", encoder="")
+    add = parser.add_argument
+    add("data", nargs="+", help="folder(s) of training images (recursive; jpg/png/webp)")
+    add("-o", "--output", required=True, help="run folder: student/, distill/, finetune/, eval/ (rerun to resume)")
+    add("--teacher", required=True, help="the decoder to slim: a TAESD-family .pth (e.g. taef2_decoder.pth), a "
+                                         "fastdec decoder folder, a diffusers VAE folder or Hub id, or a name")
+    add("--encoder", required=True, help="the latent space's frozen encoder: a TAESD encoder .pth or a diffusers "
+                                         "VAE folder or Hub id")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--width", type=int, help="the student's channels (a multiple of 4)")
+    size.add_argument("--speedup", type=float, help="target speed-up over a TAESD-family teacher (default 2): "
+                                                    "sets the width; the evaluation measures the real one")
+    add("--eval-data", required=True, help="held-out images: the frontier evaluation at the end (never trained on)")
+    add("--eval-images", type=int, default=defaults.eval_images)
+    add("--distill-steps", type=int, default=defaults.distill_steps)
+    add("--finetune-steps", type=int, default=defaults.finetune_steps)
+    add("--distill-weight", type=float, default=defaults.distill_weight,
+        help="weight of the teacher's outputs against the photos' in the distillation stage")
+    add("--crop", type=int, default=defaults.crop)
+    add("--batch", type=int, default=defaults.batch)
+    add("--lr", type=float, default=defaults.lr, help="distillation learning rate")
+    add("--finetune-lr", type=float, default=defaults.finetune_lr)
+    add("--loss", choices=["l1", "mse"], default=defaults.loss)
+    add("--cache-dir", help="latent cache folder: each image is encoded once, across runs")
+    add("--seed", type=int, default=defaults.seed)
+    add("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add("--threads", type=int, help="torch CPU threads")
+    add("--compile", action="store_true", help="torch.compile the student")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdec.evaluation import score_line
+
+    config = DistillConfig(**{k: v for k, v in vars(args).items() if k in DistillConfig.__dataclass_fields__})
+    try:
+        report = distill(config)
+    except TrainingInterrupted as interrupted:
+        print(f"\nfastdec distill: interrupted at step {interrupted.step} of {interrupted.steps} of a stage, "
+              "checkpointed; run the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"fastdec distill: error: {error}", file=sys.stderr)
+        return 2
+    for row in report["rows"]:
+        print(score_line(row["decoder"], row))
+    print(f"student: {Path(config.output) / 'finetune' / 'decoder'}; report: {Path(config.output) / 'eval'}")
+    return 0

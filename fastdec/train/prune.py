@@ -1,0 +1,91 @@
+"""Structured channel pruning of a TAESD-family decoder: the teacher's weights, fewer channels.
+
+A TAESD decoder is one residual stream of ``width`` channels (first conv, blocks, upsampling convs, last conv), each
+block holding two inner activations of that width and, in TAEF2, a 1x1 -> GroupNorm(4) -> 1x1 branch four times as
+wide. Pruning keeps, for the stream and for each inner activation, the channels that carry the most signal: the
+mean absolute activation over a few latents decoded by the teacher (weights alone do not see the scale of what
+flows through them). The student is then the teacher's architecture at the smaller width with the teacher's kept
+rows and columns, a far better start for distillation than random weights. The branch keeps the same number of
+channels in each of its four groups, so its GroupNorm still has four groups of equal size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from fastdec.models.taesd import Block, TAESDDecoder, UpsampleConv
+
+
+def _activation_scores(decoder: TAESDDecoder, latents: Tensor) -> dict[nn.Module, Tensor]:
+    """Per module whose output is recorded: the mean absolute value of each output channel over ``latents``."""
+    recorded = [decoder[2]]  # the ReLU after the first conv: the stream's start
+    for block in decoder.modules():
+        if isinstance(block, Block):
+            recorded += [block.conv[1], block.conv[3], block.fuse]  # inner activations, the stream after the block
+            if block.pool is not None:
+                recorded.append(block.pool[1])
+    recorded += [module for module in decoder if isinstance(module, UpsampleConv)]
+    scores: dict[nn.Module, Tensor] = {}
+
+    def keep(module: nn.Module, inputs, output: Tensor) -> None:
+        score = output.detach().abs().mean(dim=(0, 2, 3))
+        scores[module] = scores.get(module, 0) + score / score.mean().clamp_min(1e-12)
+
+    hooks = [module.register_forward_hook(keep) for module in recorded]
+    try:
+        with torch.no_grad():
+            decoder(latents)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return scores
+
+
+def _top(score: Tensor, count: int) -> Tensor:
+    return score.topk(count).indices.sort().values
+
+
+def prune_taesd(teacher: TAESDDecoder, width: int, latents: Tensor) -> TAESDDecoder:
+    """The teacher at ``width`` channels, keeping the channels most active on ``latents`` (B, C, h, w)."""
+    if not isinstance(teacher, TAESDDecoder):
+        raise TypeError(f"prune_taesd prunes a TAESDDecoder, got a {type(teacher).__name__}")
+    full = teacher.config["width"]
+    if not 4 <= width < full or width % 4:
+        raise ValueError(f"width must be a multiple of 4 from 4 to {full - 4} (the teacher has {full}), got {width}")
+    teacher = copy.deepcopy(teacher).float().eval()  # the caller's teacher keeps its dtype
+    scores = _activation_scores(teacher, latents.float())
+    stream_points = [teacher[2], *(b.fuse for b in teacher.modules() if isinstance(b, Block)),
+                     *(m for m in teacher if isinstance(m, UpsampleConv))]
+    stream = _top(sum(scores[m] for m in stream_points), width)  # the skips tie every point of the stream
+    student = TAESDDecoder(**teacher.config | {"width": width}).eval()
+    with torch.no_grad():
+        for index, (old, new) in enumerate(zip(teacher, student, strict=True)):
+            if isinstance(old, nn.Conv2d):  # the first conv (latents -> stream) or the last (stream -> RGB)
+                rows = stream if index == 1 else slice(None)
+                cols = slice(None) if index == 1 else stream
+                new.weight.copy_(old.weight[rows][:, cols])
+                new.bias.copy_(old.bias[rows])
+            elif isinstance(old, UpsampleConv):
+                new.weight.copy_(old.weight[stream][:, stream])
+            elif isinstance(old, Block):
+                _prune_block(old, new, stream, scores, width)
+    return student
+
+
+def _prune_block(old: Block, new: Block, stream: Tensor, scores: dict[nn.Module, Tensor], width: int) -> None:
+    first, second = _top(scores[old.conv[1]], width), _top(scores[old.conv[3]], width)
+    for conv_index, rows, cols in ((0, first, stream), (2, second, first), (4, stream, second)):
+        new.conv[conv_index].weight.copy_(old.conv[conv_index].weight[rows][:, cols])
+        new.conv[conv_index].bias.copy_(old.conv[conv_index].bias[rows])
+    if old.pool is not None:
+        norm = old.pool[1]
+        group = norm.num_channels // norm.num_groups
+        score = scores[norm].view(norm.num_groups, group)
+        hidden = torch.cat([g * group + _top(score[g], width) for g in range(norm.num_groups)])
+        new.pool[0].weight.copy_(old.pool[0].weight[hidden][:, stream])
+        new.pool[1].weight.copy_(norm.weight[hidden])
+        new.pool[1].bias.copy_(norm.bias[hidden])
+        new.pool[3].weight.copy_(old.pool[3].weight[stream][:, hidden])
