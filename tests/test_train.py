@@ -69,6 +69,17 @@ def checkpoint(folder: Path) -> dict:
     return torch.load(folder / ckpt.CHECKPOINT_NAME, weights_only=True)
 
 
+def test_channels_last_trains_the_same_student(workspace, tmp_path):
+    """--channels-last changes the memory layout, not the training: the weights match the default layout's run up to
+    convolution rounding, and the saved decoder is an ordinary contiguous one."""
+    straight = run(workspace, tmp_path / "nchw")
+    nhwc = run(workspace, tmp_path / "nhwc", channels_last=True)
+    a, b = checkpoint(tmp_path / "nchw"), checkpoint(tmp_path / "nhwc")
+    for key in a["ema"]:
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert (nhwc / "model.safetensors").is_file() and (straight / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("student", [tiny_student, tiny_efficientvit], ids=["taesd", "efficientvit-batchnorm"])
 def test_resume_gives_the_weights_of_an_uninterrupted_run(workspace, tmp_path, student):
     straight = run(workspace, tmp_path / "straight", decoder=student())

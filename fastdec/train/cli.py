@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu, cuda, ... (default: cuda if available)")
     add("--threads", type=int, help="torch CPU threads")
     add("--compile", action="store_true", help="torch.compile the student")
+    add("--channels-last", action="store_true", help="channels_last layout (faster convolutions on GPU)")
     add("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass (less memory)")
 
 

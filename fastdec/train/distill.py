@@ -63,6 +63,8 @@ class DistillConfig:
     device: str | None = None
     threads: int | None = None
     compile: bool = False
+    channels_last: bool = False
+    time_limit: float | None = None  # minutes for both stages, shared by their steps; a stage it stops counts done
 
 
 def student_width(teacher: Decoder, width: int | None, speedup: float | None) -> int:
@@ -110,9 +112,10 @@ def initial_student(teacher: Decoder, width: int, calibration: torch.Tensor) -> 
     return TAESDDecoder("tae-192", teacher.latent_channels, width=width, blocks=blocks)
 
 
-def _stage_done(folder: Path, steps: int) -> bool:
-    path = folder / ckpt.CHECKPOINT_NAME
-    return path.is_file() and int(ckpt.load_checkpoint(path)["step"]) >= steps and (folder / "decoder").is_dir()
+def _stage_done(folder: Path, steps: int, time_limited: bool) -> bool:
+    """The stage's decoder is written and it ran all its steps, or its share of the time limit."""
+    card = folder / "decoder" / "model_card.json"
+    return card.is_file() and (time_limited or json.loads(card.read_text())["steps"] >= steps)
 
 
 def _record_options(config: DistillConfig, output: Path) -> None:
@@ -155,7 +158,8 @@ def distill(config: DistillConfig) -> dict:
         initial_student(teacher, width, _calibration_latents(config, encoder)).save_pretrained(start)
     shared = dict(data=config.data, encoder=config.encoder, crop=config.crop, batch=config.batch, loss=config.loss,
                   cache_dir=config.cache_dir, seed=config.seed, device=config.device, threads=config.threads,
-                  compile=config.compile, eval_data=config.eval_data)
+                  compile=config.compile, channels_last=config.channels_last, eval_data=config.eval_data)
+    total_steps = config.distill_steps + config.finetune_steps
     stages = [
         ("distill", start, dict(steps=config.distill_steps, lr=config.lr, teacher=config.teacher,
                                 distill_weight=config.distill_weight)),
@@ -163,10 +167,11 @@ def distill(config: DistillConfig) -> dict:
     ]
     for name, decoder, options in stages:
         folder = output / name
-        if _stage_done(folder, options["steps"]):
+        if _stage_done(folder, options["steps"], config.time_limit is not None):
             continue
         resume = str(folder) if (folder / ckpt.CHECKPOINT_NAME).is_file() else None
-        train(TrainConfig(output=str(folder), decoder=str(decoder), resume=resume, ema=0.99,
+        minutes = None if config.time_limit is None else config.time_limit * options["steps"] / total_steps
+        train(TrainConfig(output=str(folder), decoder=str(decoder), resume=resume, ema=0.99, time_limit=minutes,
                           warmup=min(50, options["steps"] // 10), **shared, **options))
     student = output / "finetune" / "decoder"
     return evaluate({f"student (width {width})": str(student)}, config.eval_data, config.encoder,
@@ -203,6 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu, cuda, ... (default: cuda if available)")
     add("--threads", type=int, help="torch CPU threads")
     add("--compile", action="store_true", help="torch.compile the student")
+    add("--channels-last", action="store_true", help="channels_last layout (faster convolutions on GPU)")
+    add("--time-limit", type=float, help="minutes for both training stages (shared by their steps); a stage "
+                                         "stopped by it is finished as it is")
 
 
 def run(args: argparse.Namespace) -> int:

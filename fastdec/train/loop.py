@@ -81,6 +81,7 @@ class TrainConfig:
     threads: int | None = None
     compile: bool = False
     grad_checkpointing: bool = False
+    channels_last: bool = False  # NHWC weights and activations: the layout tensor cores want on a GPU
     eval_images: int = 8
     extra: dict = field(default_factory=dict)  # free-form notes recorded in the model card
 
@@ -220,9 +221,13 @@ def train(config: TrainConfig | None = None, **options) -> Path:
         skips.unreadable += skipped.unreadable
         skips.too_small += skipped.too_small
     log.info("%d training images (%s)", len(samples), skips.summary())
+    if device.type == "cuda":  # uint8 pixels and latents: a few hundred MB for thousands of photos
+        samples = [sample.to(device) for sample in samples]
 
     torch.manual_seed(config.seed)
     student = build_student(config.decoder, channels).to(device).train()
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    student = student.to(memory_format=layout)
     student_class, student_config = type(student).__name__, json.loads(json.dumps(student.config))
     ema = EMA(student, config.ema)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -272,7 +277,7 @@ def train(config: TrainConfig | None = None, **options) -> Path:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             latents, images, targets = draw_batch(samples, config.batch, config.crop, downscale, generator, flips,
                                                   distill)
-            latents, images = latents.to(device), images.to(device)
+            latents, images = latents.to(device).contiguous(memory_format=layout), images.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
             with autocast:
