@@ -19,7 +19,7 @@ from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux
 from PIL import Image
 from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING, UPCAST_FROM_FP16_REL
 
-from fastdec.diffusers import FastdecVAE, swap_vae
+from fastdec.diffusers import FastdecVAE, swap_vae, swapped, unswap_vae
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.taesd import TAESDDecoder
 
@@ -62,10 +62,11 @@ def dit_pipeline() -> DiTPipeline:
 
 @pytest.fixture
 def pipe(dit_pipeline):
-    """The module's pipeline with its own VAE back in place after each test."""
+    """The module's pipeline with its own VAE back in place, unswapped, after each test."""
     original = dit_pipeline.vae
     yield dit_pipeline
     dit_pipeline.vae = original
+    unswap_vae(dit_pipeline)
 
 
 def generate(pipe, output_type: str):
@@ -76,7 +77,7 @@ def generate(pipe, output_type: str):
 def test_exact_decoder_matches_the_original_pipeline(pipe):
     reference = generate(pipe, "np")
     wrapper = swap_vae(pipe, AutoencoderKLDecoder.from_diffusers(pipe.vae))
-    assert pipe.vae is wrapper and pipe.config.vae == ("fastdec.diffusers", "FastdecVAE")
+    assert pipe.vae is wrapper.original and pipe.config.vae == ("diffusers", "AutoencoderKL")
     swapped = generate(pipe, "np")
     assert swapped.shape == reference.shape == (2, 16, 16, 3) and np.isfinite(swapped).all()
     assert np.abs(swapped - reference).max() <= DECODER_FP32_REL
@@ -107,7 +108,7 @@ def test_swap_by_path_and_undo(pipe, tmp_path):
     assert isinstance(wrapper.decoder, TAESDDecoder) and wrapper.original is original
     # Swapping again wraps the original VAE, never a wrapper.
     assert swap_vae(pipe, tiny_taesd()).original is original
-    pipe.vae = pipe.vae.original
+    unswap_vae(pipe)
     assert pipe.vae is original and pipe.config.vae[1] == "AutoencoderKL"
 
 
@@ -116,7 +117,7 @@ def test_swap_refuses_mismatched_decoders(pipe):
         swap_vae(pipe, TAESDDecoder("taesd"))
     with pytest.raises(ValueError, match="4 latent channels but TAESDDecoder decodes 16"):
         swap_vae(pipe, tiny_taesd(16))
-    assert not isinstance(pipe.vae, FastdecVAE)
+    assert not isinstance(pipe.vae, FastdecVAE) and swapped(pipe.vae) is None
 
 
 def test_encode_is_the_original_vaes(pipe):
@@ -370,6 +371,7 @@ def test_stable_diffusion_xl_pipeline_fp16_vae_upcasts(transformers):
                     generator=torch.Generator().manual_seed(0)).images
 
     reference = run()
+    vae.half()  # the pipeline's VAE in fp16: swap_vae puts the decoder in the VAE's dtype
     wrapper = swap_vae(pipe, AutoencoderKLDecoder.from_diffusers(vae).half())
     seen = []
     wrapper.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
