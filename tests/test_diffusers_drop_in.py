@@ -401,3 +401,23 @@ def test_decode_takes_the_classs_arguments():
     import inspect
 
     assert list(inspect.signature(pipe.vae.decode).parameters) == ["x", "generator", "return_dict"]
+
+
+def test_what_cannot_work_says_so():
+    case = CASES[0]
+    pipe, z, _ = build(case)
+    swap_vae(pipe, fastdec.load(pipe.vae))
+    pipe.vae.enable_tiling()
+    pipe.vae.tile_sample_min_size = 8
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="exact tiling .* does not run inside torch.compile: call disable_vae_tiling"):
+        torch.compile(pipe.vae.decode, fullgraph=True, backend="eager")(z)
+    unswap_vae(pipe)
+    with torch.device("meta"):
+        meta = case.vae()
+    with pytest.raises(ValueError, match="meta device .* swap_vae before pipe.enable_sequential_cpu_offload"):
+        swap_vae(VaeOnlyPipeline(meta), case.tiny())
+    lora = type("Linear", (torch.nn.Module,), {"__module__": "peft.tuners.lora.layer"})  # how PEFT wraps a layer
+    pipe.vae.decoder.conv_in = lora()
+    with pytest.raises(ValueError, match=r"LoRA/PEFT adapters \(decoder\), which fastdec's decoder would not apply"):
+        swap_vae(pipe, case.tiny())

@@ -57,6 +57,14 @@ def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
             "pipe.vae is a FastdecVAE: swap_vae keeps the pipeline's own diffusers VAE in place; put it back first "
             "(pipe.vae = pipe.vae.original), then swap"
         )
+    adapters = sorted({name.split(".")[0] for name, module in vae.named_modules()
+                       if type(module).__module__.startswith("peft.") and not name.startswith("encoder")})
+    if adapters:
+        raise ValueError(
+            f"the pipeline's {type(vae).__name__} has LoRA/PEFT adapters ({', '.join(adapters)}), which fastdec's "
+            "decoder would not apply: fuse them into the weights first (pipe.fuse_lora(components=['vae']), then "
+            "pipe.unload_lora_weights()), then swap"
+        )
     device, dtype = _place_of(vae)
     if isinstance(decoder, Decoder):
         decoder = decoder.to(device=device, dtype=dtype)
