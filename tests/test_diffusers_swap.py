@@ -112,6 +112,20 @@ def test_swap_by_path_and_undo(pipe, tmp_path):
     assert pipe.vae is original and pipe.config.vae[1] == "AutoencoderKL"
 
 
+def test_a_swapped_pipeline_saves_its_original_vae_and_loads_back(pipe, tmp_path):
+    reference = generate(pipe, "np")
+    pipe.save_pretrained(tmp_path / "plain")
+    swap_vae(pipe, AutoencoderKLDecoder.from_diffusers(pipe.vae))
+    pipe.save_pretrained(tmp_path / "swapped")
+    for name in ("model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "swapped" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    loaded = DiTPipeline.from_pretrained(tmp_path / "swapped")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(generate(loaded, "np"), reference)
+    swap_vae(loaded, AutoencoderKLDecoder.from_diffusers(loaded.vae))  # the swap, re-applied in one call
+    assert np.abs(generate(loaded, "np") - reference).max() <= DECODER_FP32_REL
+
+
 def test_swap_refuses_mismatched_decoders(pipe):
     with pytest.raises(ValueError, match="upsamples latents 8x but the pipeline expects .* 2x"):
         swap_vae(pipe, TAESDDecoder("taesd"))
@@ -351,6 +365,17 @@ def test_stable_diffusion_pipeline(transformers):
     assert np.abs(run("np") - reference).max() <= DECODER_FP32_REL
     assert run("pil")[0].size == (16, 16)
     assert torch.equal(run("latent"), reference_latents)
+    # The pipeline's own switches: its VAE is still an AutoencoderKL, so fuse_qkv_projections accepts it, and
+    # enable_vae_tiling / enable_vae_slicing select fastdec's exact slabs and per-sample decoding.
+    assert isinstance(pipe.vae, AutoencoderKL)
+    pipe.fuse_qkv_projections()
+    assert np.abs(run("np") - reference).max() <= DECODER_FP32_REL
+    pipe.unfuse_qkv_projections()
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    pipe.vae.tile_sample_min_size = 12  # 144 pixels a tile: slabs of 8 whole rows of a 16x16 image
+    assert swapped(pipe.vae).tile_size_for(torch.zeros(1, 4, 8, 8)) == 8
+    assert np.abs(run("np") - reference).max() <= DECODER_FP32_REL
 
 
 def test_stable_diffusion_xl_pipeline_fp16_vae_upcasts(transformers):

@@ -73,6 +73,12 @@ def test_swapped_wan_pipeline_gives_the_same_video(pipe):
     assert len(frames) == 1 and len(frames[0]) == 5 and frames[0][0].size == (48, 32)
     pixels = np.stack([np.asarray(frame) for frame in frames[0]])
     assert np.abs(pixels.astype(np.int16) - np.round(video[0] * 255).astype(np.int16)).max() <= 1
+    pipe.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=48)  # fastdec's slabs: 2 of 16 rows
+    assert wrapper.tile_size_for(torch.zeros(1, 4, 2, 4, 6)) == 16
+    with ops.reference_ops():
+        tiled = generate(pipe, "np")
+    pipe.vae.disable_tiling()
+    assert np.abs(tiled - reference["np"]).max() <= DECODER_FP32_REL * 2
     unswap_vae(pipe)  # the swap undone: the original VAE again
     np.testing.assert_array_equal(generate(pipe, "np"), reference["np"])
 
