@@ -107,10 +107,10 @@ CASES = [
         _seeded(lambda: TAESDDecoder("tae-192", latent_channels=8, width=16, blocks=(1, 1, 1))), (2, 8, 6, 3), {}),
     Case("AutoencoderKLWan", _seeded(lambda: randomised(AutoencoderKLWan(
         base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **WAN_STATS))),
-        _seeded(lambda: TAEHVDecoder("taew2_1")), (1, 16, 2, 6, 3), {}),
+        _seeded(lambda: TAEHVDecoder("taew2_1")), (2, 16, 2, 6, 3), {}),
     Case("AutoencoderKLQwenImage", _seeded(lambda: randomised(AutoencoderKLQwenImage(
         base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, **WAN_STATS))),
-        _seeded(lambda: TAEHVDecoder("taew2_1")), (1, 16, 1, 6, 3), {}),
+        _seeded(lambda: TAEHVDecoder("taew2_1")), (2, 16, 1, 6, 3), {}),
     Case("AutoencoderKLTemporalDecoder", _seeded(lambda: randomised(AutoencoderKLTemporalDecoder(
         block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2))),
         _seeded(lambda: TAETemporalDecoder(width=32, blocks=(1, 1), attention_head_dim=16)), (6, 4, 6, 3),
