@@ -19,7 +19,7 @@ from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux
 from PIL import Image
 from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING, UPCAST_FROM_FP16_REL
 
-from fastdec.diffusers import FastdecVAE, swap_vae
+from fastdec.diffusers import FastdecVAE, swap_vae, swapped, unswap_vae
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.taesd import TAESDDecoder
 
@@ -62,10 +62,11 @@ def dit_pipeline() -> DiTPipeline:
 
 @pytest.fixture
 def pipe(dit_pipeline):
-    """The module's pipeline with its own VAE back in place after each test."""
+    """The module's pipeline with its own VAE back in place, unswapped, after each test."""
     original = dit_pipeline.vae
     yield dit_pipeline
     dit_pipeline.vae = original
+    unswap_vae(dit_pipeline)
 
 
 def generate(pipe, output_type: str):
@@ -76,7 +77,7 @@ def generate(pipe, output_type: str):
 def test_exact_decoder_matches_the_original_pipeline(pipe):
     reference = generate(pipe, "np")
     wrapper = swap_vae(pipe, AutoencoderKLDecoder.from_diffusers(pipe.vae))
-    assert pipe.vae is wrapper and pipe.config.vae == ("fastdec.diffusers", "FastdecVAE")
+    assert pipe.vae is wrapper.original and pipe.config.vae == ("diffusers", "AutoencoderKL")
     swapped = generate(pipe, "np")
     assert swapped.shape == reference.shape == (2, 16, 16, 3) and np.isfinite(swapped).all()
     assert np.abs(swapped - reference).max() <= DECODER_FP32_REL
@@ -107,8 +108,22 @@ def test_swap_by_path_and_undo(pipe, tmp_path):
     assert isinstance(wrapper.decoder, TAESDDecoder) and wrapper.original is original
     # Swapping again wraps the original VAE, never a wrapper.
     assert swap_vae(pipe, tiny_taesd()).original is original
-    pipe.vae = pipe.vae.original
+    unswap_vae(pipe)
     assert pipe.vae is original and pipe.config.vae[1] == "AutoencoderKL"
+
+
+def test_a_swapped_pipeline_saves_its_original_vae_and_loads_back(pipe, tmp_path):
+    reference = generate(pipe, "np")
+    pipe.save_pretrained(tmp_path / "plain")
+    swap_vae(pipe, AutoencoderKLDecoder.from_diffusers(pipe.vae))
+    pipe.save_pretrained(tmp_path / "swapped")
+    for name in ("model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "swapped" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    loaded = DiTPipeline.from_pretrained(tmp_path / "swapped")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(generate(loaded, "np"), reference)
+    swap_vae(loaded, AutoencoderKLDecoder.from_diffusers(loaded.vae))  # the swap, re-applied in one call
+    assert np.abs(generate(loaded, "np") - reference).max() <= DECODER_FP32_REL
 
 
 def test_swap_refuses_mismatched_decoders(pipe):
@@ -116,7 +131,7 @@ def test_swap_refuses_mismatched_decoders(pipe):
         swap_vae(pipe, TAESDDecoder("taesd"))
     with pytest.raises(ValueError, match="4 latent channels but TAESDDecoder decodes 16"):
         swap_vae(pipe, tiny_taesd(16))
-    assert not isinstance(pipe.vae, FastdecVAE)
+    assert not isinstance(pipe.vae, FastdecVAE) and swapped(pipe.vae) is None
 
 
 def test_encode_is_the_original_vaes(pipe):
@@ -350,6 +365,17 @@ def test_stable_diffusion_pipeline(transformers):
     assert np.abs(run("np") - reference).max() <= DECODER_FP32_REL
     assert run("pil")[0].size == (16, 16)
     assert torch.equal(run("latent"), reference_latents)
+    # The pipeline's own switches: its VAE is still an AutoencoderKL, so fuse_qkv_projections accepts it, and
+    # enable_vae_tiling / enable_vae_slicing select fastdec's exact slabs and per-sample decoding.
+    assert isinstance(pipe.vae, AutoencoderKL)
+    pipe.fuse_qkv_projections()
+    assert np.abs(run("np") - reference).max() <= DECODER_FP32_REL
+    pipe.unfuse_qkv_projections()
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    pipe.vae.tile_sample_min_size = 12  # 144 pixels a tile: slabs of 8 whole rows of a 16x16 image
+    assert swapped(pipe.vae).tile_size_for(torch.zeros(1, 4, 8, 8)) == 8
+    assert np.abs(run("np") - reference).max() <= DECODER_FP32_REL
 
 
 def test_stable_diffusion_xl_pipeline_fp16_vae_upcasts(transformers):
@@ -370,6 +396,7 @@ def test_stable_diffusion_xl_pipeline_fp16_vae_upcasts(transformers):
                     generator=torch.Generator().manual_seed(0)).images
 
     reference = run()
+    vae.half()  # the pipeline's VAE in fp16: swap_vae puts the decoder in the VAE's dtype
     wrapper = swap_vae(pipe, AutoencoderKLDecoder.from_diffusers(vae).half())
     seen = []
     wrapper.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))

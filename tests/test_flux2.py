@@ -14,7 +14,7 @@ from tolerances import DECODER_FP32_REL
 
 import fastdec
 from fastdec import ops
-from fastdec.diffusers import swap_vae
+from fastdec.diffusers import swap_vae, unswap_vae
 from fastdec.models.flux2 import Flux2VAEDecoder, PackedLatentsDecoder, tokens_to_grid, unpack_latents
 from fastdec.models.taesd import TAESDDecoder
 
@@ -99,6 +99,7 @@ def test_swap_vae_keeps_the_pipeline_output(pipeline):
         assert relative_error(generate(pipeline, "pt"), reference) <= DECODER_FP32_REL
     finally:
         pipeline.vae = original
+        unswap_vae(pipeline)
 
 
 @pytest.mark.skipif(not TAEF2.is_file(), reason=f"the real TAEF2 weights are not at {TAEF2} (../shared)")
@@ -118,6 +119,7 @@ def test_taef2_decodes_packed_latents_with_the_vaes_statistics(pipeline):
             torch.testing.assert_close(generate(pipeline, "pt")[:1], expected, rtol=1e-5, atol=1e-5)
     finally:
         pipeline.vae = original
+        unswap_vae(pipeline)
     with pytest.raises(ValueError, match="BatchNorm statistics"):
         PackedLatentsDecoder(taef2, TAESDDecoder("taesd"))
     with pytest.raises(TypeError, match="save its .decoder"):

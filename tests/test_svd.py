@@ -234,7 +234,7 @@ def generate(pipe, output_type: str):
 def test_swap_into_stable_video_diffusion_pipeline(svd_pipeline):
     from PIL import Image
 
-    from fastdec.diffusers import swap_vae
+    from fastdec.diffusers import swap_vae, unswap_vae
 
     pipe = svd_pipeline
     original = pipe.vae
@@ -256,6 +256,7 @@ def test_swap_into_stable_video_diffusion_pipeline(svd_pipeline):
                                    atol=2 * DECODER_FP32_REL)
     finally:
         pipe.vae = original
+        unswap_vae(pipe)
 
 
 def test_per_frame_decoders_need_num_frames(vae):

@@ -181,7 +181,7 @@ def test_swap_into_an_svd_pipeline_decode_step():
     with torch.no_grad(), ops.reference_ops():
         frames = StableVideoDiffusionPipeline.decode_latents(pipe, x, num_frames=5, decode_chunk_size=3)
         expected = model.decode(x.transpose(1, 2), decode_chunk_size=3)  # (B, T, 3, H, W) in [0, 1]
-    assert pipe.vae is wrapper and frames.shape == (1, 3, 5, 8, 8)  # (B, 3, T, H, W) in [-1, 1]
+    assert pipe.vae is wrapper.original and frames.shape == (1, 3, 5, 8, 8)  # (B, 3, T, H, W) in [-1, 1]
     torch.testing.assert_close((frames * 0.5 + 0.5).clamp(0, 1).transpose(1, 2), expected, rtol=0, atol=1e-5)
 
 

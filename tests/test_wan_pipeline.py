@@ -10,7 +10,7 @@ import torch
 from tolerances import DECODER_FP32_REL
 
 from fastdec import ops
-from fastdec.diffusers import FastdecVAE, swap_vae
+from fastdec.diffusers import FastdecVAE, swap_vae, unswap_vae
 from fastdec.models.wan import WanDecoder
 
 pytest.importorskip("transformers", reason="diffusers' Wan pipelines import transformers")
@@ -45,10 +45,11 @@ def wan_pipeline() -> WanPipeline:
 
 @pytest.fixture
 def pipe(wan_pipeline):
-    """The module's pipeline with its own VAE back in place after each test."""
+    """The module's pipeline with its own VAE back in place, unswapped, after each test."""
     original = wan_pipeline.vae
     yield wan_pipeline
     wan_pipeline.vae = original
+    unswap_vae(wan_pipeline)
 
 
 def generate(pipe, output_type: str):
@@ -61,7 +62,7 @@ def generate(pipe, output_type: str):
 def test_swapped_wan_pipeline_gives_the_same_video(pipe):
     reference = {kind: generate(pipe, kind) for kind in ("np", "latent")}
     wrapper = swap_vae(pipe, WanDecoder.from_diffusers(pipe.vae))
-    assert pipe.vae is wrapper and isinstance(wrapper.decoder, WanDecoder)
+    assert pipe.vae is wrapper.original and isinstance(wrapper.decoder, WanDecoder)
     with ops.reference_ops():
         video = generate(pipe, "np")
         frames = generate(pipe, "pil")
@@ -72,7 +73,13 @@ def test_swapped_wan_pipeline_gives_the_same_video(pipe):
     assert len(frames) == 1 and len(frames[0]) == 5 and frames[0][0].size == (48, 32)
     pixels = np.stack([np.asarray(frame) for frame in frames[0]])
     assert np.abs(pixels.astype(np.int16) - np.round(video[0] * 255).astype(np.int16)).max() <= 1
-    pipe.vae = pipe.vae.original  # the swap undone: the original VAE again
+    pipe.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=48)  # fastdec's slabs: 2 of 16 rows
+    assert wrapper.tile_size_for(torch.zeros(1, 4, 2, 4, 6)) == 16
+    with ops.reference_ops():
+        tiled = generate(pipe, "np")
+    pipe.vae.disable_tiling()
+    assert np.abs(tiled - reference["np"]).max() <= DECODER_FP32_REL * 2
+    unswap_vae(pipe)  # the swap undone: the original VAE again
     np.testing.assert_array_equal(generate(pipe, "np"), reference["np"])
 
 

@@ -54,7 +54,11 @@ class UpsampleConv(nn.Module):
     """nn.Upsample(scale_factor=2) followed by nn.Conv2d(in, out, 3, padding=1), run as one folded 2x2 conv.
 
     Holds the original 3x3 ``weight`` and ``bias`` (state-dict keys as nn.Conv2d's), so checkpoints load unchanged.
+    ``cache_folded`` False folds on every call instead of keeping the folded kernels (1.8x the weights) between
+    calls: fastdec.diffusers.swap_vae sets it where the weights are the diffusers VAE's, so that one copy is kept.
     """
+
+    cache_folded: bool = True
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__()
@@ -72,7 +76,9 @@ class UpsampleConv(nn.Module):
         graph, differentiable and fused); in inference they are cached, keyed on the parameters' storage and
         version counters, which every in-place update, load_state_dict and .to() changes."""
         params = [p for p in (self.weight, self.bias) if p is not None]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if not self.cache_folded or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        ):
             return fold_upsample_conv3x3(self.weight, self.bias)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._folded is None or self._folded[0] != key:

@@ -1,18 +1,21 @@
-"""Drop-in VAE decoding for diffusers pipelines: ``swap_vae(pipe, decoder)`` and the pipeline runs unchanged.
+"""``FastdecVAE``: a diffusers VAE's ``decode``, computed by a fastdec decoder.
 
 A pipeline hands ``vae.decode`` the latents in the VAE's own space, computed from the diffusion latents x with the
 VAE's config: ``z = x / scaling_factor + shift_factor`` (SD, SDXL, SD3, FLUX.1, DiT, ...), or per channel
 ``z = x * latents_std / scaling_factor + latents_mean`` when the config has latents_mean/latents_std (SDXL's
 pipeline). FLUX.2's VAE has no scaling_factor in its config and its pipeline passes the raw VAE latents, which is
-the space the taef2 decoder reads. ``FastdecVAE`` keeps the original VAE's config, so the pipeline computes the
-same z and the same ``vae_scale_factor``; it maps z back to x and into the fastdec decoder's convention
+the space the taef2 decoder reads. ``FastdecVAE`` maps z back to x and into the fastdec decoder's convention
 (``decoder.latent_affine()``: ``x / scaling_factor + shift_factor``, or the decoder's own latents_mean/std; one
-per-channel affine map, skipped when it is the identity)
-and returns images in [-1, 1], as the pipeline's postprocessing expects.
+per-channel affine map, skipped when it is the identity) and returns what the VAE's decode returns: images in
+[-1, 1] (``DecoderOutput`` or a 1-tuple), video as (B, 3, T, H, W).
 
-Precision follows the pipeline: ``force_upcast`` in the wrapper's config says whether *the fastdec decoder*
-overflows in fp16 (``decoder.force_upcast``: True for e.g. the SDXL AutoencoderKLDecoder, False for the TAESD
-family), and pipelines that honour it (SDXL) cast the wrapper to fp32 around decode as they would the VAE.
+It honours the VAE's own switches, which diffusers' ``enable_vae_slicing`` / ``enable_vae_tiling`` set:
+``use_slicing`` decodes one sample at a time, ``use_tiling`` decodes in fastdec's exact slabs (``tile_size_for``:
+a slab holds as many pixels as one of diffusers' tiles), which give the untiled pixels.
+
+``swap_vae`` (fastdec.diffusers.swap) installs one as the decode of the pipeline's own VAE object; built directly,
+``FastdecVAE(vae, decoder)`` is a module of its own that decodes like the swapped VAE (its ``config`` is the VAE's,
+``force_upcast`` being the fastdec decoder's need unless given).
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ try:
 except ImportError as error:
     raise ImportError("fastdec.diffusers needs diffusers: pip install 'fastdec[diffusers]'") from error
 
-from fastdec.api import load
+from fastdec import tiling
 from fastdec.models.base import Decoder
 
 
 class FastdecVAE(nn.Module):
-    """Stands in for a pipeline's VAE: decodes with a fastdec decoder, encodes with the original VAE.
+    """Decodes like ``original`` (a diffusers VAE) with a fastdec decoder; encodes with ``original``.
 
-    ``config`` is the original VAE's config (force_upcast excepted, see the module docstring); ``original`` is
-    the original VAE, kept for ``encode`` (img2img, inpainting) and for the latent statistics that FLUX.2's
-    pipeline reads (``bn``). ``pipe.vae = pipe.vae.original`` undoes the swap.
+    ``config`` is the original VAE's config (``force_upcast``: the fastdec decoder's need, ``decoder.force_upcast``,
+    unless given; a swapped pipeline reads its VAE's own config instead). ``weights`` is set by ``swap_vae``: the
+    decoder tensors that are the VAE's own (shared, not copied) and what keeps them so across ``.to()`` and
+    accelerate's offloading.
     """
 
     def __init__(self, original: nn.Module, decoder: Decoder, force_upcast: bool | None = None):
@@ -53,6 +57,8 @@ class FastdecVAE(nn.Module):
         self.original = original
         self.decoder = decoder.eval()
         self.input_scale, self.input_offset = _input_map(config, decoder)
+        self.weights = None  # swap_vae: a fastdec.diffusers.swap.SharedWeights
+        self._upsampling: int | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,15 +82,76 @@ class FastdecVAE(nn.Module):
             raise AttributeError(f"the original {type(self.original).__name__} has no 'bn' (latent statistics)")
         return self.original.bn
 
+    @property
+    def upsampling(self) -> int:
+        """Pixels per latent row and column: the decoder run once on a 2x2 latent (then remembered)."""
+        if self._upsampling is None:
+            frames = (1,) if _takes_5d_latents(self.decoder) else ()
+            probe = torch.zeros(1, self.decoder.latent_channels, *frames, 2, 2, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                self._upsampling = self(probe, num_frames=1).shape[-1] // 2
+        return self._upsampling
+
     def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None,
                num_frames: int | None = None):
         """The VAE's decode: latents in the VAE's space -> images in [-1, 1] (``DecoderOutput`` or a 1-tuple).
 
         ``generator`` is accepted for the pipelines that pass it; decoding is deterministic. ``num_frames``: see
-        ``forward``.
+        ``forward``. The VAE's ``use_slicing`` and ``use_tiling`` are honoured (see the module docstring).
         """
-        image = self(z, num_frames)
+        image = self.decode_sample(z, num_frames)
         return DecoderOutput(sample=image) if return_dict else (image,)
+
+    def decode_sample(self, z: Tensor, num_frames: int | None = None) -> Tensor:
+        """``decode(z).sample``, with the decoder's weights made the VAE's current ones first (see ``weights``)."""
+        if self.weights is not None and self.weights.offloaded():
+            return self.weights.run_offloaded(lambda: self._sliced(z, num_frames))
+        if self.weights is not None:
+            self.weights.rebind()
+        return self._sliced(z, num_frames)
+
+    def _sliced(self, z: Tensor, num_frames: int | None) -> Tensor:
+        """``use_slicing``: one sample at a time, as diffusers' VAEs do (per-frame video latents are whole clips,
+        never sliced: SVD's VAE has no slicing)."""
+        if getattr(self.original, "use_slicing", False) and z.shape[0] > 1 and not self.decoder.per_frame_latents:
+            return torch.cat([self._maybe_tiled(part, num_frames) for part in z.split(1)])
+        return self._maybe_tiled(z, num_frames)
+
+    def _maybe_tiled(self, z: Tensor, num_frames: int | None) -> Tensor:
+        tile_size = self.tile_size_for(z)
+        if tile_size is None:
+            return self(z, num_frames)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fastdec's exact tiling (the VAE's use_tiling, set by enable_vae_tiling) does not run inside "
+                "torch.compile: call disable_vae_tiling() before compiling vae.decode, or decode uncompiled"
+            )
+        return tiling.tiled_decode(_VaeSpaceDecoder(self, num_frames, z.dim()), z, tile_size, check_finite=False)
+
+    def tile_size_for(self, z: Tensor) -> int | None:
+        """fastdec's slab height (pixel rows) for these latents when the VAE's ``use_tiling`` is set, else None.
+
+        diffusers tiles in squares of ``tile_sample_min_size`` pixels (``tile_sample_min_height`` x
+        ``tile_sample_min_width`` for DC-AE, Wan and Qwen-Image), blended where they overlap; fastdec decodes exact
+        full-width slabs. A slab gets as many pixels as one such tile: ``tile_h * tile_w // W`` rows (W the image
+        width), rounded down to whole latent rows (at least one). Latents that fit in one slab decode untiled;
+        the overlap, stride and blend settings have nothing to set in an exact slab decode.
+        """
+        vae = self.original
+        if not getattr(vae, "use_tiling", False):
+            return None
+        height, width = getattr(vae, "tile_sample_min_height", None), getattr(vae, "tile_sample_min_width", None)
+        if height is None or width is None:
+            size = getattr(vae, "tile_sample_min_size", None)
+            if size is None:
+                raise ValueError(
+                    f"{type(vae).__name__}.use_tiling is set but it has no tile_sample_min_size (nor "
+                    "tile_sample_min_height/width) to size fastdec's slabs: set vae.tile_sample_min_size (pixels)"
+                )
+            height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
+        factor = self.upsampling
+        rows = max(1, int(height) * int(width) // (z.shape[-1] * factor) // factor)
+        return None if rows >= z.shape[-2] else rows * factor
 
     def forward(self, z: Tensor, num_frames: int | None = None) -> Tensor:
         """``num_frames``: StableVideoDiffusionPipeline passes per-frame latents (B*T, C, h, w), clip after clip, with
@@ -107,14 +174,40 @@ class FastdecVAE(nn.Module):
             scale = torch.tensor(self.input_scale, dtype=z.dtype, device=z.device).view(shape)
             offset = torch.tensor(self.input_offset, dtype=z.dtype, device=z.device).view(shape)
             z = z * scale + offset
-        if video:  # the video contract: decode(diffusion latents) -> frames (B, T, 3, H, W) in [0, 1]
-            return self.decoder.decode(z, check_finite=False).transpose(1, 2) * 2 - 1
+        if video:  # the video contract: diffusion latents -> frames (B, T, 3, H, W) in [0, 1] (decode_checked:
+            # decode less the checks done here and its tiling, which this module runs; meta tensors pass)
+            return self.decoder.decode_checked(z).transpose(1, 2) * 2 - 1
         image = self.decoder.decode_frames(z, num_frames) if per_frame_video else self.decoder(z)
         return image * 2 - 1 if self.decoder.output_range == "0,1" else image
 
     def encode(self, *args, **kwargs):
         """The original VAE's encode, unchanged (same arguments, same output)."""
         return self.original.encode(*args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        raise TypeError(
+            "a FastdecVAE is not a diffusers model and cannot be saved: save the pipeline (swap_vae keeps pipe.vae "
+            "the original diffusers VAE, which it saves), or the fastdec decoder with .decoder.save_pretrained(dir)"
+        )
+
+
+class _VaeSpaceDecoder(nn.Module):
+    """A FastdecVAE's forward as a decoder that fastdec.tiling runs in slabs: ``decode(z)`` is the forward (latents in
+    the VAE's space -> the VAE's output, unclamped like the untiled decode); its state is the fastdec decoder's, which
+    the tiler probes on the meta device for the slab plan."""
+
+    def __init__(self, adapter: FastdecVAE, num_frames: int | None, latent_ndim: int):
+        super().__init__()
+        self.decoder = adapter.decoder
+        self.__dict__["adapter"] = adapter  # not a submodule: its state is the decoder's alone
+        self.num_frames, self.latent_ndim = num_frames, latent_ndim
+        self.latent_channels = adapter.decoder.latent_channels
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.adapter(z, self.num_frames)
+
+    def decode(self, z: Tensor, check_finite: bool | None = None) -> Tensor:
+        return self(z)
 
 
 def _takes_5d_latents(decoder: Decoder) -> bool:
@@ -152,31 +245,3 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
     if identity:
         return None, None
     return scale, offset
-
-
-def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
-    """Makes ``pipe`` decode with a fastdec decoder; returns the ``FastdecVAE`` now at ``pipe.vae``.
-
-    ``decoder``: a fastdec Decoder, or anything ``fastdec.load`` takes (e.g. "taesdxl"), loaded on the VAE's
-    device in its dtype, and put in eval mode. It must upsample by the pipeline's ``vae_scale_factor`` (checked
-    with a 2x2 latent). ``force_upcast``: None takes the decoder's own need (see the module docstring).
-    """
-    original = pipe.vae.original if isinstance(pipe.vae, FastdecVAE) else pipe.vae
-    if original is None:
-        raise ValueError("the pipeline has no VAE to swap (pipe.vae is None)")
-    if not isinstance(decoder, Decoder):
-        decoder = load(decoder, device=original.device, dtype=original.dtype)
-    wrapper = FastdecVAE(original, decoder, force_upcast)
-    expected = (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)  # video
-                or 2 ** (len(original.config.block_out_channels) - 1))
-    frames = (1,) if _takes_5d_latents(decoder) else ()
-    probe = torch.zeros(1, decoder.latent_channels, *frames, 2, 2, device=wrapper.device, dtype=wrapper.dtype)
-    with torch.no_grad():
-        factor = wrapper(probe, num_frames=1).shape[-1] // 2
-    if factor != expected:
-        raise ValueError(
-            f"{type(decoder).__name__} upsamples latents {factor}x but the pipeline expects its VAE to upsample "
-            f"{expected}x (vae_scale_factor): use a decoder with the pipeline's upsampling"
-        )
-    pipe.vae = wrapper
-    return wrapper
