@@ -11,7 +11,7 @@
 #    the stage-end checks; M minutes of training in all (default 5), split between them;
 # 4. fastdec eval on all 200 BSDS500 test images at 320x480: TAEF2, the latent preview, slim, plus and
 #    efficientvit-taef2, with frontier.png; copy OUT_DIR/frontier and the decoders into the repository to ship them.
-# --smoke: the same commands on the CPU with two images and a few steps (CI runs it: tests/test_gpu_train.py).
+# --smoke: the same commands on the CPU with two images and a few steps (tests/test_gpu_train.py, a slow test).
 set -euo pipefail
 
 usage() { sed -n '2,4p' "$0" >&2; exit 2; }
