@@ -43,6 +43,7 @@ from unittest import mock
 import torch
 
 from fastdec import ops
+from fastdec.kernels import _attention_config as attention_config
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
 # Each op file's compile_cases(quick): launcher calls at decoder shapes (kernels/<op>.py, "the calls its checks make").
@@ -97,14 +98,20 @@ def launched_kernels(module) -> dict[str, object]:
 
 @contextlib.contextmanager
 def fake_gpu(arch: int) -> Iterator[None]:
-    """Inside: CUDA tensors are fake (no memory, no GPU) and torch reports the SM count and compute capability of
-    the `arch` GPU."""
+    """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count, compute capability and shared
+    memory of the `arch` GPU, and ``torch.cuda.device`` (the launchers' device guard) does nothing."""
     gpu = GPUS[arch]
-    properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name)
-    with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
-          mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
-          torch._subclasses.fake_tensor.FakeTensorMode()):
-        yield
+    properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name,
+                                 shared_memory_per_block_optin=gpu.shared_memory)
+    attention_config.forget()  # what it read from the previous (fake) GPU
+    try:
+        with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
+              mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
+              mock.patch.object(torch.cuda, "device", lambda *_: contextlib.nullcontext()),
+              torch._subclasses.fake_tensor.FakeTensorMode()):
+            yield
+    finally:
+        attention_config.forget()
 
 
 @contextlib.contextmanager
