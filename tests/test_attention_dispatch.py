@@ -163,3 +163,20 @@ def test_head_dim_384_in_wans_layout_matches_sdpa(dtype, whole_d, monkeypatch):
     assert launches["forward"].launches == 1
     expected = REFERENCE(q.float(), k.float(), v.float())
     torch.testing.assert_close(out.float(), expected, **ATTENTION[dtype])
+
+
+def test_the_tuning_command_writes_a_table_the_dispatch_reads(tmp_path):
+    """bench/tune_attention.py (needs a GPU to time) writes kernels/_attention_table.py's form; its TABLE reads
+    back as written and keeps the module docstring."""
+    spec = importlib.util.spec_from_file_location("tune_attention", ROOT / "bench" / "tune_attention.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    table = {"sm_90": {config.bucket(torch.bfloat16, "tf32", 1, 6240, 6240, 384): {
+        "tile": [64, 32, 512, 8, 2], "kv_splits": 2, "us": 812.5, "gpu": "NVIDIA H200", "date": "2026-12-04"}}}
+    path = tmp_path / "_attention_table.py"
+    path.write_text(tune.render(table))
+    assert tune.read_table(path) == table
+    assert path.read_text().startswith('"""Attention launch configurations timed on real GPUs')
+    expected = attn.AttentionConfig(64, 32, 512, 2, 8, 2)
+    assert config.table_config(table, (9, 0), "bf16 d384 bh1 q8192 kv8192") == expected
+    assert tune.read_table(tune.TABLE_FILE) == attn.TABLE
