@@ -220,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     check = Check(device, args.smoke, args.seconds)
     # Each op against its peers in the dtype its goal is stated in; then fastdec alone in the other half precision
-    # (correctness at every size, no peers: their torch.compile runs would double the script's time).
+    # and in fp32 (correctness at every size, no peers: their torch.compile runs would double the script's time).
+    # fp32 runs with TF32 off, so attention's exact path is what is checked against the 1e-5 limit.
+    torch.backends.cuda.matmul.allow_tf32 = False
     for name in args.ops.split(","):
         goal_dtype = ops.OP_MODULES[name].GPU_DTYPE
         other = torch.float16 if goal_dtype == torch.bfloat16 else torch.bfloat16
-        for dtype, with_peers in ([(torch.float32, True)] if args.smoke else [(goal_dtype, True), (other, False)]):
+        plan = [(goal_dtype, True), (other, False)] + ([(torch.float32, False)] if goal_dtype != torch.float32 else [])
+        for dtype, with_peers in ([(torch.float32, True)] if args.smoke else plan):
             check.with_peers = with_peers
             check_op(check, name, dtype)
         print(f"-- {name} done at {time.perf_counter() - started:.0f} s", flush=True)
