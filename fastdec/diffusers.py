@@ -28,6 +28,7 @@ except ImportError as error:
 
 from fastdec.api import load
 from fastdec.models.base import Decoder
+from fastdec.models.layers import ChannelConstants
 
 
 class FastdecVAE(nn.Module):
@@ -102,11 +103,11 @@ class FastdecVAE(nn.Module):
                 "as StableVideoDiffusionPipeline does"
             )
         z = z.to(self.dtype)
-        if self.input_scale is not None:
-            shape = (1, -1) + (1,) * (z.dim() - 2)
-            scale = torch.tensor(self.input_scale, dtype=z.dtype, device=z.device).view(shape)
-            offset = torch.tensor(self.input_offset, dtype=z.dtype, device=z.device).view(shape)
-            z = z * scale + offset
+        if self.input_scale is not None:  # device copies of the affine map, built once (no per-call copy)
+            if getattr(self, "_input_map", None) is None or self._input_map[0].values != list(self.input_scale):
+                self._input_map = (ChannelConstants(self.input_scale), ChannelConstants(self.input_offset))
+            z = z * self._input_map[0].get(z.dtype, z.device, z.dim()) + self._input_map[1].get(z.dtype, z.device,
+                                                                                                  z.dim())
         if video:  # the video contract: decode(diffusion latents) -> frames (B, T, 3, H, W) in [0, 1]
             return self.decoder.decode(z, check_finite=False).transpose(1, 2) * 2 - 1
         image = self.decoder.decode_frames(z, num_frames) if per_frame_video else self.decoder(z)
