@@ -365,7 +365,9 @@ def group_norm_act_triton(
         HAS_BIAS=bias is not None,
         ACT=act,
         SINGLE_CHUNK=plan.num_chunks == 1,
-        **meta,
+        # channels_last tiles at 4 warps took 150-168 registers (ptxas, sm_90: 3 blocks per SM); 8 warps halve each
+        # thread's share: 102-123 registers, 16 warps per SM instead of 12 (bench/results/*compile-check*)
+        **{**meta, "num_warps": 8 if x_strides[1] == 1 and channels > 1 else 4},
     )
     if target is not out:
         out.copy_(target)

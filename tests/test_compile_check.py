@@ -202,3 +202,11 @@ def test_regenerated_report_has_no_problems():
         pytest.skip(f"cannot compile Triton kernels for CUDA here: {reason}")
     report = compile_check.check([90, 80], quick=False, timeout=3600)
     assert compile_check.problems(report, compile_check.DEFAULT_MAX_SPILL) == []
+
+
+def test_channels_last_group_norm_leaves_room_for_occupancy(committed):
+    """Issue 21 risk 5: the channels_last normalize kernel took 150-168 registers per thread at 4 warps; at 8 warps
+    each thread holds half the tile."""
+    found = [(r.case, r.registers) for r in committed["results"]
+             if r.kernel == "_group_norm_act_kernel" and "channels_last" in r.case]
+    assert found and all(registers <= 128 for _, registers in found), found
