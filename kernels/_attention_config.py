@@ -115,12 +115,22 @@ CANDIDATES: dict[int, tuple[Tile, ...]] = {
 # fp32 with TF32 off runs tl.dot as exact fp32 FMAs ("ieee"): no tensor cores and large register tiles, so small
 # tiles and a 64/128-wide D chunk (ptxas: no spills for the first two at any head_dim).
 FP32_CANDIDATES: tuple[Tile, ...] = ((32, 32, 64, 4, 2), (64, 32, 64, 8, 2), (32, 32, 128, 4, 2))
-# fp32 with TF32 on (torch.backends.cuda.matmul.allow_tf32, as SDPA follows): tensor cores on fp32 operands,
-# which take twice the shared memory of fp16 tiles, so 64-row tiles, q k^T summed over 64-wide D chunks beyond
-# head_dim 128 and at most 128 output columns per program.
-TF32_CANDIDATES: tuple[Tile, ...] = ((64, 64, 128, 4, 2), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2))
-# Spill more than a kilobyte before Hopper (ptxas, sm_80: 1276 bytes), so the heuristic skips them there.
-SPILL_BEFORE_HOPPER = {(128, 32, 256, 8, 1)}
+# fp32 with TF32 on (torch.backends.cuda.matmul.allow_tf32, as SDPA follows): tensor cores on fp32 operands, twice
+# the bytes of fp16 tiles. Up to head_dim 128 q stays resident (64x64: wgmma, 80 KiB, no spills); beyond, q k^T is
+# summed over 64-wide D chunks whose loads Triton buffers per chunk (64-row tiles needed 288-448 KiB of shared
+# memory at head_dim 512), so small tiles, one stage (74 KiB at 512, no spills on sm_90 or sm_80).
+TF32_CANDIDATES: tuple[Tile, ...] = ((64, 64, 512, 4, 2), (64, 32, 512, 4, 2), (32, 32, 512, 4, 2))
+TF32_WIDE_CANDIDATES: tuple[Tile, ...] = ((32, 16, 128, 4, 1), (32, 32, 64, 4, 2))
+# Spill before Hopper at every head_dim (ptxas, sm_80: 1276 and 24 bytes), so the heuristic skips them there.
+SPILL_BEFORE_HOPPER = {(128, 32, 256, 8, 1), (128, 64, 512, 4, 3)}
+# (Hopper or newer, operands, head_dim) -> tiles ptxas spilled with there (bench/results/*compile-check*): skipped
+# by the heuristic and the tuner. Operands: "16bit", "tf32" or "ieee".
+SPILLS: dict[tuple[bool, str, int], frozenset[Tile]] = {
+    (False, "16bit", 384): frozenset({(128, 32, 256, 8, 2)}),  # 452 bytes
+    (False, "ieee", 384): frozenset({(32, 32, 64, 4, 2), (32, 32, 128, 4, 2)}),  # 96, 192 bytes
+    (False, "ieee", 512): frozenset({(32, 32, 128, 4, 2)}),  # 104 bytes
+    (True, "ieee", 384): frozenset({(32, 32, 128, 4, 2)}),  # 196 bytes
+}
 # Tried when no candidate fits the GPU: ~75 KiB of shared memory at any head_dim and dtype (spills a little).
 FALLBACK: Tile = (32, 16, 128, 4, 1)
 
@@ -163,9 +173,13 @@ def dot_precision(dtype: torch.dtype, interpreting: bool) -> str:
 
 
 def candidates_for(dtype: torch.dtype, precision: str, head_dim: int) -> tuple[Tile, ...]:
-    if dtype == torch.float32:
-        return TF32_CANDIDATES if precision == "tf32" else FP32_CANDIDATES
-    return CANDIDATES[padded_head_dim(head_dim)]
+    if dtype == torch.float32 and precision == "tf32":
+        return TF32_CANDIDATES if padded_head_dim(head_dim) <= 128 else TF32_WIDE_CANDIDATES
+    return FP32_CANDIDATES if dtype == torch.float32 else CANDIDATES[padded_head_dim(head_dim)]
+
+
+def operands(dtype: torch.dtype, precision: str) -> str:
+    return precision if dtype == torch.float32 else "16bit"
 
 
 def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, capability: tuple[int, int] | None
@@ -187,15 +201,21 @@ def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, ca
 
 def shared_memory_estimate(tile: Tile, dtype: torch.dtype, precision: str, head_dim: int,
                            capability: tuple[int, int]) -> int:
-    """Bytes of shared memory the tile needs: the q tile (staged whole even when q k^T is chunked) plus num_stages
-    buffers of the k and v tiles; within ~16 KiB of the compile report (bench/results/*compile-check*)."""
+    """Bytes of shared memory the tile needs, fitted to the compile report (bench/results/*compile-check*; within
+    ~16 KiB, or over): 16-bit operands keep the q tile whole plus num_stages buffers of the k and v tiles; a q k^T
+    summed over D chunks gets a q and a k buffer per chunk (unrolled), per stage on tensor cores (TF32)."""
     block_m, block_n, block_dv, _, stages = tile
     item = 4 if dtype == torch.float32 else 2
     main, tail = split_head_dim(head_dim)
     chunk = qk_chunk(dtype, precision, head_dim, block_m, capability)
-    width = main + tail if chunk == main else chunk
     dv = main + tail if block_dv >= padded_head_dim(head_dim) else block_dv
-    return block_m * (main + tail) * item + max(1, stages) * block_n * (width + dv) * item
+    v = max(1, stages) * block_n * dv * item
+    if dtype == torch.float32 and chunk < main:
+        chunks = triton.cdiv(head_dim, chunk)
+        buffers = 1 if precision == "ieee" else max(1, stages)
+        return chunks * buffers * (block_m + block_n) * chunk * item + v
+    width = main + tail if chunk == main else chunk
+    return block_m * (main + tail) * item + max(1, stages) * block_n * width * item + v
 
 
 @functools.cache
@@ -236,10 +256,11 @@ def arch_key(capability: tuple[int, int]) -> str:
 def usable_tiles(dtype: torch.dtype, precision: str, head_dim: int, capability: tuple[int, int],
                  shared_memory: int) -> list[Tile]:
     """The candidates in preference order that fit this GPU, then the fallback."""
+    spills = SPILLS.get((capability[0] >= 9, operands(dtype, precision), head_dim), frozenset())
     tiles = [tile for tile in candidates_for(dtype, precision, head_dim)
-             if not (capability[0] < 9 and tile in SPILL_BEFORE_HOPPER)
+             if not (capability[0] < 9 and tile in SPILL_BEFORE_HOPPER) and tile not in spills
              and shared_memory_estimate(tile, dtype, precision, head_dim, capability) <= shared_memory]
-    return tiles + [FALLBACK]
+    return tiles + ([FALLBACK] if FALLBACK not in tiles else [])
 
 
 def config_of(tile: Tile, splits: int) -> AttentionConfig:

@@ -103,12 +103,12 @@ def test_a_plan_that_does_not_fit_falls_back_once(gpu_launches, monkeypatch):
 @pytest.mark.parametrize(("allow_tf32", "precision"), [(True, "tf32"), (False, "ieee")])
 def test_fp32_follows_torchs_tf32_switch(gpu_launches, allow_tf32, precision):
     """As SDPA's fp32 math: TF32 tensor cores when torch allows TF32 matmuls, exact fp32 when it does not."""
-    shape = (1, 1, 4096, 512)
-    with config.tf32(allow_tf32):
-        (launch,) = gpu_launches(90, *(fake(shape, torch.float32) for _ in range(3)))
-    assert launch["DOT_PRECISION"] == precision
-    tile = (launch["BLOCK_M"], launch["BLOCK_N"])
-    assert tile == ((64, 64) if allow_tf32 else (32, 32))
+    for shape, tf32_tile in (((1, 1, 4096, 512), (32, 16)), ((1, 8, 1024, 64), (64, 64))):
+        with config.tf32(allow_tf32):
+            (launch,) = gpu_launches(90, *(fake(shape, torch.float32) for _ in range(3)))
+        assert launch["DOT_PRECISION"] == precision
+        tile = (launch["BLOCK_M"], launch["BLOCK_N"])
+        assert tile == (tf32_tile if allow_tf32 else (32, 32)), shape
 
 
 def test_float32_matmul_precision_sets_the_switch():
