@@ -3,7 +3,10 @@ tensors from Python lists (pageable host-to-device copies, which CUDA-graph capt
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdec.diffusers import FastdecVAE  # noqa: F401 (the wrapper whose affine map is checked below)
 from fastdec.models.layers import ChannelConstants
@@ -50,3 +53,62 @@ def test_channel_constants_stay_exact_in_fp32_and_follow_dtype_and_device():
     assert fp32.shape == (1, 2, 1, 1) and fp32[0, 1, 0, 0].item() == torch.tensor(1 / 3).item()
     assert constants.get(torch.float32, torch.device("cpu"), 4) is fp32
     assert constants.get(torch.bfloat16, torch.device("cpu"), 5).shape == (1, 2, 1, 1, 1)
+
+
+# --- a full decode of every family at real sizes, on fake CUDA tensors (no GPU, no memory) --------------------------
+
+REAL_SIZES = {  # family -> latents of the issue's decode sizes (B, C, [T,] h, w); None: the bench entry's at 1024 px
+    "sd-vae": None, "flux2": None, "dc-ae": None, "taesd": None, "vit-s": None,
+    "wan2.1": (1, 16, 21, 60, 104),  # 81 x 480 x 832
+    "svd": (1, 4, 14, 72, 128),  # 14 x 576 x 1024
+}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts host-to-device copies and device-to-host syncs (.item(), bool(tensor), nonzero) of the ops it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple] = []
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type == "cuda":
+            self.copies.append(tuple(args[0].shape))
+        if func is torch.ops.aten.copy_.default and args[0].device.type == "cuda" and args[1].device.type == "cpu":
+            self.copies.append(tuple(args[1].shape))
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.syncs.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
+@pytest.mark.parametrize("family", sorted(REAL_SIZES))
+def test_a_repeated_decode_makes_no_host_copies_or_syncs(family, monkeypatch):
+    """Issue 21: decode ``family`` twice at a real size on fake CUDA tensors (FakeTensorMode: shapes only); the
+    second decode copies nothing from the host and waits for nothing (check_finite=False: the NaN check is the one
+    sync a decode makes by default, skipped under CUDA-graph capture and torch.compile)."""
+    from fastdec.bench.decoders import ENTRIES
+
+    entry = ENTRIES[family]
+    # trunc_normal_ draws until values fall in range (data-dependent): fake weights need no values
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
+    with FakeTensorMode():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                model = entry.build().eval()
+        finally:
+            torch.set_default_dtype(previous)
+        shape = REAL_SIZES[family] or entry.latent_shape(model, 1024, 1, entry.downsample)
+        latents = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            first = model.decode(latents, check_finite=False)
+            with HostTraffic() as traffic:
+                second = model.decode(latents, check_finite=False)
+    assert second.shape == first.shape and second.device.type == "cuda"
+    assert traffic.copies == [], f"host-to-device copies in every decode: {traffic.copies}"
+    assert traffic.syncs == [], f"device syncs in every decode: {traffic.syncs}"
