@@ -54,11 +54,12 @@ def read_tests(out: Path) -> dict | None:
 def read_reports(out: Path) -> dict:
     """{name: (json, markdown)} of every report a step wrote."""
     found = {}
-    for name, pattern in (("gpu_check", "gpu_check/*.json"), ("decoders", "decoders/bench.json"),
-                          ("video", "video/bench.json"), ("tiling", "tiling/tiling.json")):
-        for path in sorted(out.glob(pattern)):
-            markdown = path.with_suffix(".md")
-            found[name] = (json.loads(path.read_text()), markdown.read_text() if markdown.exists() else "")
+    paths = [("gpu_check", path) for path in sorted(out.glob("gpu_check/*.json"))]
+    paths += [(path.parent.name, path) for path in sorted(out.glob("*/bench.json"))]  # one per fastdec bench step
+    paths += [("tiling", path) for path in sorted(out.glob("tiling/tiling.json"))]
+    for name, path in paths:
+        markdown = path.with_suffix(".md")
+        found[name] = (json.loads(path.read_text()), markdown.read_text() if markdown.exists() else "")
     return found
 
 
@@ -73,6 +74,7 @@ def build(out: Path, smoke: bool) -> tuple[dict, str]:
         problems.append(f"tests: {tests['failures']} failed, {tests['errors']} errors: {', '.join(tests['failed'])}")
     problems += [f"gpu_check: {r['op']} {r['shape']} {r['dtype']} error {r['rel_error']:.2e} > {r['error_limit']}"
                  for r in rows if not r["correct"]]
+    problems += [f"gpu_check: {error}" for error in reports.get("gpu_check", ({}, ""))[0].get("errors", [])]
     report = {"environment": gpu_check.environment(device), "smoke": smoke, "steps": steps, "tests": tests,
               "reports": {name: data for name, (data, _) in reports.items()}, "problems": problems,
               "attention_table": table.read_text() if table.exists() else None}
