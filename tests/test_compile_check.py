@@ -210,3 +210,25 @@ def test_channels_last_group_norm_leaves_room_for_occupancy(committed):
     found = [(r.case, r.registers) for r in committed["results"]
              if r.kernel == "_group_norm_act_kernel" and "channels_last" in r.case]
     assert found and all(registers <= 128 for _, registers in found), found
+
+
+def test_committed_extension_report_has_no_spills_and_matches_the_sources():
+    """fastdec._C's CUDA kernels (pixel_shuffle, the vectorised channels_last path included) through ptxas for
+    sm_90 and sm_80 (bench/ptxas_extension.sh): no spills, and the report is of today's csrc/."""
+    import hashlib
+    import re
+
+    reports = sorted((ROOT / "bench" / "results").glob("*-ptxas-extension-sm90-sm80.txt"))
+    assert reports, "no committed extension report; run bench/ptxas_extension.sh bench/results/<date>-ptxas-..."
+    text = reports[-1].read_text()
+    sources = sorted((ROOT / "csrc").glob("*.cu")) + sorted((ROOT / "csrc").glob("*.h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+    stale = f"csrc/ changed since {reports[-1].name}: rerun bench/ptxas_extension.sh"
+    assert f"# sources sha256: {digest}" in text, stale
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", text)]
+    assert len(entries) == len(spills) == len(registers) > 0
+    assert {arch for _, arch in entries} == {"sm_90", "sm_80"}
+    assert any("shuffle_channels_last" in name for name, _ in entries)
+    assert all(stores == loads == "0" for stores, loads in spills) and max(registers) <= 255
