@@ -4,7 +4,8 @@
 #   bench/gpu_run.sh OUT_DIR [--wheels DIR] [--tune] [--budget SECONDS] [--smoke] [--ops a,b] [--skip-tests]
 #
 # 1. installs what the machine lacks from a folder of wheels made beforehand on a networked machine by
-#    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched);
+#    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
+#    e.g. bench/gpu_wheels.sh .whl with /.whl/ in .git/info/exclude, the device call carrying .whl;
 # 2. builds fastdec and its CUDA extension from this checkout (pip install --no-build-isolation -e .);
 # 3. runs the kernel tests natively on the GPU (no interpreter);
 # 4. bench/gpu_check.py: every op in fp16/bf16/fp32, contiguous/channels_last/strided, attention at head_dim
@@ -95,13 +96,14 @@ if [ $SMOKE -eq 1 ]; then
 else
   step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops starting passes in time to write its report
   # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
-  # 512/1024, FLUX.2 1024, TAESD 512 (each vs diffusers eager and torch.compile, with peak memory), then the video
-  # decoders (fastdec bench decodes square frames: Wan 2.1 81 frames at 480^2 for 81x480x832, SVD 14 frames at
-  # 576^2 for 14x576x1024; no compile) and the tiled 4096^2 bf16 decode.
+  # 512/1024, FLUX.2 1024, TAESD 512, FLUX.1 1024 (each vs diffusers eager and torch.compile, with peak memory), the
+  # video decoders (fastdec bench decodes square frames: Wan 2.1 81 frames at 480^2 for 81x480x832, SVD 14 frames
+  # at 576^2 for 14x576x1024; no compile) and the tiled 4096^2 bf16 decode.
   BENCH=("$PYTHON" -m fastdec.bench --batch 1 --dtype bf16)
   step sd-vae 100 "${BENCH[@]}" --decoders sd-vae --resolution 512,1024 --out "$OUT/sd-vae"
   step flux2 60 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
   step taesd 30 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
+  step flux1 60 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"
   step video 60 "${BENCH[@]}" --decoders wan2.1 --resolution 480 --no-compile --out "$OUT/video"
   step svd 45 "${BENCH[@]}" --decoders svd --resolution 576 --no-compile --out "$OUT/svd"
   step tiling 45 "$PYTHON" -m fastdec.bench --tiling --resolution 4096 --device cuda --out "$OUT/tiling"
