@@ -97,15 +97,15 @@ else
   step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops starting passes in time to write its report
   # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
   # 512/1024, FLUX.2 1024, TAESD 512, FLUX.1 1024 (each vs diffusers eager and torch.compile, with peak memory), the
-  # video decoders (fastdec bench decodes square frames: Wan 2.1 81 frames at 480^2 for 81x480x832, SVD 14 frames
-  # at 576^2 for 14x576x1024; no compile) and the tiled 4096^2 bf16 decode.
+  # video decoders at the goals' frame sizes (Wan 2.1 81x480x832, SVD 14x576x1024; no compile) and the tiled
+  # 4096^2 bf16 decode.
   BENCH=("$PYTHON" -m fastdec.bench --batch 1 --dtype bf16)
   step sd-vae 100 "${BENCH[@]}" --decoders sd-vae --resolution 512,1024 --out "$OUT/sd-vae"
   step flux2 60 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
   step taesd 30 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
   step flux1 60 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"
-  step video 60 "${BENCH[@]}" --decoders wan2.1 --resolution 480 --no-compile --out "$OUT/video"
-  step svd 45 "${BENCH[@]}" --decoders svd --resolution 576 --no-compile --out "$OUT/svd"
+  step wan 60 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --no-compile --out "$OUT/wan"
+  step svd 45 "${BENCH[@]}" --decoders svd --resolution 1024 --height 576 --no-compile --out "$OUT/svd"
   step tiling 45 "$PYTHON" -m fastdec.bench --tiling --resolution 4096 --device cuda --out "$OUT/tiling"
 fi
 if [ $TUNE -eq 1 ]; then
