@@ -453,7 +453,10 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
         def make():
-            x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            if layout == "strided":  # every other channel of a wider tensor: not dense
+                x = torch.randn(shape[0], 2 * shape[1], *shape[2:], device=device, dtype=dtype)[:, ::2]
+            else:
+                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
             w = torch.randn(shape[1], device=device, dtype=dtype)
             return x, GROUPS, w, torch.randn_like(w), 1e-6, "silu"
 
@@ -461,4 +464,4 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
         return GpuCase(f"{tuple(shape)} {layout}", make, eager, nbytes=2 * math.prod(shape) * dtype.itemsize)
 
     return [case(shape, layout) for shape in ([(1, 32, 8, 8)] if smoke else BENCH_SHAPES)
-            for layout in ("nchw", "channels_last")]
+            for layout in ("nchw", "channels_last", "strided")]
