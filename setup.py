@@ -8,7 +8,9 @@ run from the checkout puts it first on sys.path, where a kernels/__init__.py wou
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -43,6 +45,24 @@ def _want_cuda() -> bool:
     return found if flag in (None, "") else flag == "1"
 
 
+def _nvcc_version() -> tuple[int, int] | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, TypeError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def default_arch_list(nvcc: tuple[int, int] | None) -> str:
+    """TORCH_CUDA_ARCH_LIST without a GPU: sm_80 and sm_90 machine code, and PTX of the newest architecture this
+    nvcc knows (10.0 from CUDA 12.8 on, else 9.0), which any newer GPU's driver compiles at load."""
+    return "8.0;9.0;10.0+PTX" if nvcc is not None and nvcc >= (12, 8) else "8.0;9.0+PTX"
+
+
 def _extensions():
     _guess_cuda_home()  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import
     import torch
@@ -53,8 +73,9 @@ def _extensions():
     if not _want_cuda():
         return [CppExtension("fastdec._C", sources, extra_compile_args={"cxx": cxx})]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # No GPU to detect: build for Ampere and Hopper rather than torch's long default list.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        # No GPU to detect: machine code for Ampere and Hopper rather than torch's long default list, plus PTX so
+        # that newer GPUs (Blackwell sm_100/sm_120) JIT-compile it instead of failing with "no kernel image".
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(_nvcc_version())
     nvcc = ["-O3", "-lineinfo"]
     return [
         CUDAExtension(

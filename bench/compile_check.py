@@ -43,6 +43,7 @@ from unittest import mock
 import torch
 
 from fastdec import ops
+from fastdec.kernels import _attention_config as attention_config
 from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
 # Each op file's compile_cases(quick): launcher calls at decoder shapes (kernels/<op>.py, "the calls its checks make").
@@ -97,14 +98,20 @@ def launched_kernels(module) -> dict[str, object]:
 
 @contextlib.contextmanager
 def fake_gpu(arch: int) -> Iterator[None]:
-    """Inside: CUDA tensors are fake (no memory, no GPU) and torch reports the SM count and compute capability of
-    the `arch` GPU."""
+    """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count, compute capability and shared
+    memory of the `arch` GPU, and ``torch.cuda.device`` (the launchers' device guard) does nothing."""
     gpu = GPUS[arch]
-    properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name)
-    with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
-          mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
-          torch._subclasses.fake_tensor.FakeTensorMode()):
-        yield
+    properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name,
+                                 shared_memory_per_block_optin=gpu.shared_memory)
+    attention_config.forget()  # what it read from the previous (fake) GPU
+    try:
+        with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
+              mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
+              mock.patch.object(torch.cuda, "device", lambda *_: contextlib.nullcontext()),
+              torch._subclasses.fake_tensor.FakeTensorMode()):
+            yield
+    finally:
+        attention_config.forget()
 
 
 @contextlib.contextmanager
@@ -162,6 +169,7 @@ class Result:
     wgmma: int | None = None  # wgmma.mma_async instructions in the PTX (sm_90)
     mma_sync: int | None = None
     seconds: float = 0.0
+    key: str = ""  # launch_key(): what identifies the compile (a committed report is checked against the plans)
 
     @property
     def spill(self) -> int:
@@ -284,9 +292,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] = lambda line: None) -> dict:
+def launch_key(launch: Launch, arch: int) -> str:
+    """What one compile is: the kernel, its specialized signature, constexprs, attributes and options, the arch."""
+    signature, constexprs, attrs, options = compile_job(launch)
+    return repr((arch, launch.kernel.__name__, signature, constexprs, attrs, options))
+
+
+def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] = lambda line: None,
+                compile_: bool = True) -> dict:
     """Records every config's launches and compiles each distinct launch once per arch (this process must not run
-    the interpreter). Returns {"results": [Result as dict], "configs": [{arch, case, tuned, results: [index]}]}."""
+    the interpreter). Returns {"results": [Result as dict], "configs": [{arch, case, tuned, results: [index]}]}.
+    compile_=False: the plans only (each result's kernel, case, params and key; nothing compiled)."""
     kernels = [kernel for module in KERNEL_MODULES for kernel in launched_kernels(module).values()]
     if triton_interpreting() or not all(isinstance(kernel, triton.runtime.JITFunction) for kernel in kernels):
         raise RuntimeError("compile_check: the kernels are interpreted in this process; use check(), which compiles "
@@ -299,12 +315,12 @@ def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] =
         for config in op_configs(module, arch, quick):
             used = []
             for launch in config.launches:
-                signature, constexprs, attrs, options = compile_job(launch)
-                key = repr((arch, launch.kernel.__name__, signature, constexprs, attrs, options))
+                key = launch_key(launch, arch)
                 if key not in index:
-                    result = Result(launch.kernel.__name__, arch, config.case, _params_label(launch, options))
+                    options = compile_job(launch)[3]
+                    result = Result(launch.kernel.__name__, arch, config.case, _params_label(launch, options), key=key)
                     index[key] = len(results)
-                    results.append(compile_launch(launch, arch, result))
+                    results.append(compile_launch(launch, arch, result) if compile_ else result)
                     status = f"{result.seconds:.1f}s" if result.ok else "FAILED"
                     progress(f"[{len(results)}] {result.kernel} sm_{arch} {config.case}: {status}")
                 used.append(index[key])
@@ -312,15 +328,18 @@ def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] =
     return {"results": [dataclasses.asdict(r) for r in results], "configs": configs}
 
 
-def check(archs: list[int], quick: bool, *, progress: bool = False, timeout: float | None = None) -> dict:
+def check(archs: list[int], quick: bool, *, progress: bool = False, timeout: float | None = None,
+          plans_only: bool = False) -> dict:
     """compile_all in a child process without the interpreter's variables and with an empty triton cache (so
-    ptxas runs and reports every kernel). progress: stream one line per compile to stderr."""
+    ptxas runs and reports every kernel). progress: stream one line per compile to stderr. plans_only: record the
+    launches the dispatch makes, compile nothing (seconds, not minutes)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDEC_TRITON_INTERPRET")}
     with tempfile.TemporaryDirectory() as folder:
         env.update(TRITON_CACHE_DIR=folder, TRITON_DUMP_PTXAS_LOG="1")
         report_file = Path(folder) / "report.json"
         command = [sys.executable, __file__, "--arch", ",".join(map(str, archs)), "--child", str(report_file)]
-        done = subprocess.run(command + (["--quick"] if quick else []), env=env, stdout=subprocess.PIPE,
+        command += (["--quick"] if quick else []) + (["--plans-only"] if plans_only else [])
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE,
                               stderr=None if progress else subprocess.STDOUT, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"compile_check: the compiling process failed ({done.returncode}):\n"
@@ -376,6 +395,28 @@ def format_table(report: dict) -> str:
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
+def save(report: dict, found: list[str], args: argparse.Namespace) -> None:
+    """STEM.json: what tests/test_compile_check.py checks the dispatch's plans against; STEM.txt: the table."""
+    meta = {"command": "python bench/compile_check.py " + " ".join(sys.argv[1:]), "triton": triton.__version__,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "max_spill": args.max_spill,
+            "gpus": {arch: dataclasses.asdict(GPUS[arch]) for arch in args.arch}}
+    data = {"meta": meta, "results": [dataclasses.asdict(r) for r in report["results"]],
+            "configs": report["configs"], "problems": found}
+    args.save.with_suffix(".json").write_text(json.dumps(data, indent=0) + "\n")
+    title = (f"# {meta['command']}: {meta['date']}, no GPU (fake sm_{', sm_'.join(map(str, args.arch))}); triton "
+             f"{meta['triton']}, torch {meta['torch']}; registers/spills from ptxas")
+    summary = f"{len(report['results'])} kernels compiled; " + (f"{len(found)} problems: " + "; ".join(found)
+                                                                   if found else "no problems")
+    args.save.with_suffix(".txt").write_text("\n".join([title, format_table(report), "", summary]) + "\n")
+
+
+def read_saved(path: Path) -> dict:
+    """A report saved with --save, its results as Result objects (for problems())."""
+    data = json.loads(path.read_text())
+    data["results"] = [Result(**r) for r in data["results"]]
+    return data
+
+
 def _archs(text: str) -> list[int]:
     archs = [int(part) for part in text.split(",") if part.strip()]
     unknown = [arch for arch in archs if arch not in GPUS]
@@ -390,10 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few configurations per kernel")
     parser.add_argument("--max-spill", type=int, default=DEFAULT_MAX_SPILL, help="bytes (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--save", type=Path, metavar="STEM",
+                        help="also write STEM.json (the report, its problems and versions) and STEM.txt (the table)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # check()'s compiling process: report file
+    parser.add_argument("--plans-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        report = compile_all(args.arch, args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        report = compile_all(args.arch, args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                             compile_=not args.plans_only)
         args.child.write_text(json.dumps(report))
         return 0
     reason = unavailable_reason()
@@ -402,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = check(args.arch, args.quick, progress=not args.json)
     found = problems(report, args.max_spill)
+    if args.save:
+        save(report, found, args)
     if args.json:
         report["results"] = [dataclasses.asdict(r) for r in report["results"]]
         print(json.dumps({**report, "problems": found}, indent=1))

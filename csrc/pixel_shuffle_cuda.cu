@@ -4,7 +4,10 @@
 // NCHW output: each thread owns VEC consecutive low-resolution columns j of one output row and writes the
 // factor*VEC contiguous output elements they expand to (32 bytes, as two 16-byte stores when aligned), so writes are
 // fully coalesced; reads are factor contiguous runs, vectorised when the input rows are contiguous and aligned.
-// channels_last output (and every other case): one thread per output element in the output's memory order.
+// channels_last output (what UpsampleConv hands over on GPU, phase_offset=1 included): each thread writes 16 bytes,
+// VEC consecutive channels of one output pixel, as one store (pixel_shuffle_index.h); its VEC reads are a gather
+// with stride factor^2 channels, from the same 64-byte span of the input pixel. Every other case: one thread per
+// output element in the output's memory order.
 // Index math is 64-bit where the tensors need it (templated on the index type).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,6 +19,7 @@
 #include <limits>
 
 #include "pixel_shuffle.h"
+#include "pixel_shuffle_index.h"
 
 namespace fastdec {
 namespace {
@@ -26,10 +30,6 @@ constexpr int kBytesPerThread = 32;
 template <typename Bits, int N>
 struct alignas(sizeof(Bits) * N) Pack {
   Bits v[N];
-};
-
-struct Strides4 {
-  int64_t n, c, h, w;
 };
 
 template <typename Bits, int F, typename Index>
@@ -105,6 +105,24 @@ __global__ void shuffle_elements(const Bits* __restrict__ x, Bits* __restrict__ 
   }
 }
 
+// channels_last output, C % VEC == 0, 16-byte aligned output: one 16-byte store per thread.
+template <typename Bits, typename Index>
+__global__ void shuffle_channels_last(const Bits* __restrict__ x, Bits* __restrict__ out, Strides4 s,
+                                      Index vectors_per_pixel, Index out_height, Index out_width, Index factor,
+                                      Index offset, Index total_vectors) {
+  constexpr int VEC = 16 / sizeof(Bits);
+  const int64_t step = factor * factor * s.c;
+  for (Index t = blockIdx.x * (Index)blockDim.x + threadIdx.x; t < total_vectors;
+       t += (Index)gridDim.x * blockDim.x) {
+    const Bits* src = x + channel_source<Index>(t, vectors_per_pixel, (Index)VEC, s, out_height, out_width, factor,
+                                                offset);
+    Pack<Bits, VEC> p;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) p.v[v] = src[v * step];
+    reinterpret_cast<Pack<Bits, VEC>*>(out)[t] = p;
+  }
+}
+
 inline int grid_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   // Grid-stride loops cover the rest; 65535 * 32 blocks keeps every SM busy on any current GPU.
@@ -133,6 +151,15 @@ void launch(const at::Tensor& x, at::Tensor& out, const ShuffleGeometry& g, cuda
   if (!g.channels_last && g.factor == 2) return launch_rows<Bits, 2, Index>(x, out, g, stream);
   if (!g.channels_last && g.factor == 4) return launch_rows<Bits, 4, Index>(x, out, g, stream);
   const Strides4 s{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  constexpr int VEC = 16 / sizeof(Bits);
+  if (g.channels_last && g.channels_out % VEC == 0 && reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0) {
+    const int64_t vectors = out.numel() / VEC;
+    shuffle_channels_last<Bits, Index><<<grid_for(vectors), kThreads, 0, stream>>>(
+        static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(out.mutable_data_ptr()), s,
+        (Index)(g.channels_out / VEC), (Index)(g.height_blocks * g.factor), (Index)(g.width_blocks * g.factor),
+        (Index)g.factor, (Index)g.phase_offset, (Index)vectors);
+    return;
+  }
   const int64_t total = out.numel();
   shuffle_elements<Bits, Index><<<grid_for(total), kThreads, 0, stream>>>(
       static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(out.mutable_data_ptr()), s,

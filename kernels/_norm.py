@@ -75,6 +75,39 @@ def flat_views(x: torch.Tensor, out: torch.Tensor):
     return source, target, x_strides, out_strides, tl.int64 if span >= 2**31 else tl.int32
 
 
+def _spatial_groups(t: torch.Tensor) -> list[tuple[int, int]]:
+    """t's spatial dims (size-1 dims dropped) merged where they flatten: [(size, stride)], outermost first."""
+    groups: list[tuple[int, int]] = []
+    for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == size * stride:
+            groups[-1] = (groups[-1][0] * size, stride)
+        else:
+            groups.append((size, stride))
+    return groups
+
+
+def frame_views(x: torch.Tensor, out: torch.Tensor):
+    """Like flat_views for ops that work per position, over (N, C, T, S) views: the spatial dims may flatten to two
+    strided axes (frames T, positions S) instead of one, which covers a (B, T)-permuted video view (Wan's per-frame
+    layers hand those over) without a copy. Returns (source, target, sizes (T, S), x strides (n, c, t, s), target
+    strides, index dtype); layouts that split into more than two axes run on a copy."""
+    x_groups, out_groups = _spatial_groups(x), _spatial_groups(out)
+    if len(x_groups) > 2 or [size for size, _ in x_groups] != [size for size, _ in out_groups]:
+        source, target, x_strides, out_strides, index = flat_views(x, out)
+        spatial = math.prod(x.shape[2:])
+        return (source, target, (1, spatial), (x_strides[0], x_strides[1], 0, x_strides[2]),
+                (out_strides[0], out_strides[1], 0, out_strides[2]), index)
+    x_groups = [(1, 0)] * (2 - len(x_groups)) + x_groups
+    out_groups = [(1, 0)] * (2 - len(out_groups)) + out_groups
+    sizes = (x_groups[0][0], x_groups[1][0])
+    x_strides = (x.stride(0), x.stride(1), x_groups[0][1], x_groups[1][1])
+    out_strides = (out.stride(0), out.stride(1), out_groups[0][1], out_groups[1][1])
+    span = (x.shape[1] - 1) * max(x_strides[1], out_strides[1]) + (sizes[1] - 1) * max(x_strides[3], out_strides[3])
+    return x, out, sizes, x_strides, out_strides, tl.int64 if span >= 2**31 else tl.int32
+
+
 # Elements per loaded tile: 16 values per thread at 4 warps on a GPU. Triton's CPU interpreter pays per tile op, not
 # per element (numpy), so there tiles are 16x larger: same kernel code, far fewer loop trips.
 TILE_ELEMENTS = 32768 if triton_interpreting() else 2048

@@ -4,38 +4,30 @@ forward kernel, the eager reference and the backward.
 Kernel design (one launch, plus a small combine launch when the keys are split):
 
 * Online softmax in base 2 with fp32 statistics and an fp32 accumulator. The softmax scale times log2(e) is applied
-  to the fp32 scores inside the exponent, ``exp2(s * c - m)``, which compiles to one FMA per score, the same work as
-  the max subtraction alone. Folding it into q instead would round q * c to fp16/bf16 before the dot (a relative
-  error of up to 2^-9 per bf16 element in every logit); applying it in fp32 costs nothing extra and keeps the
-  logits as exact as the fp32 accumulation.
+  to the fp32 scores inside the exponent, ``exp2(s * c - m)`` (one FMA per score); folding it into q would round
+  q * c to fp16/bf16 before the dot (up to 2^-9 relative error per bf16 element in every logit).
 * Any N: the query tail is masked once on load/store; the key tail is one extra masked iteration after an
-  unmasked main loop. Any head_dim from 1 to 512: D is padded to the next power of two (at least 16, the smallest
-  ``tl.dot`` size) with masked loads; HEAD_DIM is a compile-time constant, so the masks vanish when D is a power of 2.
-* Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens) has two problems: the
-  accumulator is BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid
-  therefore has two more axes besides (batch*head, query block):
+  unmasked main loop. Any head_dim from 1 to 512: D is a power of two (at least 16, the smallest ``tl.dot``) or,
+  where that pads less, a power of two plus a power-of-two tail (D_MAIN + D_TAIL: Wan's 384 = 256 + 128, not
+  512; 96 = 64 + 32), with masked loads only where a part overhangs D.
+* Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens): the accumulator is
+  BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid therefore has
+  two more axes besides (batch*head, query block):
     - output D chunks (BLOCK_DV < D): each program recomputes q k^T over the full D but accumulates only its chunk
-      of v. It shrinks the accumulator (registers) and doubles the programs, at the cost of recomputing q k^T
-      (1.5x the FLOPs for two chunks), so it is a fallback candidate, not the default.
+      of v: a smaller accumulator, twice the programs, 1.5x the FLOPs for two chunks (a candidate, not the default).
     - key splits (flash-decoding): each program handles one slice of the keys and writes a normalized partial
-      output plus its log-sum-exp; ``_combine_splits_kernel`` merges them. No FLOPs are repeated; the extra
-      traffic is splits * N * D fp32, microseconds next to the N^2 * D work. Used when the other axes do not fill
-      the GPU.
-  The D=512 first candidate is BLOCK_M=64, BLOCK_N=32 and the whole D in one program with 8 warps: the two
-  warpgroups split the 512 accumulator columns (64x512 fp32 = 128 registers per thread; ptxas: 255, no spills);
-  q stays in shared memory (64 KiB) next to two stages of the 32x512 k and v tiles (2 x 64 KiB): 192 KiB of
-  Hopper's 228 KiB. Its cost is shared-memory bandwidth: both warpgroups read all of q for q k^T. The second,
-  BLOCK_M=128 with a 256-wide D chunk, gives each warpgroup its own 64 query rows (q read once) but computes
-  q k^T twice. Which wins depends on the GPU, hence the tuner.
-* On CUDA the launcher times a few candidate configurations per (shape, dtype, device) on first use and caches the
-  fastest (``_candidate_configs``); candidates that do not fit the GPU's shared memory are skipped. It is a small
-  hand-rolled tuner rather than ``triton.autotune`` because the candidates change the grid, the number of key
-  splits and the scratch buffers, not only the kernel's constexprs.
-* fp32 inputs use ``input_precision="ieee"`` so fp32 stays fp32 (tl.dot would otherwise run TF32 on GPU). That is
-  FMA math without tensor cores, whose full-D q k^T tile does not fit in registers, so fp32 sums q k^T over
-  32-wide D chunks (reloading the q chunks from L1/L2) and uses small tiles and 64-128 wide output-D chunks: exact
-  but several times slower than bf16 (and "tf32x3" spilled more in Triton). fp16 and bf16 run on tensor cores with
-  p rounded to the input dtype for the p @ v product, as in FlashAttention.
+      output plus its log-sum-exp; ``_combine_splits_kernel`` merges them. No FLOPs are repeated; used when the
+      other axes do not fill the GPU.
+  The D=512 first candidate is BLOCK_M=64, BLOCK_N=32, whole D, 8 warps: the two warpgroups split the 512
+  accumulator columns (128 registers per thread; ptxas: no spills); q stays in shared memory (64 KiB) next to two
+  stages of the 32x512 k and v tiles: 192 KiB of Hopper's 228 KiB.
+* The configuration of a call comes from a committed table per GPU architecture and shape bucket, else a
+  heuristic (kernels/_attention_config.py): nothing is timed in the decode path; ``bench/tune_attention.py`` is
+  the explicit command that times the candidates and writes the table.
+* fp32 follows torch's TF32 switch as SDPA does: with ``torch.backends.cuda.matmul.allow_tf32`` (or
+  ``torch.set_float32_matmul_precision("high")``) the dots run TF32 on tensor cores; otherwise ``"ieee"``, exact fp32
+  FMAs, summing q k^T over 32-wide D chunks with small tiles (several times slower than bf16). fp16 and bf16 run
+  on tensor cores with p rounded to the input dtype for the p @ v product, as in FlashAttention.
 * Under triton's CPU interpreter (INTERPRET), bf16 arithmetic and bf16 ``tl.dot`` are wrong, so every tile is
   converted to fp32 right after its load; on GPU the fp16/bf16 operands stay 16-bit for the tensor cores.
 """
@@ -45,65 +37,24 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from fastdec.kernels import _attention_config as _config
+from fastdec.kernels import _cases
+from fastdec.kernels._attention_config import (  # noqa: F401 (MAX_HEAD_DIM, SUPPORTED_DTYPES: the op's limits)
+    MAX_HEAD_DIM,
+    SUPPORTED_DTYPES,
+    AttentionConfig,
+    check_attention,
+)
+from fastdec.kernels._attention_table import TABLE
 from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
 from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
 from fastdec.kernels._triton import tl, triton, triton_interpreting
 
-MAX_HEAD_DIM = 512
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2_E = 1.4426950408889634
-_FP32_QK_CHUNK = 32  # fp32 inputs sum q k^T over D chunks of this size (see _online_softmax_step, _qk_chunk)
-_PRE_HOPPER_QK_CHUNK = 64  # fp16/bf16 at head_dim >= 256 before Hopper (see _qk_chunk)
-
-
-def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
-    """Raises ValueError naming the problem when (q, k, v, scale) is not a valid attention call."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"fastdec.attention: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"fastdec.attention: {name} must be 4-D (batch, heads, tokens, head_dim), "
-                f"got {t.dim()}-D with shape {tuple(t.shape)}"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"fastdec.attention: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"fastdec.attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"fastdec.attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
-        raise ValueError(
-            "fastdec.attention: batch and heads must match, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if not (q.shape[3] == k.shape[3] == v.shape[3]):
-        raise ValueError(
-            "fastdec.attention: head_dim must match across q, k, v, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(
-            "fastdec.attention: k and v must have the same number of tokens, "
-            f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"fastdec.attention: head_dim must be in [1, {MAX_HEAD_DIM}], got {q.shape[3]}")
-    if q.numel() == 0 or k.numel() == 0:
-        raise ValueError(
-            f"fastdec.attention: empty input (q {tuple(q.shape)}, k {tuple(k.shape)}); every dimension must be >= 1"
-        )
-    if scale is not None and not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"fastdec.attention: scale must be a finite number > 0 (or None for head_dim**-0.5), got {scale}"
-        )
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -133,54 +84,41 @@ def attention_backward(
 
 @triton.jit
 def _online_softmax_step(
-    acc,
-    l_i,
-    m_i,
-    q,
-    q_row_valid,
-    k_base,
-    v_base,
-    start_n,
-    seq_kv,
-    offs_n,
-    offs_d,
-    offs_dv,
-    stride_qd,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    QK_CHUNK: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    MASK_KV: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    acc, acc_tail, l_i, m_i, q, q_tail, q_row_valid, k_base, v_base, start_n, seq_kv, offs_n, offs_d, offs_dv,
+    offs_t, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+    HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, QK_CHUNK: tl.constexpr,
+    EVEN_DV: tl.constexpr, DV_TAIL: tl.constexpr, MASK_KV: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One BLOCK_N slice of keys: scores, running max/sum update, acc += p @ v[:, dv chunk].
+    """One BLOCK_N slice of keys: scores, running max/sum update, acc += p @ v[:, dv chunk] (and the tail
+    columns D_MAIN.. into acc_tail when DV_TAIL).
 
-    With QK_CHUNK == BLOCK_D, q is the resident (BLOCK_M, BLOCK_D) tile. Otherwise q is a (BLOCK_M, QK_CHUNK)
-    pointer tile and q k^T is summed over D chunks, reloading the q chunks (L1/L2 hits): the fp32 path, whose
-    full-D "ieee" dot would not fit in registers.
+    With QK_CHUNK == D_MAIN, q is the resident (BLOCK_M, D_MAIN) tile plus q_tail (BLOCK_M, D_TAIL) when D is split
+    (384 = 256 + 128). Otherwise q is a (BLOCK_M, QK_CHUNK) pointer tile and q k^T is summed over D chunks,
+    reloading the q chunks (L1/L2 hits): the fp32 path, whose full-D dot would not fit in registers.
     """
     offs_kv = start_n + offs_n
     kv_valid = offs_kv < seq_kv
-    if QK_CHUNK == BLOCK_D:
+    if QK_CHUNK == D_MAIN:
         k_ptrs = k_base + offs_kv[None, :] * stride_kn + offs_d[:, None] * stride_kd
         if MASK_KV:
             k = tl.load(k_ptrs, mask=kv_valid[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        elif HEAD_DIM == BLOCK_D:
+        elif D_MAIN <= HEAD_DIM:
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         if INTERPRET:
             k = k.to(tl.float32)
         scores = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if D_TAIL > 0:
+            k_tail = tl.load(k_base + offs_kv[None, :] * stride_kn + offs_t[:, None] * stride_kd,
+                             mask=kv_valid[None, :] & (offs_t[:, None] < HEAD_DIM), other=0.0)
+            if INTERPRET:
+                k_tail = k_tail.to(tl.float32)
+            scores = tl.dot(q_tail, k_tail, scores, input_precision=DOT_PRECISION)
     else:
         scores = tl.zeros([q.shape[0], offs_n.shape[0]], dtype=tl.float32)
-        for d_start in tl.static_range(0, BLOCK_D, QK_CHUNK):
+        for d_start in tl.static_range(0, HEAD_DIM, QK_CHUNK):
             offs_chunk = d_start + offs_d
             q_chunk = tl.load(
                 q + d_start * stride_qd, mask=q_row_valid[:, None] & (offs_chunk[None, :] < HEAD_DIM), other=0.0
@@ -211,50 +149,32 @@ def _online_softmax_step(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    if DV_TAIL:
+        v_tail = tl.load(v_base + offs_kv[:, None] * stride_vn + offs_t[None, :] * stride_vd,
+                         mask=kv_valid[:, None] & (offs_t[None, :] < HEAD_DIM), other=0.0)
+        if INTERPRET:
+            v_tail = v_tail.to(tl.float32)
+        acc_tail = tl.dot(p.to(v_tail.dtype), v_tail, acc_tail * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, acc_tail, l_i, m_new
 
 
 @triton.jit
 def _attention_forward_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    out_ptr,
-    lse_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_out_split,
-    stride_out_bh,
-    stride_out_m,
-    stride_lse_split,
-    num_heads,
-    seq_q,
-    seq_kv,
-    kv_per_split,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    QK_CHUNK: tl.constexpr,
-    NUM_DV_CHUNKS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_out_split, stride_out_bh, stride_out_m, stride_lse_split,
+    num_heads, seq_q, seq_kv, kv_per_split, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr,
+    D_TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, QK_CHUNK: tl.constexpr, NUM_DV_CHUNKS: tl.constexpr,
+    DV_TAIL: tl.constexpr, EVEN_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program = (batch*head, query block, key split, output D chunk); the last two vary fastest so that
-    programs sharing a q tile run together. With NUM_SPLITS > 1 it writes fp32 partials and their base-2 lse."""
+    programs sharing a q tile run together. With NUM_SPLITS > 1 it writes fp32 partials and their base-2 lse.
+    D_TAIL > 0: D is D_MAIN + D_TAIL columns (not padded to a power of two); DV_TAIL: this program also owns the
+    output columns D_MAIN.. (whole D in one program)."""
     pid = tl.program_id(0)
     chunk = pid % (NUM_DV_CHUNKS * NUM_SPLITS)
     rest = pid // (NUM_DV_CHUNKS * NUM_SPLITS)
@@ -270,44 +190,61 @@ def _attention_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, QK_CHUNK)
     offs_dv = dv_chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    EVEN_DV: tl.constexpr = HEAD_DIM % BLOCK_DV == 0
+    if D_TAIL > 0:
+        offs_t = D_MAIN + tl.arange(0, D_TAIL)
+    else:
+        offs_t = tl.arange(0, 16)  # placeholder: no tail columns
 
-    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_base = q_ptr + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm
     q_row_valid = offs_m < seq_q
-    if QK_CHUNK == BLOCK_D:
-        q = tl.load(q_ptrs, mask=q_row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q_tail = q_row_valid  # placeholder when D has no tail
+    if QK_CHUNK == D_MAIN:
+        q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=q_row_valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0)
         if INTERPRET:
             q = q.to(tl.float32)
+        if D_TAIL > 0:
+            q_tail = tl.load(q_base + offs_t[None, :] * stride_qd,
+                             mask=q_row_valid[:, None] & (offs_t[None, :] < HEAD_DIM), other=0.0)
+            if INTERPRET:
+                q_tail = q_tail.to(tl.float32)
     else:
-        q = q_ptrs
+        q = q_base + offs_d[None, :] * stride_qd
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if DV_TAIL:
+        acc_tail = tl.zeros([BLOCK_M, D_TAIL], dtype=tl.float32)
+    else:
+        acc_tail = l_i  # placeholder, never updated
 
     kv_start = split * kv_per_split
     kv_stop = tl.minimum(kv_start + kv_per_split, seq_kv)
     kv_full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
     for start_n in range(kv_start, kv_full_stop, BLOCK_N):
-        acc, l_i, m_i = _online_softmax_step(
-            acc, l_i, m_i, q, q_row_valid, k_base, v_base, start_n, seq_kv, offs_n, offs_d, offs_dv,
-            stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_D, QK_CHUNK, EVEN_DV, False, INTERPRET, DOT_PRECISION,
+        acc, acc_tail, l_i, m_i = _online_softmax_step(
+            acc, acc_tail, l_i, m_i, q, q_tail, q_row_valid, k_base, v_base, start_n, seq_kv, offs_n, offs_d,
+            offs_dv, offs_t, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+            HEAD_DIM, D_MAIN, D_TAIL, QK_CHUNK, EVEN_DV, DV_TAIL, False, INTERPRET, DOT_PRECISION,
         )  # fmt: skip
     if kv_full_stop < kv_stop:
-        acc, l_i, m_i = _online_softmax_step(
-            acc, l_i, m_i, q, q_row_valid, k_base, v_base, kv_full_stop, seq_kv, offs_n, offs_d, offs_dv,
-            stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_D, QK_CHUNK, EVEN_DV, True, INTERPRET, DOT_PRECISION,
+        acc, acc_tail, l_i, m_i = _online_softmax_step(
+            acc, acc_tail, l_i, m_i, q, q_tail, q_row_valid, k_base, v_base, kv_full_stop, seq_kv, offs_n, offs_d,
+            offs_dv, offs_t, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+            HEAD_DIM, D_MAIN, D_TAIL, QK_CHUNK, EVEN_DV, DV_TAIL, True, INTERPRET, DOT_PRECISION,
         )  # fmt: skip
 
+    out_rows = out_ptr + split * stride_out_split + bh * stride_out_bh + offs_m[:, None] * stride_out_m
     out = acc / l_i[:, None]
-    out_ptrs = out_ptr + split * stride_out_split + bh * stride_out_bh
-    out_ptrs += offs_m[:, None] * stride_out_m + offs_dv[None, :]
-    out_mask = q_row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_rows + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM))
+    if DV_TAIL:
+        out_tail = acc_tail / l_i[:, None]
+        tl.store(out_rows + offs_t[None, :], out_tail.to(out_ptr.dtype.element_ty),
+                 mask=q_row_valid[:, None] & (offs_t[None, :] < HEAD_DIM))
     if NUM_SPLITS > 1:
         if dv_chunk == 0:
             lse = m_i + tl.log2(l_i)
@@ -316,16 +253,8 @@ def _attention_forward_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    partial_ptr,
-    lse_ptr,
-    out_ptr,
-    seq_q,
-    num_splits,
-    stride_partial_split,
-    stride_lse_split,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    partial_ptr, lse_ptr, out_ptr, seq_q, num_splits, stride_partial_split, stride_lse_split,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = sum_s w_s * partial_s with w_s = 2^(lse_s - lse) / sum: merges the normalized per-split outputs."""
     pid = tl.program_id(0)
@@ -355,101 +284,32 @@ def _combine_splits_kernel(
 
 # --- launcher ----------------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Tile sizes and grid shape of one launch. block_dv < padded head_dim splits the output D across programs;
-    kv_splits > 1 splits the keys across programs and adds the combine launch."""
-
-    block_m: int
-    block_n: int
-    block_dv: int = MAX_HEAD_DIM
-    kv_splits: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def _padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-# (block_m, block_n, block_dv, num_warps, num_stages) candidates for fp16/bf16 per padded head_dim; block_dv 512
-# means "all of D". Picked by compiling for sm_90a and reading ptxas's register/spill/shared-memory report
-# (none spills more than 24 bytes); the tuner times them on the actual GPU.
-#   <=64:  128x64 tiles, 4 warps, 3 stages: the classic FA2 shape; 128x128/8 warps for long sequences.
-#   128:   128x64, 8 warps (acc 64 regs/thread), 3 stages = 128 KiB smem; 128x128 2 stages = 160 KiB.
-#   256:   128x64, 8 warps, 2 stages = 192 KiB smem; 64x32, 4 warps for ~100 KiB parts.
-#   512:   64x32 whole D, 8 warps (2 warpgroups split the 512 columns: 128 acc regs/thread, q in smem) =
-#          192 KiB smem, no repeated FLOPs; or 128x32 with a 256-wide D chunk (each warpgroup owns 64 rows, so q
-#          is read from smem once per row instead of twice, but q k^T is computed twice: 1.5x FLOPs).
-_CANDIDATES: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
-    16: ((128, 64, 512, 4, 3), (128, 128, 512, 8, 3), (64, 64, 512, 4, 3)),
-    32: ((128, 64, 512, 4, 3), (128, 128, 512, 8, 3), (64, 64, 512, 4, 3)),
-    64: ((128, 64, 512, 4, 3), (128, 128, 512, 8, 3), (64, 64, 512, 4, 3)),
-    128: ((128, 64, 512, 8, 3), (128, 128, 512, 8, 2), (64, 64, 512, 4, 3)),
-    256: ((128, 64, 512, 8, 2), (64, 64, 512, 4, 2), (64, 32, 512, 4, 2)),
-    512: ((64, 32, 512, 8, 2), (128, 32, 256, 8, 2), (128, 32, 256, 8, 1), (64, 32, 256, 8, 2)),
-}
-# fp32 runs tl.dot as exact fp32 FMAs ("ieee"): no tensor cores and large register tiles, so small tiles and a
-# 64/128-wide D chunk (ptxas: no spills for the first two at any head_dim).
-_FP32_CANDIDATES = ((32, 32, 64, 4, 2), (64, 32, 64, 8, 2), (32, 32, 128, 4, 2))
-# Spill more than a kilobyte before Hopper (ptxas, sm_80: 1276 bytes), so the tuner skips them there.
-_SPILL_BEFORE_HOPPER = {(128, 32, 256, 8, 1)}
-# Tried only when no candidate fits the GPU: ~75 KiB of shared memory at any head_dim and dtype (spills a little).
-_FALLBACK_CANDIDATE = (32, 16, 128, 4, 1)
-
 # Under the interpreter: small tiles (the interpreter's cost grows with tile size), and at head_dim 512 the
 # output-D split, so the CPU tests run that path too.
 _INTERPRETER_CONFIG = AttentionConfig(block_m=32, block_n=32, block_dv=256)
 
 
-def _kv_splits(programs: int, seq_kv: int, block_n: int, num_sms: int) -> int:
-    """Key splits that bring the grid up to about one program per SM, keeping >= 4 key blocks per split."""
-    if programs >= num_sms:
-        return 1
-    return max(1, min(num_sms // programs, triton.cdiv(seq_kv, 4 * block_n)))
-
-
-def _candidate_configs(
-    q: torch.Tensor, k: torch.Tensor, tiles: tuple[tuple[int, int, int, int, int], ...]
-) -> list[AttentionConfig]:
-    batch, heads, seq_q, head_dim = q.shape
-    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    configs = []
-    hopper = _is_hopper_or_newer(q.device)
-    for tile in tiles:
-        if not hopper and tile in _SPILL_BEFORE_HOPPER:
-            continue
-        block_m, block_n, block_dv, num_warps, num_stages = tile
-        block_dv = min(block_dv, _padded_head_dim(head_dim))
-        programs = batch * heads * triton.cdiv(seq_q, block_m) * triton.cdiv(head_dim, block_dv)
-        for kv_splits in sorted({1, _kv_splits(programs, k.shape[2], block_n, num_sms)}):
-            configs.append(AttentionConfig(block_m, block_n, block_dv, kv_splits, num_warps, num_stages))
-    return configs
-
-
 def _qk_chunk(q: torch.Tensor, block_d: int, block_m: int) -> int:
-    """D chunk of the q k^T sum; block_d keeps the whole q tile resident. fp32 (FMA dot) always chunks. mma.sync
-    takes q from registers, where a 256+ wide tile spills (ptxas: 1.3 KB), so large head_dims chunk by 64 there:
-    before Hopper, and on Hopper for tiles under 64 rows, which wgmma (64 rows per warpgroup) does not take.
-    Hopper's wgmma reads q from shared memory and keeps it whole."""
-    if q.dtype == torch.float32:
-        return min(_FP32_QK_CHUNK, block_d)
-    if q.is_cuda and block_d >= 256 and (not _is_hopper_or_newer(q.device) or block_m < 64):
-        return _PRE_HOPPER_QK_CHUNK
-    return block_d
+    """The launch's q k^T D chunk (kernels/_attention_config.py qk_chunk; block_d: D's main part, which keeps q
+    resident) for q's device and dtype."""
+    capability = _config.device_facts(_device_index(q.device))[0] if q.is_cuda else None
+    return _config.qk_chunk(q.dtype, _config.dot_precision(q.dtype, triton_interpreting()), q.shape[-1], block_m,
+                            capability)
 
 
-def _is_hopper_or_newer(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else 0  # CUDA tensors carry their index (fake ones may not)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, config: AttentionConfig):
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
-    block_d = _padded_head_dim(head_dim)
-    block_dv = min(config.block_dv, block_d)
-    num_dv_chunks = triton.cdiv(head_dim, block_dv)
+    padded = _config.padded_head_dim(head_dim)
+    d_main, d_tail = _config.split_head_dim(head_dim)
+    whole_d = config.block_dv >= padded
+    block_dv = d_main if whole_d else config.block_dv
+    num_dv_chunks = 1 if whole_d else triton.cdiv(head_dim, block_dv)
+    dv_tail = whole_d and d_tail > 0
     kv_per_split = triton.cdiv(triton.cdiv(seq_kv, config.kv_splits), config.block_n) * config.block_n
     kv_splits = triton.cdiv(seq_kv, kv_per_split)  # no empty splits
     interpret = triton_interpreting()
@@ -466,51 +326,38 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         *q.stride(), *k.stride(), *v.stride(),
         target.stride(0), target.stride(1), target.stride(2), lse.stride(0) if kv_splits > 1 else 0,
         heads, seq_q, seq_kv, kv_per_split, qk_scale,
-        HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        QK_CHUNK=_qk_chunk(q, block_d, config.block_m),
-        NUM_DV_CHUNKS=num_dv_chunks, NUM_SPLITS=kv_splits, INTERPRET=interpret,
-        DOT_PRECISION="ieee" if interpret or q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_MAIN=d_main, D_TAIL=d_tail,
+        BLOCK_DV=block_dv, QK_CHUNK=_qk_chunk(q, d_main, config.block_m), NUM_DV_CHUNKS=num_dv_chunks, DV_TAIL=dv_tail,
+        EVEN_DV=dv_tail or head_dim % block_dv == 0, NUM_SPLITS=kv_splits, INTERPRET=interpret,
+        DOT_PRECISION=_config.dot_precision(q.dtype, interpret),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if kv_splits > 1:
         combine_block_m = 16
         _combine_splits_kernel[(batch * heads * triton.cdiv(seq_q, combine_block_m),)](
             target, lse, out, seq_q, kv_splits, target.stride(0), lse.stride(0),
-            HEAD_DIM=head_dim, BLOCK_M=combine_block_m, BLOCK_D=block_d, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_M=combine_block_m, BLOCK_D=padded, num_warps=4,
         )  # fmt: skip
     return out
 
 
-_tuned: dict[tuple, AttentionConfig] = {}
-
-
-def _tuned_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> AttentionConfig:
-    """Fastest candidate for this (device, dtype, shape, unit-stride pattern), timed once per process, cached."""
-    key = (q.device, q.dtype, *q.shape, k.shape[2], *(t.stride(-1) == 1 for t in (q, k, v)))
-    if key not in _tuned:
-        tiles = _FP32_CANDIDATES if q.dtype == torch.float32 else _CANDIDATES[_padded_head_dim(q.shape[-1])]
-        timings = {}
-        for candidates in (tiles, (_FALLBACK_CANDIDATE,)):
-            for config in _candidate_configs(q, k, candidates):
-                try:
-                    timings[config] = triton.testing.do_bench(lambda c=config: _launch(q, k, v, scale, c), 5, 25)
-                except triton.runtime.errors.OutOfResources:
-                    continue  # needs more shared memory or registers than this GPU has
-            if timings:
-                break
-        if not timings:
-            raise RuntimeError(f"fastdec.attention: no kernel configuration fits this GPU for q {tuple(q.shape)}")
-        _tuned[key] = min(timings, key=timings.get)
-    return _tuned[key]
-
-
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Triton flash attention (see the module docstring); any strides in, contiguous (B, H, N_q, D) out."""
+    """Triton flash attention (see the module docstring); any strides in, contiguous (B, H, N_q, D) out. The
+    configuration is a table lookup or the heuristic (kernels/_attention_config.py), never a timing."""
     check_attention(q, k, v, scale)
     if triton_interpreting():
         return _launch(q, k, v, scale, _INTERPRETER_CONFIG)
-    with torch.cuda.device(q.device):  # triton launches (and the tuner times) on the current device
-        return _launch(q, k, v, scale, _tuned_config(q, k, v, scale))
+    index = _device_index(q.device)
+    call = (index, q.dtype, _config.dot_precision(q.dtype, False), q.shape[0] * q.shape[1], q.shape[2], k.shape[2],
+            q.shape[3])
+    with torch.cuda.device(q.device):  # triton launches on the current device
+        while True:
+            config = _config.choose(TABLE, *call)
+            try:
+                return _launch(q, k, v, scale, config)
+            except triton.runtime.errors.OutOfResources:
+                if not _config.demote(*call):  # the estimate was off: the next candidate, once per bucket
+                    raise
 
 
 # --- registration: torch.ops.fastdec.attention ------------------------------------------------------------------
@@ -551,11 +398,17 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 # --- the calls its checks and benchmarks make -----------------------------------------------------------------
 
 # (B, H, N, D): the SD-VAE mid-block (one head of 512 channels) at 512 and 1024 px, multi-head transformer decoders
-# (gpu_check, bench/). compile_check: ViT-S at 512 px (6 heads of 64), 96/128-wide heads at the same length, the
-# SD-VAE mid-block at 512 px; on an H100 each is short of one program per SM with the larger query tiles, so the
-# tuner's key-split configs (and the combine kernel) compile too.
+# (gpu_check, bench/).
 BENCH_SHAPES = ((1, 1, 4096, 512), (1, 1, 16384, 512), (1, 8, 4096, 64), (1, 2, 9216, 96))
-COMPILE_SHAPES = ((1, 6, 1024, 64), (1, 8, 1024, 96), (1, 8, 1024, 128), (1, 1, 4096, 512))
+# The attention calls of each family's decode (issue 21), (B, H, N_q = N_kv, D): the mid-block of SD/SDXL at 512
+# and 1024 px (FLUX.1 and FLUX.2 at 1024 px are the same call), Wan 2.1 per frame at 480x832 and 720x1280 (one
+# latent frame per chunk: the mid-block sees the chunk's latent frames as the batch; 1 and 4 bound the chunks),
+# SVD's 14 frames at 576x1024, and fastdec's ViT-S/ViT-B decoders at 512 px. DC-AE and the tiny decoders have none.
+DECODE_SHAPES = {
+    "SD 512": (1, 1, 4096, 512), "SD/FLUX 1024": (1, 1, 16384, 512),
+    "Wan 480p": (1, 1, 6240, 384), "Wan 480p x4": (4, 1, 6240, 384), "Wan 720p": (1, 1, 14400, 384),
+    "SVD 576x1024": (14, 1, 9216, 512), "ViT-S 512": (1, 6, 1024, 64), "ViT-B 512": (1, 12, 1024, 64),
+}
 GPU_DTYPE = torch.bfloat16  # the dtype its speed goal is stated in
 
 
@@ -565,39 +418,67 @@ def check_call(r) -> tuple:
 
 
 def compile_cases(quick: bool) -> list[CompileCase]:
-    """Every candidate of the tuner's table (and its fallback) with each key-split count the tuner tries; called
-    where the GPU's properties are those compiled for."""
-    cases = itertools.product(("bf16", "fp16", "fp32"), COMPILE_SHAPES)
+    """Every family's decode call in each dtype and fp32 precision (Wan's in its strided layout): the config the
+    dispatch chooses (table or heuristic) must compile, fit and not spill; every other usable candidate (what the
+    tuner may write into the table) is a tuned case, of which one must fit. Called on compile_check's fake GPU."""
+    precisions = (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
+    cases = [(dtype, precision, label, shape) for (dtype, precision), (label, shape)
+             in itertools.product(precisions, DECODE_SHAPES.items())]
     if quick:
-        cases = (("bf16", (1, 1, 4096, 512)), ("fp16", (1, 8, 1024, 128)), ("fp32", (1, 6, 1024, 64)))
+        cases = [("bf16", "tf32", "SD 512", DECODE_SHAPES["SD 512"]), ("fp32", "ieee", "ViT-S 512", (1, 6, 1024, 64)),
+                 ("bf16", "tf32", "Wan 480p", DECODE_SHAPES["Wan 480p"])]
 
-    def run(shape, dtype, config):
-        _launch(*(cuda_empty(shape, dtype) for _ in range(3)), None, config)
+    def run(shape, dtype, precision, config):
+        with _config.tf32(precision == "tf32"):
+            if config is None:
+                return attention_triton(*_inputs(shape, dtype))
+            return _launch(*_inputs(shape, dtype), None, config)
 
     found = []
-    for dtype, shape in cases:
-        q = cuda_empty(shape, dtype)
-        tiles = _FP32_CANDIDATES if dtype == "fp32" else _CANDIDATES[_padded_head_dim(shape[-1])]
-        candidates = _candidate_configs(q, q, tiles[:1] if quick else tiles)
-        if not quick:
-            candidates += _candidate_configs(q, q, (_FALLBACK_CANDIDATE,))
-        found += [CompileCase(f"{dtype} {shape_label(shape)}", functools.partial(run, shape, dtype, config), tuned=True)
-                  for config in candidates]
+    for dtype, precision, _label, shape in cases:
+        name = f"{dtype}{'' if dtype != 'fp32' else '-' + precision} {shape_label(shape)}"  # {label}: see DECODE_SHAPES
+        found.append(CompileCase(name, functools.partial(run, shape, dtype, precision, None)))
+        if quick:
+            continue
+        capability, num_sms, shared = _config.device_facts(0)
+        chosen = _config.heuristic_configs(_cases.DTYPES[dtype], precision, shape[0] * shape[1], shape[2], shape[2],
+                                           shape[3], capability, num_sms, shared)
+        found += [CompileCase(f"{name} candidates", functools.partial(run, shape, dtype, precision, c), tuned=True)
+                  for c in chosen[1:]]
     return found
 
 
+def _inputs(shape, dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if shape[3] == 384:  # Wan's layout
+        return _config.wan_qkv(shape, lambda s: cuda_empty(s, dtype))
+    return tuple(cuda_empty(shape, dtype) for _ in range(3))
+
+
 def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
-    """Against every SDPA backend that takes the shape (and the torch.compile'd reference)."""
+    """Against every SDPA backend that takes the shape (and the torch.compile'd reference): contiguous, Wan's
+    strided q/k/v (head_dim 384) and (B, N, H, D)-major heads; fp32 with TF32 off (exact)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa(backend, q, k, v, scale):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    def make(shape):
-        return *(torch.randn(shape, device=device, dtype=dtype) for _ in range(3)), None
+    def make(shape, layout):
+        def randn(s):
+            return torch.randn(s, device=device, dtype=dtype)
+        if layout == "wan":
+            return *_config.wan_qkv(shape, randn), None
+        if layout == "heads_major":
+            b, h, n, d = shape
+            return *(randn((b, n, h, d)).transpose(1, 2) for _ in range(3)), None
+        return *(randn(shape) for _ in range(3)), None
 
     backends = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
     peers = {f"sdpa:{backend.name.lower()}": functools.partial(sdpa, backend) for backend in backends}
-    return [GpuCase(str(shape), functools.partial(make, shape), peers, flops=4 * math.prod(shape) * shape[2])
-            for shape in ([(1, 1, 64, 512), (1, 2, 33, 64)] if smoke else BENCH_SHAPES)]
+    if smoke:
+        shapes = [((1, 1, 64, 512), "contiguous"), ((1, 2, 33, 64), "heads_major"), ((2, 1, 40, 384), "wan")]
+    else:
+        shapes = [(shape, "contiguous") for shape in BENCH_SHAPES] + [
+            (DECODE_SHAPES["Wan 480p"], "wan"), ((1, 8, 4096, 64), "heads_major")]
+    return [GpuCase(f"{shape_label(shape)} {layout}", functools.partial(make, shape, layout), peers,
+                    flops=4 * math.prod(shape) * shape[2]) for shape, layout in shapes]

@@ -35,13 +35,20 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
 from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels._group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
+    COMBINE_CHUNKS,
+    COMBINE_GROUPS,
+    MIN_CHUNK_ELEMENTS,
+    LaunchPlan,
+    plan_launch,
+    program_target,
+)
 from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
     ACTIVATIONS,
     TILE_ELEMENTS,
@@ -73,8 +80,6 @@ def check_group_norm_act(
             f"fastdec.group_norm_act: channels ({channels}) must be divisible by num_groups ({num_groups})"
         )
     check_norm_params("group_norm_act", x, weight, bias, eps, act)
-
-
 
 
 def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
@@ -152,20 +157,8 @@ def group_norm_act_backward(
 
 @triton.jit
 def _chunk_moments(
-    x_ptr,
-    x_sample,
-    g0,
-    G,
-    Cg,
-    s_begin,
-    s_end,
-    stride_c,
-    stride_s,
-    BLOCK_G: tl.constexpr,
-    BLOCK_CG: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    INDEX: tl.constexpr,
+    x_ptr, x_sample, g0, G, Cg, s_begin, s_end, stride_c, stride_s, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
+    BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
 ):
     """(count, mean, M2) of each group's elements at spatial positions [s_begin, s_end).
 
@@ -200,22 +193,8 @@ def _chunk_moments(
 
 @triton.jit
 def _group_norm_stats_kernel(
-    x_ptr,
-    partials_ptr,
-    G,
-    Cg,
-    S,
-    chunk_size,
-    num_chunks,
-    num_group_blocks,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    BLOCK_G: tl.constexpr,
-    BLOCK_CG: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    INDEX: tl.constexpr,
+    x_ptr, partials_ptr, G, Cg, S, chunk_size, num_chunks, num_group_blocks, stride_xn, stride_xc, stride_xs,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
 ):
     """Pass 1 of the split path: one program per (sample, block of groups, spatial chunk) writes its
     chunk's (mean, M2) per group to partials[n, g, chunk]; plain stores, no atomics: deterministic."""
@@ -238,16 +217,7 @@ def _group_norm_stats_kernel(
 
 @triton.jit
 def _group_norm_combine_kernel(
-    partials_ptr,
-    stats_ptr,
-    G,
-    Cg,
-    S,
-    chunk_size,
-    num_chunks,
-    eps,
-    BLOCK_G: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    partials_ptr, stats_ptr, G, Cg, S, chunk_size, num_chunks, eps, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
     """Split path, between the passes: stats[n, g] = (mean, rstd) from the chunks' (mean, M2) partials: the
@@ -284,33 +254,10 @@ def _group_norm_combine_kernel(
 
 @triton.jit
 def _group_norm_act_kernel(
-    x_ptr,
-    out_ptr,
-    weight_ptr,
-    bias_ptr,
-    stats_ptr,
-    G,
-    Cg,
-    S,
-    chunk_size,
-    num_chunks,
-    num_group_blocks,
-    eps,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_on,
-    stride_oc,
-    stride_os,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_CG: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    INDEX: tl.constexpr,
+    x_ptr, out_ptr, weight_ptr, bias_ptr, stats_ptr, G, Cg, S, chunk_size, num_chunks, num_group_blocks, eps,
+    stride_xn, stride_xc, stride_xs, stride_on, stride_oc, stride_os, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SINGLE_CHUNK: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
 ):
     """Normalize + affine + activation of one (sample, block of groups, spatial chunk). With SINGLE_CHUNK the
     program owns whole groups and computes their statistics itself (a second read of data it just touched);
@@ -359,71 +306,6 @@ def _group_norm_act_kernel(
 
 # --- launcher --------------------------------------------------------------------------------------------------
 
-MIN_CHUNK_ELEMENTS = 4096  # a split-path program handles at least this many elements (amortizes the combine)
-COMBINE_GROUPS, COMBINE_CHUNKS = 16, 64  # combine pass: groups per program, partials per step
-_CPU_PROGRAM_TARGET = 4  # the interpreter runs programs one after another: a few large ones are fastest
-
-
-class LaunchPlan(NamedTuple):
-    """Tile shape and split of one call: programs = batch * num_group_blocks * num_chunks per pass."""
-
-    block_g: int
-    block_cg: int
-    block_s: int
-    num_group_blocks: int
-    chunk_size: int  # spatial positions per program
-    num_chunks: int
-
-
-def _tile_shape(groups: int, group_channels: int, positions: int, channels_contiguous: bool) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_CG, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory:
-    channels_last tiles span whole groups (rows of up to 1024 channels), NCHW tiles up to TILE_ELEMENTS/4
-    positions (512 on a GPU)."""
-    pow2 = triton.next_power_of_2
-    if channels_contiguous:
-        block_cg = min(pow2(group_channels), TILE_ELEMENTS)
-        block_g = min(pow2(groups), max(1, 1024 // block_cg))
-        block_s = min(pow2(positions), max(1, TILE_ELEMENTS // (block_g * block_cg)))
-    else:
-        block_s = min(pow2(positions), TILE_ELEMENTS // 4)
-        block_cg = min(pow2(group_channels), max(1, TILE_ELEMENTS // block_s))
-        block_g = min(pow2(groups), max(1, TILE_ELEMENTS // (block_s * block_cg)))
-    return block_g, block_cg, block_s
-
-
-def plan_launch(
-    batch: int,
-    groups: int,
-    group_channels: int,
-    spatial: int,
-    channels_contiguous: bool,
-    target_programs: int,
-    chunk_size: int | None = None,
-) -> LaunchPlan:
-    """Splits each group's positions into chunks until about `target_programs` programs exist (batch 1 has only
-    32 groups), keeping at least MIN_CHUNK_ELEMENTS per program; chunks are whole tiles where possible."""
-    block_g, block_cg, block_s = _tile_shape(groups, group_channels, spatial, channels_contiguous)
-    num_group_blocks = triton.cdiv(groups, block_g)
-    if chunk_size is None:
-        wanted = triton.cdiv(target_programs, batch * num_group_blocks)
-        most = max(1, spatial * block_g * group_channels // MIN_CHUNK_ELEMENTS)
-        chunk_size = triton.cdiv(spatial, min(wanted, most))
-        if chunk_size < block_s:
-            chunk_size = triton.next_power_of_2(chunk_size)
-        else:
-            chunk_size = triton.cdiv(chunk_size, block_s) * block_s
-    chunk_size = min(chunk_size, spatial)
-    if chunk_size < block_s:  # short chunks: narrower, taller tiles over the same groups
-        _, block_cg, block_s = _tile_shape(block_g, group_channels, chunk_size, channels_contiguous)
-    return LaunchPlan(block_g, block_cg, block_s, num_group_blocks, chunk_size, triton.cdiv(spatial, chunk_size))
-
-
-def _program_target(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_PROGRAM_TARGET
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def group_norm_act_triton(
     x: torch.Tensor,
     num_groups: int,
@@ -448,7 +330,7 @@ def group_norm_act_triton(
     spatial = math.prod(x.shape[2:])
     group_channels = channels // num_groups
     plan = plan_launch(
-        batch, num_groups, group_channels, spatial, x_strides[1] == 1, _program_target(x.device), chunk_size
+        batch, num_groups, group_channels, spatial, x_strides[1] == 1, program_target(x.device), chunk_size
     )
     compute = compute_dtype(x)
     meta = {
@@ -483,7 +365,9 @@ def group_norm_act_triton(
         HAS_BIAS=bias is not None,
         ACT=act,
         SINGLE_CHUNK=plan.num_chunks == 1,
-        **meta,
+        # channels_last tiles at 4 warps took 150-168 registers (ptxas, sm_90: 3 blocks per SM); 8 warps halve each
+        # thread's share: 102-123 registers, 16 warps per SM instead of 12 (bench/results/*compile-check*)
+        **{**meta, "num_warps": 8 if x_strides[1] == 1 and channels > 1 else 4},
     )
     if target is not out:
         out.copy_(target)
@@ -569,7 +453,10 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
         def make():
-            x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            if layout == "strided":  # every other channel of a wider tensor: not dense
+                x = torch.randn(shape[0], 2 * shape[1], *shape[2:], device=device, dtype=dtype)[:, ::2]
+            else:
+                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
             w = torch.randn(shape[1], device=device, dtype=dtype)
             return x, GROUPS, w, torch.randn_like(w), 1e-6, "silu"
 
@@ -577,4 +464,4 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
         return GpuCase(f"{tuple(shape)} {layout}", make, eager, nbytes=2 * math.prod(shape) * dtype.itemsize)
 
     return [case(shape, layout) for shape in ([(1, 32, 8, 8)] if smoke else BENCH_SHAPES)
-            for layout in ("nchw", "channels_last")]
+            for layout in ("nchw", "channels_last", "strided")]

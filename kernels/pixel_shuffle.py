@@ -130,6 +130,9 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
     def case(shape, phase_offset, layout):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         def make():
+            if layout == "strided":  # a column slice: rows not contiguous, the generic kernel
+                n, c, h, w = shape
+                return torch.randn(n, c, h, w + 8, device=device, dtype=dtype)[..., 8:], 2, phase_offset
             return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt), 2, phase_offset
 
         n, c, h, w = shape
@@ -141,4 +144,4 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
                        nbytes=(n * c * h * w + out_numel) * dtype.itemsize, bitwise=True)
 
     return [case(shape, phase_offset, layout) for shape in ([(1, 16, 8, 8)] if smoke else BENCH_SHAPES)
-            for phase_offset in (0, 1) for layout in ("nchw", "channels_last")]
+            for phase_offset in (0, 1) for layout in ("nchw", "channels_last", "strided")]

@@ -13,13 +13,15 @@ then ``* weight + bias`` (each optional, shape (C,)) and the activation.
 Input: 4-D (N, C, H, W) or 5-D (N, C, T, H, W), float16/bfloat16/float32/float64, contiguous, channels_last /
 channels_last_3d or strided; the output is ``torch.empty_like(x)`` (layout kept).
 
-Kernel design: the tensor is viewed as (N, C, S) with one stride per axis (only a view whose spatial dims do not
-flatten to one stride is copied first). One program owns a block of BLOCK_S positions of one sample and all C
-channels: pass 1 sums x^2 over channel tiles of [BLOCK_C, BLOCK_S], pass 2 re-reads the same tiles (cache hits:
-the block was just read) and writes the normalized, activated values. Tiles are long along the contiguous axis
-(positions for NCHW, channels for channels_last). Traffic: 1 read from memory + 1 write, versus eager's read for
-the norm, a read and write of the normalized tensor, and another read and write for the activation. Statistics in
-fp32 (fp64 for fp64 input); loads convert to it at once, the result is cast to x's dtype on store.
+Kernel design: the tensor is viewed as (N, C, T, S) with one stride per axis: S the positions of a frame, T the
+frames when the spatial dims flatten only to two strided axes, as in the (B, T)-permuted views that Wan's
+per-frame layers return (read and written in place; only a layout that needs three axes is copied first). One
+program owns a block of BLOCK_S positions of one frame and all C channels: pass 1 sums x^2 over channel tiles of
+[BLOCK_C, BLOCK_S], pass 2 re-reads the same tiles (cache hits: the block was just read) and writes the
+normalized, activated values. Tiles are long along the contiguous axis (positions for NCHW, channels for
+channels_last). Traffic: 1 read from memory + 1 write, versus eager's read for the norm, a read and write of the
+normalized tensor, and another read and write for the activation. Statistics in fp32 (fp64 for fp64 input); loads
+convert to it at once, the result is cast to x's dtype on store.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels._cases import CompileCase, cuda_empty, shape_label
+from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
 from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
 from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
     ACTIVATIONS,
@@ -41,7 +43,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     check_norm_input,
     check_norm_params,
     compute_dtype,
-    flat_views,
+    frame_views,
 )
 from fastdec.kernels._triton import tl, triton
 
@@ -147,14 +149,17 @@ def _rms_norm_act_kernel(
     weight_ptr,
     bias_ptr,
     C,
+    T,
     S,
     num_position_blocks,
     eps,
     stride_xn,
     stride_xc,
+    stride_xt,
     stride_xs,
     stride_on,
     stride_oc,
+    stride_ot,
     stride_os,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -165,13 +170,16 @@ def _rms_norm_act_kernel(
     COMPUTE: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """One program: BLOCK_S positions of one sample, all channels. Pass 1: sum of squares; pass 2: normalize."""
+    """One program: BLOCK_S positions of one frame t of one sample, all channels. Pass 1: sum of squares; pass 2:
+    normalize."""
     pid = tl.program_id(0)
-    n = pid // num_position_blocks
+    frame = (pid // num_position_blocks).to(tl.int64)
+    n = frame // T
+    t = frame % T
     positions = ((pid % num_position_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)).to(INDEX)
     position_mask = positions < S
-    x_base = x_ptr + n.to(tl.int64) * stride_xn
-    out_base = out_ptr + n.to(tl.int64) * stride_on
+    x_base = x_ptr + n * stride_xn + t * stride_xt
+    out_base = out_ptr + n * stride_on + t * stride_ot
     sum_sq = tl.zeros([BLOCK_S], dtype=COMPUTE)
     for c0 in range(0, C, BLOCK_C):
         channels = (c0 + tl.arange(0, BLOCK_C)).to(INDEX)
@@ -230,18 +238,18 @@ def rms_norm_act_triton(
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    source, target, x_strides, out_strides, index = flat_views(x, out)
+    source, target, (frames, spatial), x_strides, out_strides, index = frame_views(x, out)
     batch, channels = x.shape[:2]
-    spatial = math.prod(x.shape[2:])
     block_c, block_s = tile_shape(channels, spatial, x_strides[1] == 1 and channels > 1)
     num_position_blocks = triton.cdiv(spatial, block_s)
     compute = compute_dtype(x)
-    _rms_norm_act_kernel[(batch * num_position_blocks,)](
+    _rms_norm_act_kernel[(batch * frames * num_position_blocks,)](
         source,
         target,
         weight.contiguous() if weight is not None else source,  # unused pointer when there is no weight
         bias.contiguous() if bias is not None else source,
         channels,
+        frames,
         spatial,
         num_position_blocks,
         float(eps),
@@ -310,9 +318,14 @@ rms_norm_act.register_autograd(_backward, setup_context=_setup_context)
 # --- the calls its checks and benchmarks make -----------------------------------------------------------------
 
 # The Wan 2.1 decoder at 480x832, one chunk of 4 output frames: 384 channels at 1/8..1/2 size, 96 at full size
-# (bench/); compile_check takes the smallest and the largest.
+# (bench/, gpu_check).
 BENCH_SHAPES = ((1, 384, 4, 60, 104), (1, 384, 4, 240, 416), (1, 96, 4, 480, 832))
-COMPILE_SHAPES = (BENCH_SHAPES[0], BENCH_SHAPES[2])
+# compile_check: Wan 2.1 at 480x832 and 720x1280 (smallest and largest stage of a 4-frame chunk) and DC-AE's
+# RMSNorm2d ("add", 4-D) at its first stage and at 1024 and 2048 px.
+COMPILE_SHAPES = (BENCH_SHAPES[0], BENCH_SHAPES[2], (1, 384, 4, 90, 160), (1, 96, 4, 720, 1280),
+                  (1, 1024, 32, 32), (1, 128, 1024, 1024), (1, 128, 2048, 2048))
+LAYOUTS = ("contiguous", "channels_last", "per_frame")  # per_frame: what models/wan.py per_frame returns
+GPU_DTYPE = torch.bfloat16  # the dtype Wan decodes in
 
 
 def check_call(r) -> tuple:
@@ -320,14 +333,49 @@ def check_call(r) -> tuple:
     return r(1, 96, 3, 17, 9), r(96), None, 1e-12 * 96**-0.5, "silu", "clamp"
 
 
+def layout_input(shape, layout: str, empty) -> torch.Tensor:
+    """An input of ``shape`` in a layout; ``empty(shape, memory_format)`` allocates. per_frame (5-D only): a
+    (B*T, C, H, W) tensor seen as (B, C, T, H, W), the (B, T)-permuted view Wan's per-frame layers return."""
+    if layout == "per_frame" and len(shape) == 5:
+        b, c, t, h, w = shape
+        return empty((b * t, c, h, w), torch.contiguous_format).unflatten(0, (b, t)).transpose(1, 2)
+    channels_last = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    return empty(shape, channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
 def compile_cases(quick: bool) -> list[CompileCase]:
-    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), COMPILE_SHAPES, ("silu", "none"))
+    cases = [(dtype, layout, shape, act) for dtype, layout, shape, act
+             in itertools.product(("bf16", "fp16", "fp32"), LAYOUTS, COMPILE_SHAPES, ("silu", "none"))
+             if layout != "per_frame" or len(shape) == 5]
     if quick:
-        cases = (("bf16", True, (1, 96, 4, 480, 832), "silu"), ("fp32", False, (1, 384, 4, 60, 104), "none"))
+        cases = (("bf16", "channels_last", (1, 96, 4, 480, 832), "silu"), ("fp32", "contiguous", (1, 384, 4, 60, 104),
+                 "none"), ("bf16", "per_frame", (1, 96, 4, 480, 832), "silu"))
 
-    def run(dtype, channels_last, shape, act):
-        x = cuda_empty(shape, dtype, torch.channels_last_3d if channels_last else torch.contiguous_format)
-        rms_norm_act_triton(x, cuda_empty(shape[1:2], dtype), None, 1e-12 * shape[1] ** -0.5, act, "clamp")
+    def run(dtype, layout, shape, act):
+        x = layout_input(shape, layout, lambda s, fmt: cuda_empty(s, dtype, fmt))
+        wan = len(shape) == 5  # Wan's clamp; DC-AE's RMSNorm2d adds eps
+        rms_norm_act_triton(x, cuda_empty(shape[1:2], dtype), None if wan else cuda_empty(shape[1:2], dtype),
+                            1e-12 * shape[1] ** -0.5 if wan else 1e-5, act, "clamp" if wan else "add")
 
-    return [CompileCase(f"{dtype} {'channels_last_3d' if cl else 'NCTHW'} {shape_label(shape)} {act}",
-                        functools.partial(run, dtype, cl, shape, act)) for dtype, cl, shape, act in cases]
+    return [CompileCase(f"{dtype} {layout} {shape_label(shape)} {act}",
+                        functools.partial(run, dtype, layout, shape, act)) for dtype, layout, shape, act in cases]
+
+
+def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
+    """Wan's RMS norm + SiLU in every layout its decoder hands over, against eager WanRMS_norm + silu."""
+
+    def eager(x, weight, bias, eps, act, eps_mode):
+        y = F.normalize(x, dim=1) * x.shape[1] ** 0.5 * weight.view(1, -1, 1, 1, 1)
+        return F.silu(y) if act == "silu" else y
+
+    def case(shape, layout):
+        def make():
+            x = layout_input(shape, layout, lambda s, fmt: torch.empty(s, device=device, dtype=dtype,
+                                                                     memory_format=fmt).normal_())
+            return x, torch.rand(shape[1], device=device, dtype=dtype) + 0.5, None, 1e-12 * shape[1] ** -0.5, \
+                "silu", "clamp"
+
+        return GpuCase(f"{shape_label(shape)} {layout}", make, {"eager": eager},
+                       nbytes=2 * math.prod(shape) * dtype.itemsize)
+
+    return [case(shape, layout) for shape in ([(1, 32, 2, 8, 8)] if smoke else BENCH_SHAPES) for layout in LAYOUTS]

@@ -158,3 +158,11 @@ def test_the_graph_sees_imports_inside_functions_relative_imports_and_package_in
     assert find_cycles(edges) == [["pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.a"]]
     assert layer_of("fastdec.models.taesd") < layer_of("fastdec.tiling.rules") < layer_of("fastdec.api")
     assert layer_of("fastdec") == layer_of("fastdec.api") and layer_of("fastdec.unplaced") is None
+
+
+def test_kernel_files_stay_within_500_lines():
+    """One op per kernels/ file, each readable in one sitting: an op that grows splits its planning or
+    configuration into a kernels/_<op>_*.py helper (e.g. _attention_config.py, _group_norm_plan.py)."""
+    long = {path.name: n for path in sorted((ROOT / "kernels").glob("*.py"))
+            if (n := len(path.read_text().splitlines())) > 500}
+    assert long == {}, f"kernels/ files over 500 lines: {long}"

@@ -385,3 +385,16 @@ def test_no_committed_file_names_a_local_machine_path():
         found += [f"{name}:{number}: {line.strip()[:120]}" for number, line in enumerate(text.splitlines(), 1)
                   if MACHINE_PATH.search(line)]
     assert found == []
+
+
+def test_height_benchmarks_non_square_frames(tmp_path):
+    """--height (issue 21: the goals' video sizes, Wan 2.1 81x480x832 and SVD 14x576x1024): latents of height/8 x
+    side/8, the rows say so, and a square goal never judges them."""
+    out = tmp_path / "run"
+    assert bench.main(["--decoders", "taesd", "--resolution", "64", "--height", "32", "--batch", "1", "--repeats", "2",
+                       "--warmup", "0", "--no-compile", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["settings"]["height"] == 32
+    assert {(row["resolution"], row["height"], tuple(row["latent"])) for row in result["rows"]} == {(64, 32, (4, 8))}
+    assert "| taesd | 32x64 |" in (out / "bench.md").read_text()
+    assert bench.main(["--decoders", "taesd", "--resolution", "64", "--height", "30", "--device", "cpu"]) == 2

@@ -71,11 +71,11 @@ def test_launchers_ran_their_gpu_path(quick_report):
     assert params["_group_norm_act_kernel", "fp32 NCHW 1x192x32x32 silu"] == "G=1 CG=4 S=512 w4"
     assert params["_patch_unembed_kernel", "bf16 -> u8 to_unit p=16 32x32"] == "PATCH=16 C=4 PIX=1024 w8"
     # Hopper keeps q whole for q k^T (QK_CHUNK = D); 4096 / 64 = 64 query blocks < 132 SMs: a 2-way key split
+    # (issue 21: the dispatch chooses one config, no longer the tuner's candidates with and without the split)
     forward = [r.params for r in quick_report["results"]
                if r.kernel == "_attention_forward_kernel" and r.case == "bf16 1x1x4096x512"]
     assert forward == [
-        "HEAD_DIM=512 M=64 N=32 D=512 DV=512 QK_CHUNK=512 DV_CHUNKS=1 SPLITS=1 w8 s2",
-        "HEAD_DIM=512 M=64 N=32 D=512 DV=512 QK_CHUNK=512 DV_CHUNKS=1 SPLITS=2 w8 s2",
+        "HEAD_DIM=512 M=64 N=32 D_MAIN=512 D_TAIL=0 DV=512 QK_CHUNK=512 DV_CHUNKS=1 SPLITS=2 w8 s2",
     ]
 
 
@@ -144,3 +144,94 @@ def test_table_lists_every_result_with_its_failure():
     assert table[2].split() == ["_patch_unembed_kernel", "sm_90", "bf16", "M=64", "128", "0/0", "1.0", "-", "0.0s"]
     assert "FAILED" in table[3] and "OutOfResources: shared memory" in table[3]
     assert dataclasses.asdict(results[0])["kernel"] == "_patch_unembed_kernel"
+
+
+# --- the committed report (issue 21 item 2): every plan the dispatch can choose, compiled for sm_90 and sm_80 -------
+
+REPORTS = sorted((ROOT / "bench" / "results").glob("*-compile-check-sm90-sm80.json"))
+REGENERATE = ("python bench/compile_check.py --arch 90,80 --save bench/results/<date>-compile-check-sm90-sm80 "
+              "(OMP_NUM_THREADS=1; about 15 minutes on 2 cores)")
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    assert REPORTS, f"no committed compile report; {REGENERATE}"
+    return compile_check.read_saved(REPORTS[-1])
+
+
+def test_committed_plans_compile_fit_the_gpu_and_do_not_spill(committed):
+    """Every kernel launch the dispatch chooses compiled for sm_90 (H100/H200: 255 registers, 227 KiB of shared
+    memory per block) and sm_80 without spilling; the other attention candidates (what bench/tune_attention.py may
+    write into the table) within the spill limit, and one of each case fits."""
+    assert committed["problems"] == []
+    assert compile_check.problems(committed, committed["meta"]["max_spill"]) == []
+    chosen = {i for config in committed["configs"] if not config["tuned"] for i in config["results"]}
+    assert {r.arch for r in committed["results"]} == {90, 80}
+    for i, r in enumerate(committed["results"]):
+        assert r.ok and 0 < r.registers <= 255, r
+        if i in chosen:
+            assert r.spill == 0, f"{r.kernel} sm_{r.arch} {r.case} {r.params} spills {r.spill} bytes"
+            assert r.fits and r.shared <= compile_check.GPUS[r.arch].shared_memory, r
+
+
+def test_committed_report_covers_every_family_decode_plan(committed):
+    """The report names every family's decode shapes (issue 21: SD/SDXL, FLUX, Wan 2.1 480p/720p, SVD, DC-AE)."""
+    cases = {config["case"] for config in committed["configs"]}
+    for needle in ("1x1x4096x512", "1x1x16384x512", "1x1x6240x384", "1x1x14400x384", "14x1x9216x512",
+                   "1x96x4x720x1280", "1x128x2048x2048", "per_frame", "fp32-tf32", "fp32-ieee"):
+        assert any(needle in case for case in cases), needle
+
+
+def test_committed_report_is_not_stale(committed):
+    """The launches the dispatch makes today (recorded on fake GPUs, nothing compiled) are all in the report: a
+    change of a kernel, a tile table or the attention table fails here until the report is regenerated."""
+    reason = compile_check.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cannot record Triton launches for CUDA here: {reason}")
+    if committed["meta"]["triton"] != compile_check.triton.__version__:  # launch keys are triton's reprs
+        pytest.skip(f"the report is of triton {committed['meta']['triton']}, this is {compile_check.triton.__version__}"
+                    f"; {REGENERATE}")
+    plans = compile_check.check([90, 80], quick=False, plans_only=True, timeout=900)
+    known = {r.key for r in committed["results"]}
+    missing = [f"{r.kernel} sm_{r.arch} {r.case} {r.params}" for r in plans["results"] if r.key not in known]
+    assert missing == [], f"{len(missing)} launch plans are not in {REPORTS[-1].name}; {REGENERATE}:\n" + \
+        "\n".join(missing[:20])
+
+
+@pytest.mark.slow
+def test_regenerated_report_has_no_problems():
+    reason = compile_check.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cannot compile Triton kernels for CUDA here: {reason}")
+    report = compile_check.check([90, 80], quick=False, timeout=3600)
+    assert compile_check.problems(report, compile_check.DEFAULT_MAX_SPILL) == []
+
+
+def test_channels_last_group_norm_leaves_room_for_occupancy(committed):
+    """Issue 21 risk 5: the channels_last normalize kernel took 150-168 registers per thread at 4 warps; at 8 warps
+    each thread holds half the tile."""
+    found = [(r.case, r.registers) for r in committed["results"]
+             if r.kernel == "_group_norm_act_kernel" and "channels_last" in r.case]
+    assert found and all(registers <= 128 for _, registers in found), found
+
+
+def test_committed_extension_report_has_no_spills_and_matches_the_sources():
+    """fastdec._C's CUDA kernels (pixel_shuffle, the vectorised channels_last path included) through ptxas for
+    sm_90 and sm_80 (bench/ptxas_extension.sh): no spills, and the report is of today's csrc/."""
+    import hashlib
+    import re
+
+    reports = sorted((ROOT / "bench" / "results").glob("*-ptxas-extension-sm90-sm80.txt"))
+    assert reports, "no committed extension report; run bench/ptxas_extension.sh bench/results/<date>-ptxas-..."
+    text = reports[-1].read_text()
+    sources = sorted((ROOT / "csrc").glob("*.cu")) + sorted((ROOT / "csrc").glob("*.h"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+    stale = f"csrc/ changed since {reports[-1].name}: rerun bench/ptxas_extension.sh"
+    assert f"# sources sha256: {digest}" in text, stale
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", text)]
+    assert len(entries) == len(spills) == len(registers) > 0
+    assert {arch for _, arch in entries} == {"sm_90", "sm_80"}
+    assert any("shuffle_channels_last" in name for name, _ in entries)
+    assert all(stores == loads == "0" for stores, loads in spills) and max(registers) <= 255

@@ -20,7 +20,8 @@ def test_gpu_check_smoke_writes_a_complete_report(tmp_path):
     (report_file,) = tmp_path.glob("*-smoke.json")
     report = json.loads(report_file.read_text())
     assert {"date", "device", "torch", "triton", "fastdec", "backends"} <= set(report["environment"])
-    assert {row["op"] for row in report["rows"]} == {"pixel_shuffle", "group_norm_act", "attention", "patch_unembed"}
+    assert {row["op"] for row in report["rows"]} == {"pixel_shuffle", "group_norm_act", "attention", "patch_unembed",
+                                                    "rms_norm_act"}
     for row in report["rows"]:
         assert row["correct"], row
         assert row["timings"]["fastdec"]["median_us"] > 0

@@ -42,7 +42,7 @@ def test_every_op_file_is_registered_reported_and_checked():
     assert [module.__name__ for module in compile_check.KERNEL_MODULES] == [
         f"fastdec.kernels.{op}" for op in ops.TRITON_OPS]
     assert load_script(ROOT / "bench" / "gpu_check.py", "discovered_gpu_check").CHECKED_OPS == (
-        "attention", "group_norm_act", "patch_unembed", "pixel_shuffle")
+        "attention", "group_norm_act", "patch_unembed", "pixel_shuffle", "rms_norm_act")  # issue 21: rms_norm_act too
 
 
 TOY_OP = '''

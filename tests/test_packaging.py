@@ -79,3 +79,18 @@ def test_wheel_install_imports(tmp_path):
     assert Path(kernels_file).is_relative_to(tmp_path / "site" / "fastdec" / "kernels")
     assert has_ext == "True" and with_cuda == "False"
     assert weights == "efficientvit-taef2"
+
+
+def test_builds_without_a_gpu_embed_ptx_for_newer_gpus():
+    """Issue 21: sm_80/sm_90 machine code alone gives Blackwell "no kernel image"; the default list ends in +PTX
+    (of sm_100 when nvcc knows it, CUDA >= 12.8)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (function,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "default_arch_list"]
+    scope: dict = {}
+    exec(compile(ast.Module([function], []), "setup.py", "exec"), scope)
+    assert scope["default_arch_list"]((12, 4)) == "8.0;9.0+PTX"
+    assert scope["default_arch_list"]((12, 8)) == "8.0;9.0;10.0+PTX"
+    assert scope["default_arch_list"]((13, 0)) == "8.0;9.0;10.0+PTX"
+    assert scope["default_arch_list"](None) == "8.0;9.0+PTX"

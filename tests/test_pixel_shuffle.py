@@ -156,3 +156,57 @@ def test_cuda_real_sizes(dtype, phase_offset):
         xl = make_layout(x, layout)
         expected = pixel_shuffle_reference(xl, 2, phase_offset)
         assert torch.equal(bits(ops.pixel_shuffle(xl, 2, phase_offset)), bits(expected))
+
+
+_INDEX_DRIVER = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "pixel_shuffle_index.h"
+int main(int argc, char** argv) {  // vectors_per_pixel vec out_h out_w factor offset sn sc sh sw total
+  long long a[11];
+  for (int i = 0; i < 11; ++i) a[i] = std::atoll(argv[i + 1]);
+  const fastdec::Strides4 s{a[6], a[7], a[8], a[9]};
+  for (int t = 0; t < (int)a[10]; ++t)
+    std::printf("%lld\n", (long long)fastdec::channel_source<int>(t, (int)a[0], (int)a[1], s, (int)a[2], (int)a[3],
+                                                                     (int)a[4], (int)a[5]));
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize(("factor", "offset", "channels_out", "vec"), [(2, 1, 16, 8), (2, 0, 8, 8), (2, 1, 8, 4),
+                                                                        (4, 1, 4, 4), (3, 0, 6, 2)])
+def test_channels_last_vector_index_math(tmp_path, factor, offset, channels_out, vec):
+    """The CUDA channels_last kernel (issue 21: 16-byte stores instead of one element per thread) reads vector t
+    of the output from channel_source(t) + v * factor^2 * stride_c, v < VEC. Its index math, compiled from
+    csrc/pixel_shuffle_index.h by the host compiler, against the reference permutation on an input whose values
+    are their own storage offsets (channels_last, and a strided view with padding)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    (tmp_path / "driver.cpp").write_text(_INDEX_DRIVER)
+    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{csrc}", str(tmp_path / "driver.cpp"), "-o",
+                    str(tmp_path / "driver")], check=True, capture_output=True)
+    n, height, width = 2, 5, 4
+    channels_in = channels_out * factor * factor
+    for padded in (False, True):
+        # channels_last strides (N, H, W, C in memory); padded: every pixel's channel run is followed by 3 unused
+        strides = (height * width * (channels_in + 3 * padded), 1, width * (channels_in + 3 * padded),
+                   channels_in + 3 * padded)
+        storage = torch.arange(n * strides[0], dtype=torch.int64)
+        x = storage.as_strided((n, channels_in, height, width), strides)
+        out = pixel_shuffle_reference(x, factor, offset)
+        out_memory = out.permute(0, 2, 3, 1).reshape(-1)  # channels_last order: what out + t * VEC addresses
+        total = out.numel() // vec
+        args = [channels_out // vec, vec, out.shape[2], out.shape[3], factor, offset, *strides, total]
+        done = subprocess.run([str(tmp_path / "driver"), *map(str, args)], check=True, capture_output=True, text=True)
+        sources = torch.tensor([int(line) for line in done.stdout.split()])
+        assert sources.numel() == total
+        step = factor * factor * strides[1]
+        expected = sources[:, None] + step * torch.arange(vec)[None, :]
+        assert torch.equal(out_memory.view(total, vec), expected)

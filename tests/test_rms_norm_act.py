@@ -361,3 +361,33 @@ def test_launch_tiles_follow_the_contiguous_axis():
 
 def triton_next_pow2(n):
     return 1 << (n - 1).bit_length()
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wan_per_frame_views_run_in_place(device, dtype, monkeypatch):
+    """What models/wan.py per_frame returns, (B*T, C, H, W) seen as (B, C, T, H, W): the spatial dims do not flatten
+    to one stride, so the kernel reads it as (frames, positions) axes, in place, and writes an output of the same
+    layout (issue 21: no copy of the input and the output after every upsampler)."""
+    kernel, seen = rna._rms_norm_act_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(args[:2])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(rna, "_rms_norm_act_kernel", Recording())
+    batch, frames, channels, height, width = 2, 3, 24, 5, 7
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch * frames, channels, height, width, generator=gen).to(dtype=dtype, device=device)
+    x = x.unflatten(0, (batch, frames)).transpose(1, 2)
+    assert x.stride()[1:3] == (height * width, channels * height * width)
+    weight = torch.rand(channels, generator=gen).to(device) + 0.5
+    out = ops.rms_norm_act(x, weight, None, 1e-12 * channels**-0.5, "silu", "clamp")
+    ((source, target),) = seen
+    assert source is x, "the input was copied"
+    assert target.data_ptr() == out.data_ptr() and out.stride() == x.stride(), "the output went through a copy"
+    assert_matches(out, x, expected(x, weight, None, 1e-12 * channels**-0.5, "silu", "clamp"))

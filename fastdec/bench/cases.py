@@ -119,7 +119,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
     device, dtype = settings.device, settings.dtype
     cuda = device.type == "cuda"
     channels_last = cuda and contender.channels_last
-    latents_cpu = latents_for(contender, side, batch, settings.seed)
+    latents_cpu = latents_for(contender, side, batch, settings.seed, settings.height)
     latents = latents_cpu.to(device=device, dtype=dtype)
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
@@ -191,7 +191,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         row = {
             "decoder": contender.name, "variant": variant.name,
             "label": variant.label or variant_label(variant.name, device),
-            "resolution": side, "latent": list(latents_cpu.shape[2:]),
+            "resolution": side, "height": settings.height or side, "latent": list(latents_cpu.shape[2:]),
             "latent_channels": contender.model.latent_channels,
             "batch": batch, "dtype": dtype_name(dtype), "device": device.type,
             "memory_format": "channels_last" if channels_last and variant.name.startswith("fastdec") else "contiguous",

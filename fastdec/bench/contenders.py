@@ -52,11 +52,15 @@ def build_contender(name: str, weights: str | None = None, seed: int = 0) -> Con
     return Contender(name, model, twin, reason, ENTRIES[name])
 
 
-def latents_for(contender: Contender, side: int, batch: int, seed: int) -> Tensor:
-    """Random normal latents (never zeros: some kernels shortcut on them) for a side x side image, on the CPU."""
+def latents_for(contender: Contender, side: int, batch: int, seed: int, height: int | None = None) -> Tensor:
+    """Random normal latents (never zeros: some kernels shortcut on them) for a side x side image (height x side
+    when given), on the CPU."""
     generator = torch.Generator().manual_seed(seed)
     entry = contender.entry
-    return torch.randn(entry.latent_shape(contender.model, side, batch, entry.downsample), generator=generator)
+    shape = list(entry.latent_shape(contender.model, side, batch, entry.downsample))
+    if height is not None:
+        shape[-2] = height // entry.downsample  # every entry's latents end (..., rows, columns)
+    return torch.randn(shape, generator=generator)
 
 
 def prepare(module: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:

@@ -33,7 +33,8 @@ def row_spread(row: dict, metric: str) -> tuple[float, float]:
 
 def find_row(rows: list[dict], decoder: str, variant: str, side: int, batch: int) -> dict | None:
     return next((r for r in rows if (r["decoder"], r["variant"], r["resolution"], r["batch"]) ==
-                 (decoder, variant, side, batch) and r["median_ms"] is not None), None)
+                 (decoder, variant, side, batch) and r["median_ms"] is not None
+                 and r.get("height", side) == side), None)  # goals are stated for square images
 
 
 def cpu_ratio_verdict(row: dict, busy: bool) -> str:
@@ -145,7 +146,8 @@ def goal_for_row(row: dict, goals: list[dict]) -> str:
             status = goal.get("row_status", {}).get(_row_key(row))
             if status is not None:
                 marks.append(f"not slower than diffusers: {status}" + (" (noisy)" if status == "inconclusive" else ""))
-        elif (goal["decoder"], goal["resolution"], goal["batch"]) == (row["decoder"], row["resolution"], row["batch"]):
+        elif (goal["decoder"], goal["resolution"], goal["batch"], goal["resolution"]) == (
+                row["decoder"], row["resolution"], row["batch"], row.get("height", row["resolution"])):
             if goal["metric"] == "speedup_vs_sd_vae_eager":
                 marks.append(f">= {goal['limit']:g}x vs SD-VAE eager: {goal['status']} ({goal['value']:.1f}x)")
             else:

@@ -93,9 +93,16 @@ def summary_table(result: dict) -> list[str]:
         times = [format_ms(case[v]["median_ms"]) if v in case else "n/a" for v in present]
         memory = f"{_mib(fused and fused['peak_memory_bytes'])} / {_mib(eager and eager['peak_memory_bytes'])}"
         goal_marks = "; ".join(mark for mark in (goal_for_row(case[v], goals) for v in case) if mark)
-        lines.append("| " + " | ".join([decoder, f"{side}²", str(batch), *times, _speedup(fused) if fused else "n/a",
+        lines.append("| " + " | ".join([decoder, image_label(next(iter(case.values()))), str(batch), *times,
+                                        _speedup(fused) if fused else "n/a",
                                         memory, _psnr(fused) if fused else "n/a", goal_marks or "–"]) + " |")
     return lines
+
+
+def image_label(row: dict) -> str:
+    """"1024²" for a square image, "480x832" (height x width) otherwise."""
+    side, height = row["resolution"], row.get("height", row["resolution"])
+    return f"{side}²" if height == side else f"{height}x{side}"
 
 
 def full_table(result: dict) -> list[str]:
@@ -110,7 +117,7 @@ def full_table(result: dict) -> list[str]:
                      _error(row, 2), _psnr(row), _speedup(row)]
         else:
             cells = [f"{row['status']}: {row['reason']}", *["–"] * 7]
-        lines.append("| " + " | ".join([row["decoder"], f"{row['resolution']}²", str(row["batch"]), row["label"],
+        lines.append("| " + " | ".join([row["decoder"], image_label(row), str(row["batch"]), row["label"],
                                         row["backend"] or "–", *cells, goal_for_row(row, result["goals"]) or "–"])
                      + " |")
     return lines

@@ -55,6 +55,7 @@ class Settings:
     quick: bool
     threads: int | None = None
     reference_variant: bool = True  # time fastdec on reference ops too (--quick leaves it out)
+    height: int | None = None  # image height when it differs from the side (--height): H x side images
 
     def to_json(self) -> dict:
         return {
@@ -63,7 +64,7 @@ class Settings:
             "warmup": self.warmup, "compile": self.compile, "compile_backend": self.compile_backend,
             "weights": self.weights or "random", "pipeline_share": self.pipeline_share,
             "unet_config": self.unet_config if self.pipeline_share else None, "seed": self.seed, "quick": self.quick,
-            "threads": self.threads, "reference_variant": self.reference_variant,
+            "threads": self.threads, "reference_variant": self.reference_variant, "height": self.height,
         }
 
 
@@ -128,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and diffusers' enable_tiling (--resolution: SD-VAE sizes; --device, --out apply); more "
                              "options: python -m fastdec.bench.tiling -h")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and latents")
+    parser.add_argument("--height", type=int, default=None, metavar="PIXELS",
+                        help="image height, when not square: --resolution gives the width (e.g. --resolution 832 "
+                             "--height 480 for Wan's 480x832 frames; default: square images)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default on CPU: the cores that the load average at the start leaves "
                              "idle, at least 1: more threads than idle cores stall at OpenMP barriers)")
@@ -168,6 +172,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if multiple != 8 and any(side % multiple for side in resolutions):
             raise ValueError(f"--resolution {resolutions}: {strict} need image sides that are multiples of "
                              f"{multiple} (or leave them out of --decoders)")
+    if args.height is not None:
+        multiple = max(ENTRIES[name].side_multiple for name in decoders)
+        if args.height < 1 or args.height % multiple:
+            raise ValueError(f"--height {args.height}: must be a positive multiple of {multiple} (the latent grid)")
     if repeats < 2:
         raise ValueError(f"--repeats {repeats}: at least 2 rounds (a median of one run is no measurement)")
     # On CPU a first call costs no compilation, and --quick's probe call (memory) precedes the timed rounds anyway.
@@ -189,6 +197,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         decoders=decoders, resolutions=tuple(resolutions), batches=tuple(batches), dtype=dtype, device=device,
         repeats=repeats, warmup=warmup, compile=compile_, compile_backend=args.compile_backend, weights=weights,
         pipeline_share=args.pipeline_share, unet_config=args.unet_config or ("sd15" if cuda else "tiny"),
-        seed=args.seed, quick=args.quick, threads=args.threads, reference_variant=not args.quick,
+        seed=args.seed, quick=args.quick, threads=args.threads, reference_variant=not args.quick, height=args.height,
     )
 

@@ -31,6 +31,7 @@ except ImportError as error:
 
 from fastdec import tiling
 from fastdec.models.base import Decoder
+from fastdec.models.layers import ChannelConstants
 
 
 class FastdecVAE(nn.Module):
@@ -169,11 +170,11 @@ class FastdecVAE(nn.Module):
                 "as StableVideoDiffusionPipeline does"
             )
         z = z.to(self.dtype)
-        if self.input_scale is not None:
-            shape = (1, -1) + (1,) * (z.dim() - 2)
-            scale = torch.tensor(self.input_scale, dtype=z.dtype, device=z.device).view(shape)
-            offset = torch.tensor(self.input_offset, dtype=z.dtype, device=z.device).view(shape)
-            z = z * scale + offset
+        if self.input_scale is not None:  # device copies of the affine map, built once (no per-call copy)
+            if getattr(self, "_input_map", None) is None or self._input_map[0].values != list(self.input_scale):
+                self._input_map = (ChannelConstants(self.input_scale), ChannelConstants(self.input_offset))
+            z = z * self._input_map[0].get(z.dtype, z.device, z.dim()) + self._input_map[1].get(z.dtype, z.device,
+                                                                                                  z.dim())
         if video:  # the video contract: diffusion latents -> frames (B, T, 3, H, W) in [0, 1] (decode_checked:
             # decode less the checks done here and its tiling, which this module runs; meta tensors pass)
             return self.decoder.decode_checked(z).transpose(1, 2) * 2 - 1

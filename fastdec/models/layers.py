@@ -92,3 +92,20 @@ class UpsampleConv(nn.Module):
     def extra_repr(self) -> str:
         out_channels, in_channels = self.weight.shape[:2]
         return f"{in_channels}, {out_channels}, bias={self.bias is not None}"
+
+
+class ChannelConstants:
+    """Per-channel constants kept as Python numbers (a model's config) and handed out as device tensors built once
+    per (dtype, device, ndim): a decode then makes no host-to-device copy (pageable, and not allowed inside CUDA
+    graph capture) for them. Not module buffers, so that ``.to(bfloat16)`` does not round values applied in fp32."""
+
+    def __init__(self, values) -> None:
+        self.values = [float(v) for v in values]
+        self._tensors: dict[tuple, Tensor] = {}
+
+    def get(self, dtype: torch.dtype, device: torch.device, ndim: int) -> Tensor:
+        """(1, C, 1, ...) with ``ndim`` dims, to broadcast against (N, C, ...) tensors."""
+        key = (dtype, torch.device(device), ndim)
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(self.values, dtype=dtype, device=device).view(1, -1, *(1,) * (ndim - 2))
+        return self._tensors[key]

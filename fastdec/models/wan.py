@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
-from fastdec.models.layers import UpsampleConv
+from fastdec.models.layers import ChannelConstants, UpsampleConv
 from fastdec.models.registry import Family, register
 
 Device = torch.device | str | None
@@ -266,6 +266,7 @@ class WanDecoder(Decoder):
         )
         self.latent_channels = z_dim
         self.latents_mean, self.latents_std = list(latents_mean), list(latents_std)
+        self._latents_mean, self._latents_std = ChannelConstants(latents_mean), ChannelConstants(latents_std)
         self.time_upscale = 2 ** sum(temporal_downsample)
         self.space_upscale = 2 ** (len(dim_mult) - 1)
         self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1)
@@ -315,9 +316,8 @@ class WanDecoder(Decoder):
 
     def to_vae_space(self, latents: Tensor) -> Tensor:
         """latents * latents_std + latents_mean per channel, in fp32, cast back to the latents' dtype."""
-        shape = (1, -1) + (1,) * (latents.dim() - 2)
-        std = torch.tensor(self.latents_std, dtype=torch.float32, device=latents.device).view(shape)
-        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=latents.device).view(shape)
+        std = self._latents_std.get(torch.float32, latents.device, latents.dim())  # built once per device
+        mean = self._latents_mean.get(torch.float32, latents.device, latents.dim())
         return (latents.float() * std + mean).to(latents.dtype)
 
     def auto_chunk_frames(self, latents: Tensor) -> int:

@@ -132,10 +132,16 @@ def auto_tile_size(decoder: nn.Module, latents: Tensor, free_bytes: int | None =
     if torch.compiler.is_compiling():  # host-side planning is not traced: a compiled decode is never auto-tiled
         return None
     device, _ = weights_device_and_dtype(decoder)
+    need = estimate_decode_bytes(decoder, latents)  # cached per latent shape: host arithmetic only
+    if free_bytes is None and device.type == "cuda":
+        # What torch's allocator already holds free is known without asking the driver: a repeated decode fits
+        # there, so only a decode larger than that pays for torch.cuda.mem_get_info.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if need <= 0.9 * cached:
+            return None
     free_bytes = free_device_bytes(device) if free_bytes is None else free_bytes
     if free_bytes is None:
         return None
-    need = estimate_decode_bytes(decoder, latents)
     if need <= 0.9 * free_bytes:
         return None
     h = latents.shape[-2]

@@ -14,6 +14,12 @@ def build() -> Decoder:
     return AutoencoderKLDecoder.from_preset("sd")
 
 
+def build_flux1() -> Decoder:
+    from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
+
+    return AutoencoderKLDecoder.from_preset("flux")
+
+
 def autoencoder_twin(model: Decoder, cls: type, **class_config) -> nn.Module:
     """A diffusers AutoencoderKL-family module ``cls`` with ``model``'s decoder-side weights (every top-level part
     of the state dict: decoder, post_quant_conv, bn, ...); the encoder is allocated, zeros, never run."""
@@ -54,4 +60,8 @@ ENTRIES = (
                  1.2 * GIB, "diffusers eager 2.4 GiB"),
         ),
     ),
+    # FLUX.1's VAE: the SD architecture with 16 latent channels and no post_quant_conv (issue 21: a goal size of the
+    # one-call GPU run, bench/gpu_run.sh); not in the default list, whose CPU run already covers the architecture.
+    BenchDecoder("flux1", build_flux1, "AutoencoderKLDecoder", twin, order=11, default=False,
+                 kind="exact image VAE"),
 )

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, for a bare GPU machine without network (issue 21 item 3):
+#
+#   bench/gpu_run.sh OUT_DIR [--wheels DIR] [--tune] [--budget SECONDS] [--smoke] [--ops a,b] [--skip-tests]
+#
+# 1. installs what the machine lacks from a folder of wheels made beforehand on a networked machine by
+#    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
+#    e.g. bench/gpu_wheels.sh .whl with /.whl/ in .git/info/exclude, the device call carrying .whl;
+# 2. builds fastdec and its CUDA extension from this checkout (pip install --no-build-isolation -e .);
+# 3. runs the kernel tests natively on the GPU (no interpreter);
+# 4. bench/gpu_check.py: every op in fp16/bf16/fp32, contiguous/channels_last/strided, attention at head_dim
+#    64/384/512, against its peers;
+# 5. fastdec bench: end-to-end decodes at the performance goals' sizes against diffusers eager and torch.compile,
+#    with peak memory, then the tiled 4096^2 bf16 decode (fastdec bench --tiling);
+# 6. with --tune, bench/tune_attention.py writes the attention table of this GPU into OUT_DIR;
+# 7. bench/gpu_run_report.py writes OUT_DIR/gpu_run.json and gpu_run.md (environment, each step's status and time,
+#    every table), ready to commit under bench/results/.
+#
+# Every step runs under a time limit within --budget (default 450 s: the run must end inside 8 minutes, start-up
+# included); a step that fails or runs out of time is recorded and the next one still runs. --smoke runs the same
+# steps on the CPU at tiny sizes (no install, no build): CI runs it (tests/test_gpu_run.py) so the script never rots.
+set -uo pipefail
+
+usage() { sed -n '2,4p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+WHEELS=${FASTDEC_WHEELS:-}
+TUNE=0 SMOKE=0 SKIP_TESTS=0 BUDGET=450 OPS=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --wheels) WHEELS=$2; shift 2 ;;
+    --tune) TUNE=1; shift ;;
+    --smoke) SMOKE=1; shift ;;
+    --skip-tests) SKIP_TESTS=1; shift ;;
+    --budget) BUDGET=$2; shift 2 ;;
+    --ops) OPS=$2; shift 2 ;;
+    *) echo "gpu_run.sh: unknown option $1" >&2; usage ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STEPS=$OUT/steps.tsv
+: > "$STEPS"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET FASTDEC_TRITON_INTERPRET  # natively on the GPU; --smoke takes the CPU reference paths
+cd "$ROOT" || exit 1
+
+# step NAME LIMIT COMMAND...: runs COMMAND with its output in OUT/NAME.log, under min(LIMIT, what is left of the
+# budget); records "NAME<TAB>status<TAB>seconds" in steps.tsv.
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 10 ]; then
+    printf '%s\tskipped: budget spent\t0\n' "$name" >> "$STEPS"; echo "== $name: skipped (budget spent)"; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (at most ${limit} s)"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local status=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="timed out after ${limit} s"
+  elif [ $rc -ne 0 ]; then status="failed (exit $rc)"; fi
+  printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$STEPS"
+  echo "   $status; last lines:"; tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+}
+
+if [ -n "$WHEELS" ]; then
+  # Only what is missing or too old: pip resolves against the packages the machine already has.
+  step install 120 "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" -r "$ROOT/bench/gpu_requirements.txt"
+fi
+if [ $SMOKE -eq 0 ]; then
+  step build 240 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
+fi
+
+if [ $SKIP_TESTS -eq 0 ]; then
+  if [ $SMOKE -eq 1 ]; then
+    TESTS=(tests/test_attention_dispatch.py -k "splits_only or matmul_precision")
+  else
+    TESTS=(tests/test_attention.py tests/test_attention_dispatch.py tests/test_group_norm_act.py
+           tests/test_rms_norm_act.py tests/test_pixel_shuffle.py tests/test_patch_unembed.py)
+  fi
+  step tests 90 "$PYTHON" -m pytest "${TESTS[@]}" -q -p no:cacheprovider --junitxml "$OUT/tests.xml"
+fi
+
+CHECK=(bench/gpu_check.py --out "$OUT/gpu_check" --skip-decoders)
+[ -n "$OPS" ] && CHECK+=(--ops "$OPS")
+if [ $SMOKE -eq 1 ]; then
+  step gpu_check 120 "$PYTHON" "${CHECK[@]}" --smoke --seconds 0.01
+  step decoders 120 "$PYTHON" -m fastdec.bench --decoders taesd --resolution 64 --batch 1 --repeats 2 --warmup 0 \
+    --no-compile --device cpu --out "$OUT/decoders"
+else
+  step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops starting passes in time to write its report
+  # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
+  # 512/1024, FLUX.2 1024, TAESD 512, FLUX.1 1024 (each vs diffusers eager and torch.compile, with peak memory), the
+  # video decoders at the goals' frame sizes (Wan 2.1 81x480x832, SVD 14x576x1024; no compile) and the tiled
+  # 4096^2 bf16 decode.
+  BENCH=("$PYTHON" -m fastdec.bench --batch 1 --dtype bf16)
+  step sd-vae 100 "${BENCH[@]}" --decoders sd-vae --resolution 512,1024 --out "$OUT/sd-vae"
+  step flux2 60 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
+  step taesd 30 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
+  step flux1 60 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"
+  step wan 60 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --no-compile --out "$OUT/wan"
+  step svd 45 "${BENCH[@]}" --decoders svd --resolution 1024 --height 576 --no-compile --out "$OUT/svd"
+  step tiling 45 "$PYTHON" -m fastdec.bench --tiling --resolution 4096 --device cuda --out "$OUT/tiling"
+fi
+if [ $TUNE -eq 1 ]; then
+  cp "$ROOT/kernels/_attention_table.py" "$OUT/_attention_table.py"
+  step tune 120 "$PYTHON" bench/tune_attention.py --out "$OUT/_attention_table.py"
+fi
+
+"$PYTHON" bench/gpu_run_report.py "$OUT" $([ $SMOKE -eq 1 ] && echo --smoke)
+report=$?
+echo "gpu_run.sh: $(( $(date +%s) - START )) s; wrote $OUT/gpu_run.json and gpu_run.md"
+exit $report

@@ -1,0 +1,114 @@
+"""Host work per decode (issue 21 item 6): a repeated decode asks the driver for nothing and builds no device
+tensors from Python lists (pageable host-to-device copies, which CUDA-graph capture also forbids)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdec.diffusers import FastdecVAE  # noqa: F401 (the wrapper whose affine map is checked below)
+from fastdec.models.layers import ChannelConstants
+from fastdec.models.wan import WanDecoder
+from fastdec.tiling import planning
+
+
+def test_auto_tiling_reads_the_allocator_before_asking_the_driver(monkeypatch):
+    """When torch's allocator already holds enough free memory (every decode after the first of its size), the
+    plan is made without torch.cuda.mem_get_info; only a larger decode asks."""
+    asked = []
+    monkeypatch.setattr(planning, "weights_device_and_dtype", lambda decoder: (torch.device("cuda", 0), torch.float16))
+    monkeypatch.setattr(planning, "estimate_decode_bytes", lambda decoder, latents: 1_000_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1_000)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (10**10, 10**11))
+    latents = torch.zeros(1, 4, 8, 8)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2_000_000)
+    assert planning.auto_tile_size(object(), latents) is None
+    assert asked == []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500_000)
+    assert planning.auto_tile_size(object(), latents) is None  # fits the 10 GB the driver reports
+    assert len(asked) == 1
+
+
+def test_wan_latent_statistics_are_built_once_per_device(monkeypatch):
+    decoder = WanDecoder(base_dim=8, z_dim=4, dim_mult=(1, 1), num_res_blocks=1, temporal_downsample=(False,),
+                         latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.5, 2.0, 0.5, 1.0))
+    latents = torch.randn(1, 4, 2, 3, 3)
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **kw: built.append(a) or real_tensor(*a, **kw))
+    first = decoder.to_vae_space(latents)
+    second = decoder.to_vae_space(latents)
+    assert len(built) == 2  # mean and std once, not on every call
+    std = real_tensor((1.5, 2.0, 0.5, 1.0)).view(1, -1, 1, 1, 1)
+    mean = real_tensor((0.1, -0.2, 0.3, 0.0)).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(first, latents * std + mean)
+    assert torch.equal(first, second)
+
+
+def test_channel_constants_stay_exact_in_fp32_and_follow_dtype_and_device():
+    constants = ChannelConstants([0.1, 1 / 3])
+    fp32 = constants.get(torch.float32, torch.device("cpu"), 4)
+    assert fp32.shape == (1, 2, 1, 1) and fp32[0, 1, 0, 0].item() == torch.tensor(1 / 3).item()
+    assert constants.get(torch.float32, torch.device("cpu"), 4) is fp32
+    assert constants.get(torch.bfloat16, torch.device("cpu"), 5).shape == (1, 2, 1, 1, 1)
+
+
+# --- a full decode of every family at real sizes, on fake CUDA tensors (no GPU, no memory) --------------------------
+
+REAL_SIZES = {  # family -> latents of the issue's decode sizes (B, C, [T,] h, w); None: the bench entry's at 1024 px
+    "sd-vae": None, "flux2": None, "dc-ae": None, "taesd": None, "vit-s": None,
+    "wan2.1": (1, 16, 21, 60, 104),  # 81 x 480 x 832
+    "svd": (1, 4, 14, 72, 128),  # 14 x 576 x 1024
+}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts host-to-device copies and device-to-host syncs (.item(), bool(tensor), nonzero) of the ops it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple] = []
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type == "cuda":
+            self.copies.append(tuple(args[0].shape))
+        if func is torch.ops.aten.copy_.default and args[0].device.type == "cuda" and args[1].device.type == "cpu":
+            self.copies.append(tuple(args[1].shape))
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.syncs.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
+@pytest.mark.parametrize("family", sorted(REAL_SIZES))
+def test_a_repeated_decode_makes_no_host_copies_or_syncs(family, monkeypatch):
+    """Issue 21: decode ``family`` twice at a real size on fake CUDA tensors (FakeTensorMode: shapes only); the
+    second decode copies nothing from the host and waits for nothing (check_finite=False: the NaN check is the one
+    sync a decode makes by default, skipped under CUDA-graph capture and torch.compile)."""
+    from fastdec.bench.decoders import ENTRIES
+
+    entry = ENTRIES[family]
+    # trunc_normal_ draws until values fall in range (data-dependent): fake weights need no values
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
+    with FakeTensorMode():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                model = entry.build().eval()
+        finally:
+            torch.set_default_dtype(previous)
+        shape = REAL_SIZES[family] or entry.latent_shape(model, 1024, 1, entry.downsample)
+        latents = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            first = model.decode(latents, check_finite=False)
+            with HostTraffic() as traffic:
+                second = model.decode(latents, check_finite=False)
+    assert second.shape == first.shape and second.device.type == "cuda"
+    assert traffic.copies == [], f"host-to-device copies in every decode: {traffic.copies}"
+    assert traffic.syncs == [], f"device syncs in every decode: {traffic.syncs}"
