@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fastdec.api import load
 from fastdec.diffusers.adapter import FastdecVAE
+from fastdec.models import registry
 from fastdec.models.base import Decoder
 from fastdec.models.layers import UpsampleConv
 
@@ -139,17 +140,6 @@ def _table(entry: Entry) -> dict:
     return module._parameters if kind == "p" else module._buffers
 
 
-def _tiny_name(name: str) -> str:
-    """A TAESDDecoder key (madebyollin's ``N.rest``) -> its AutoencoderTiny key ``decoder.layers.{N-1}.rest``
-    (diffusers' DecoderTiny has no Clamp module: fastdec.models.taesd)."""
-    index, _, rest = name.partition(".")
-    return f"decoder.layers.{int(index) - 1}.{rest}" if index.isdigit() and int(index) > 0 else name
-
-
-# diffusers VAE class -> (fastdec decoder key -> the VAE's key); other classes use the same keys
-_VAE_NAMES: dict[str, Callable[[str], str]] = {"AutoencoderTiny": _tiny_name}
-
-
 class SharedWeights:
     """The fastdec decoder's tensors that are the VAE's (``shared``: pairs of entries) and its own (``own``).
 
@@ -163,7 +153,7 @@ class SharedWeights:
         self.vae = vae
         vae_entries = {_key(prefix, name): (module, name, kind)
                        for prefix, module in vae.named_modules() for name, kind in _names(module)}
-        rename = _VAE_NAMES.get(type(vae).__name__, lambda name: name)
+        rename = registry.vae_key_maps().get(type(vae).__name__, lambda name: name)
         self.shared: list[tuple[Entry, Entry]] = []
         self.own: list[Entry] = []
         for prefix, module in decoder.named_modules():

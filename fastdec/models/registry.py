@@ -34,8 +34,9 @@ class Family:
     ``diffusers``: diffusers VAE class name -> ``read(module_or_folder, name)``, a Decoder (``name``: the name
     being loaded, None for a module or a path). ``weights_file(path)`` says whether a file is this family's
     weights and ``read_file(path, name)`` reads it. ``presets``: architectures with random weights, name ->
-    (class, config). ``image_defaults`` / ``video_defaults``: the name ``fastdec.decode`` picks for latents of
-    that many channels when given no decoder.
+    (class, config). ``vae_keys``: diffusers VAE class -> (a decoder tensor's name -> that VAE's name for it),
+    where they differ (``swap_vae`` shares the VAE's tensors by name). ``image_defaults`` / ``video_defaults``:
+    the name ``fastdec.decode`` picks for latents of that many channels when given no decoder.
     """
 
     name: str
@@ -47,6 +48,7 @@ class Family:
     weights_file: Callable[[Path], bool] | None = None
     read_file: Callable[[Path, str | None], Any] | None = None
     presets: Mapping[str, tuple[type, dict]] = field(default_factory=dict)
+    vae_keys: Mapping[str, Callable[[str], str]] = field(default_factory=dict)
     image_defaults: Mapping[int, str] = field(default_factory=dict)
     video_defaults: Mapping[int, str] = field(default_factory=dict)
 
@@ -95,6 +97,11 @@ def presets() -> dict[str, tuple[type, dict]]:
 def diffusers_readers() -> dict[str, Callable[[Any, str | None], Any]]:
     """diffusers VAE class name -> the reader that makes a fastdec decoder of it."""
     return {kind: read for family in families() for kind, read in family.diffusers.items()}
+
+
+def vae_key_maps() -> dict[str, Callable[[str], str]]:
+    """diffusers VAE class name -> (decoder tensor name -> the VAE's), for the classes whose names differ."""
+    return {kind: rename for family in families() for kind, rename in family.vae_keys.items()}
 
 
 def decoder_classes() -> dict[str, type]:

@@ -299,6 +299,15 @@ def _diffusers_part(vae_or_folder: nn.Module | str | Path, part: str) -> tuple[d
     return config, mapped, source
 
 
+def _diffusers_decoder_key(name: str) -> str:
+    """A TAESDDecoder tensor name (madebyollin's ``N.rest``) -> its AutoencoderTiny name ``decoder.layers.{N-1}.rest``
+    (DecoderTiny has no Clamp module, hence the shift)."""
+    index, _, rest = name.partition(".")
+    if not index.isdigit() or int(index) < _DIFFUSERS_INDEX_SHIFT["decoder"]:
+        return name
+    return f"decoder.layers.{int(index) - _DIFFUSERS_INDEX_SHIFT['decoder']}.{rest}"
+
+
 def _check_diffusers_config(config: dict, expected: dict, widths: Sequence[int], source: str) -> None:
     """AutoencoderTiny options outside the TAESD design (other activations, upsampling, per-stage widths) raise."""
     differs = {key: config[key] for key, value in expected.items() if config.get(key, value) != value}
@@ -385,5 +394,6 @@ register(Family(
     diffusers={"AutoencoderTiny": _read_diffusers},
     weights_file=lambda path: path.suffix in (".pth", ".pt"), read_file=_read_file,
     presets={"tae-192": (TAESDDecoder, dict(variant="tae-192"))},  # the paper's TAE-192, random weights
+    vae_keys={"AutoencoderTiny": _diffusers_decoder_key},
     image_defaults=DEFAULTS,
 ))
