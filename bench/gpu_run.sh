@@ -2,6 +2,7 @@
 # The whole GPU check in one call, for a bare GPU machine without network (issue 21 item 3):
 #
 #   bench/gpu_run.sh OUT_DIR [--wheels DIR] [--tune] [--budget SECONDS] [--smoke] [--ops a,b] [--skip-tests]
+#                    [--skip-check]
 #
 # 1. installs what the machine lacks from a folder of wheels made beforehand on a networked machine by
 #    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
@@ -21,17 +22,18 @@
 # steps on the CPU at tiny sizes (no install, no build): CI runs it (tests/test_gpu_run.py) so the script never rots.
 set -uo pipefail
 
-usage() { sed -n '2,4p' "$0" >&2; exit 2; }
+usage() { sed -n '2,5p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 WHEELS=${FASTDEC_WHEELS:-}
-TUNE=0 SMOKE=0 SKIP_TESTS=0 BUDGET=450 OPS=""
+TUNE=0 SMOKE=0 SKIP_TESTS=0 SKIP_CHECK=0 BUDGET=450 OPS=""
 while [ $# -gt 0 ]; do
   case $1 in
     --wheels) WHEELS=$2; shift 2 ;;
     --tune) TUNE=1; shift ;;
     --smoke) SMOKE=1; shift ;;
     --skip-tests) SKIP_TESTS=1; shift ;;
+    --skip-check) SKIP_CHECK=1; shift ;;
     --budget) BUDGET=$2; shift 2 ;;
     --ops) OPS=$2; shift 2 ;;
     *) echo "gpu_run.sh: unknown option $1" >&2; usage ;;
@@ -81,10 +83,15 @@ if [ $SKIP_TESTS -eq 0 ]; then
   if [ $SMOKE -eq 1 ]; then
     TESTS=(tests/test_attention_dispatch.py -k "splits_only or matmul_precision")
   else
-    TESTS=(tests/test_attention.py tests/test_attention_dispatch.py tests/test_group_norm_act.py
+    TESTS=(tests/test_attention.py tests/test_attention_dispatch.py tests/test_attention_gpu_findings.py
+           tests/test_group_norm_act.py
            tests/test_rms_norm_act.py tests/test_pixel_shuffle.py tests/test_patch_unembed.py)
   fi
-  step tests 90 "$PYTHON" -m pytest "${TESTS[@]}" -q -p no:cacheprovider --junitxml "$OUT/tests.xml"
+  # Compiling the kernels for each parametrisation is CPU work: spread it over 8 processes where pytest-xdist is
+  # there (the first run's serial tests did not end in 90 s on a 16-core H200 machine).
+  PARALLEL=()
+  [ $SMOKE -eq 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
+  step tests 90 "$PYTHON" -m pytest "${TESTS[@]}" "${PARALLEL[@]}" -q -p no:cacheprovider --junitxml "$OUT/tests.xml"
 fi
 
 CHECK=(bench/gpu_check.py --out "$OUT/gpu_check" --skip-decoders)
@@ -94,13 +101,16 @@ if [ $SMOKE -eq 1 ]; then
   step decoders 120 "$PYTHON" -m fastdec.bench --decoders taesd --resolution 64 --batch 1 --repeats 2 --warmup 0 \
     --no-compile --device cpu --out "$OUT/decoders"
 else
-  step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops starting passes in time to write its report
+  # --skip-check: a later session that has gpu_check's tables already gives its minutes to the decoders
+  [ $SKIP_CHECK -eq 0 ] && step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops in time for its report
   # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
   # 512/1024, FLUX.2 1024, TAESD 512, FLUX.1 1024 (each vs diffusers eager and torch.compile, with peak memory), the
   # video decoders at the goals' frame sizes (Wan 2.1 81x480x832, SVD 14x576x1024; no compile) and the tiled
   # 4096^2 bf16 decode.
   BENCH=("$PYTHON" -m fastdec.bench --batch 1 --dtype bf16)
-  step sd-vae 100 "${BENCH[@]}" --decoders sd-vae --resolution 512,1024 --out "$OUT/sd-vae"
+  # (The first H200 run, 2026-12-04: SD-VAE 512 with its compiles took 52 s, so each size is its own step.)
+  step sd-vae-512 80 "${BENCH[@]}" --decoders sd-vae --resolution 512 --out "$OUT/sd-vae-512"
+  step sd-vae-1024 100 "${BENCH[@]}" --decoders sd-vae --resolution 1024 --out "$OUT/sd-vae-1024"
   step flux2 60 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
   step taesd 30 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
   step flux1 60 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"

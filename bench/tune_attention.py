@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             entries[key] = {"tile": [best.block_m, best.block_n, best.block_dv, best.num_warps, best.num_stages],
                             "kv_splits": best.kv_splits, "us": round(micros, 1),
                             "gpu": torch.cuda.get_device_name(device), "date": date}
+            # written after every bucket: a run stopped by its time limit keeps what it timed
+            args.out.write_text(render(table))
             print(f"{key}: {entries[key]['tile']} splits {best.kv_splits}, {micros:.1f} us", flush=True)
-    args.out.write_text(render(table))
     print(f"wrote {args.out}")
     return 0
 

@@ -199,6 +199,18 @@ def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, ca
     return main
 
 
+def key_tail_unverified(dtype: torch.dtype, precision: str, head_dim: int, seq_kv: int, block_m: int, block_n: int,
+                        capability: tuple[int, int]) -> bool:
+    """Whether a GPU call would take the kernel path that gave wrong outputs on an H200 (triton 3.6.0, torch 2.11,
+    2026-12-04, bench/results/2026-12-04-gpu-run-h200.md): D split into D_MAIN + D_TAIL with q resident, and a
+    masked key-tail step (keys not a multiple of block_n). head_dim 96 (fp16, bf16; 45 and 517 keys) and Wan's 384
+    (bf16, 45 keys) were far off SDPA there, while the interpreter runs the same tiles right and the same head_dims
+    without a key tail passed (96 at 9216 keys, 384 at 6240). The cause is not found: these calls run the eager
+    reference until a GPU run passes tests/test_attention_gpu_findings.py."""
+    main, tail = split_head_dim(head_dim)
+    return tail > 0 and seq_kv % block_n != 0 and qk_chunk(dtype, precision, head_dim, block_m, capability) == main
+
+
 def shared_memory_estimate(tile: Tile, dtype: torch.dtype, precision: str, head_dim: int,
                            capability: tuple[int, int]) -> int:
     """Bytes of shared memory the tile needs, fitted to the compile report (bench/results/*compile-check*; within

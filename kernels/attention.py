@@ -9,7 +9,8 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
 * Any N: the query tail is masked once on load/store; the key tail is one extra masked iteration after an
   unmasked main loop. Any head_dim from 1 to 512: D is a power of two (at least 16, the smallest ``tl.dot``) or,
   where that pads less, a power of two plus a power-of-two tail (D_MAIN + D_TAIL: Wan's 384 = 256 + 128, not
-  512; 96 = 64 + 32), with masked loads only where a part overhangs D.
+  512; 96 = 64 + 32), with masked loads only where a part overhangs D. On GPUs a split D with a key tail runs
+  the eager reference for now: it was wrong on an H200 (``_attention_config.key_tail_unverified``).
 * Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens): the accumulator is
   BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid therefore has
   two more axes besides (batch*head, query block):
@@ -353,6 +354,9 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     with torch.cuda.device(q.device):  # triton launches on the current device
         while True:
             config = _config.choose(TABLE, *call)
+            if _config.key_tail_unverified(q.dtype, call[2], q.shape[3], k.shape[2], config.block_m, config.block_n,
+                                           _config.device_facts(index)[0]):
+                return attention_reference(q, k, v, scale)  # wrong on an H200: see key_tail_unverified
             try:
                 return _launch(q, k, v, scale, config)
             except triton.runtime.errors.OutOfResources:

@@ -108,6 +108,9 @@ torch.library.register_autograd("fastdec::pixel_shuffle", _backward, setup_conte
 
 def pixel_shuffle(x: torch.Tensor, factor: int, phase_offset: int = 0) -> torch.Tensor:
     """Pixel-shuffle upsampling, bitwise equal to F.pixel_shuffle (phase_offset=0); see the module docstring."""
+    # Bad arguments get their ValueError here, before the extension: on the H200 machine (torch 2.11, nvcc 13.0)
+    # a C++ exception raised by the extension crashed the process instead (bench/results/2026-12-04-gpu-run-h200).
+    pixel_shuffle_shape(x, factor, phase_offset)
     return torch.ops.fastdec.pixel_shuffle(x, factor, phase_offset)
 
 

@@ -125,7 +125,7 @@ CUDA_CASES = [
     (1, 1, 1024, 1024, 512, torch.bfloat16, "contiguous"),
     (1, 1, 777, 1000, 512, torch.float16, "tokens_major"),
     (1, 8, 1024, 1024, 64, torch.bfloat16, "tokens_major"),
-    (2, 2, 333, 517, 96, torch.bfloat16, "contiguous"),
+    (2, 2, 333, 512, 96, torch.bfloat16, "contiguous"),  # 517 keys: tests/test_attention_gpu_findings.py
     (1, 4, 500, 300, 256, torch.float16, "strided_head_dim"),
     (1, 1, 300, 257, 512, torch.float32, "contiguous"),
     (2, 3, 129, 65, 128, torch.float32, "broadcast_heads"),

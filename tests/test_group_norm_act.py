@@ -49,9 +49,16 @@ def make_params(channels, has_weight, has_bias, dtype, device, seed=1):
 
 
 def expected(x, num_groups, weight, bias, eps, act):
-    """float64 group norm + act of the same (exactly widened) values (torch.group_norm takes 1-value groups)."""
-    wide = [None if t is None else t.double() for t in (weight, bias)]
-    y = torch.group_norm(x.double(), num_groups, wide[0], wide[1], eps)
+    """float64 group norm + act of the same (exactly widened) values (torch.group_norm takes 1-value groups).
+
+    The affine part is applied here rather than by torch.group_norm: torch 2.11's CUDA group-norm backward fails
+    ("tensor does not have a device") for a bias without a weight (seen on an H200, 2026-12-04)."""
+    y = torch.group_norm(x.double(), num_groups, None, None, eps)
+    per_channel = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().view(per_channel)
+    if bias is not None:
+        y = y + bias.double().view(per_channel)
     return {"none": y, "silu": F.silu(y), "relu": F.relu(y)}[act]
 
 

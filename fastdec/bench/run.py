@@ -55,6 +55,20 @@ class Progress:
         else:
             print(f"[{self.done + 1}/{self.total}] {description} ({self.eta_text()})", file=sys.stderr, flush=True)
 
+    def report(self, rows: list[dict]) -> None:
+        """One plain line per measured row (no terminal): a run stopped by a time limit still leaves its numbers."""
+        if self.bar is not None:
+            return
+        for row in rows:
+            if row["median_ms"] is None:
+                print(f"    {row['variant']}: {row['status']} ({row['reason']})", file=sys.stderr, flush=True)
+                continue
+            peak, ratio, psnr = row["peak_memory_bytes"], row["ratio_vs_diffusers"], row["psnr_db"]
+            print(f"    {row['variant']}: {row['median_ms']:.2f} ms"
+                  + (f", {ratio:.3f}x diffusers' time" if ratio else "")
+                  + (f", peak {peak / 2**20:.0f} MiB" if peak is not None else "")
+                  + (f", PSNR {psnr:.1f} dB" if psnr is not None else ""), file=sys.stderr, flush=True)
+
     def advance(self) -> None:
         self.done += 1
         if self.bar is not None:
@@ -83,7 +97,9 @@ def run_benchmark(settings: Settings, command: str) -> dict:
                 contender = build_contender(name, settings.weights.get(name), settings.seed)
                 for side, batch in configs:
                     progress.step(f"{name} {side}px batch {batch}")
-                    rows += bench_decoder(contender, side, batch, settings)
+                    measured = bench_decoder(contender, side, batch, settings)
+                    progress.report(measured)
+                    rows += measured
                     progress.advance()
                 del contender
             shares = []
