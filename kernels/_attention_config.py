@@ -202,7 +202,7 @@ def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, ca
 def key_tail_unverified(dtype: torch.dtype, precision: str, head_dim: int, seq_kv: int, block_m: int, block_n: int,
                         capability: tuple[int, int]) -> bool:
     """Whether a GPU call would take the kernel path that gave wrong outputs on an H200 (triton 3.6.0, torch 2.11,
-    2026-12-04, bench/results/2026-12-04-gpu-run-h200.md): D split into D_MAIN + D_TAIL with q resident, and a
+    2026-12-04, bench/results/2026-12-04-gpu-run-h200/): D split into D_MAIN + D_TAIL with q resident, and a
     masked key-tail step (keys not a multiple of block_n). head_dim 96 (fp16, bf16; 45 and 517 keys) and Wan's 384
     (bf16, 45 keys) were far off SDPA there, while the interpreter runs the same tiles right and the same head_dims
     without a key tail passed (96 at 9216 keys, 384 at 6240). The cause is not found: these calls run the eager

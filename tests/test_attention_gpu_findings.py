@@ -1,5 +1,5 @@
 """What the first GPU run found in the attention kernel (an H200 with triton 3.6.0 and torch 2.11, 2026-12-04;
-bench/results/2026-12-04-gpu-run-h200.md), kept as tests so that the next GPU run says whether it still holds.
+bench/results/2026-12-04-gpu-run-h200/), kept as tests so that the next GPU run says whether it still holds.
 
 With D split into D_MAIN + D_TAIL (head_dim 96 = 64 + 32, Wan's 384 = 256 + 128) and q resident, the masked key-tail
 step gave outputs far off SDPA, while Triton's interpreter runs the same tiles right (checked on CPU with these
