@@ -3,6 +3,7 @@ an interruption, its refusals; and the channel pruning it starts from (fastdec.t
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -143,3 +144,41 @@ def test_pruning_taef2_keeps_four_equal_groups_in_its_norm_branch():
     assert student(torch.randn(1, 32, 4, 4)).shape == teacher(torch.randn(1, 32, 4, 4)).shape
     with pytest.raises(ValueError, match="multiple of 4"):
         prune_taesd(teacher, 6, torch.randn(1, 32, 4, 4))
+
+
+def test_pruning_per_stage_keeps_each_stages_live_channels_exactly():
+    """Each stage's stream is ranked on its own: the upsampling conv starts the next stage's stream afresh."""
+    torch.manual_seed(0)
+    teacher = TAESDDecoder("taesd", width=12, blocks=(1, 1)).eval()
+    first, second = [2, 3, 7, 11], [0, 4, 5, 6, 8, 9, 10, 11]  # per stage: channels that carry nothing
+    # blocks=(1, 1): Clamp, conv, ReLU, Block | Identity, UpsampleConv, Block | conv
+    with torch.no_grad():
+        teacher[1].weight[first], teacher[1].bias[first] = 0, 0
+        teacher[5].weight[second] = 0
+        for block, dead in ((teacher[3], first), (teacher[6], second)):
+            for conv in block.conv[::2]:  # the stream and each inner activation lose the same channels
+                conv.weight[dead], conv.bias[dead] = 0, 0
+    latents = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    student = prune_taesd(teacher, [8, 4], latents)
+    assert student.config["width"] == [8, 4] and student.widths == (8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(student(latents), teacher(latents), rtol=1e-5, atol=1e-6)
+
+
+def test_per_stage_widths_parse_save_and_load(tmp_path):
+    from fastdec.train.distill import parse_width
+
+    assert parse_width("32") == 32 and parse_width("64,64,48,32") == [64, 64, 48, 32]
+    with pytest.raises(argparse.ArgumentTypeError, match="one per stage like 64,64,48,32"):
+        parse_width("64,x")
+    decoder = TAESDDecoder("taef2", width=[16, 12, 8, 4]).eval()
+    assert [m.weight.shape[:2] for m in decoder if type(m).__name__ == "UpsampleConv"] == [(12, 16), (8, 12), (4, 8)]
+    decoder.save_pretrained(tmp_path / "d")
+    loaded = TAESDDecoder.from_pretrained(tmp_path / "d")
+    latents = torch.randn(1, 32, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(latents), decoder(latents))
+    with pytest.raises(ValueError, match="one per stage \\(4 stages\\)"):
+        TAESDDecoder("taef2", width=[16, 8])
+    with pytest.raises(ValueError, match="multiple of 4 from 4 to the teacher's 16"):
+        prune_taesd(TAESDDecoder("taef2", width=16), [16, 16, 16, 20], torch.randn(1, 32, 4, 4))

@@ -135,6 +135,15 @@ def block_counts(blocks: Sequence[int] | None, default: tuple[int, ...]) -> tupl
     return blocks
 
 
+def stage_widths(width: int | Sequence[int], stages: int) -> tuple[int, ...]:
+    """One width for every stage, or one per stage (low resolution to high): a slimmed decoder keeps its
+    low-resolution stages wide, where they cost little, and thins the high-resolution ones, where the time goes."""
+    widths = (width,) * stages if isinstance(width, int) else tuple(width)
+    if len(widths) != stages or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"width must be a positive int or one per stage ({stages} stages), got {width!r}")
+    return widths
+
+
 class TAESDDecoder(Decoder, nn.Sequential):
     """Latents (B, C, h, w) -> RGB (B, 3, h * 2**(stages-1), ...) in about [0, 1] (madebyollin's Decoder)."""
 
@@ -144,29 +153,36 @@ class TAESDDecoder(Decoder, nn.Sequential):
         self,
         variant: str = "taesd",
         latent_channels: int | None = None,
-        width: int | None = None,
+        width: int | Sequence[int] | None = None,
         blocks: Sequence[int] | None = None,
         midblock_gn: bool | None = None,
     ):
         preset = _variant(variant)
         latent_channels = _latent_channels(variant, latent_channels)
-        width = preset.decoder_width if width is None else width
         blocks = block_counts(blocks, DECODER_BLOCKS)
+        widths = stage_widths(preset.decoder_width if width is None else width, len(blocks))
         midblock_gn = preset.midblock_gn if midblock_gn is None else midblock_gn
-        layers = [Clamp(), conv(latent_channels, width), nn.ReLU(inplace=True)]
+        layers = [Clamp(), conv(latent_channels, widths[0]), nn.ReLU(inplace=True)]
         for stage, count in enumerate(blocks):
-            layers += [Block(width, width, midblock_gn and stage == 0) for _ in range(count)]
+            layers += [Block(widths[stage], widths[stage], midblock_gn and stage == 0) for _ in range(count)]
             if stage < len(blocks) - 1:
-                # nn.Identity at madebyollin's nn.Upsample index: UpsampleConv folds the upsample into its conv.
-                layers += [nn.Identity(), UpsampleConv(width, width, bias=False)]
-        layers.append(conv(width, 3))
+                # nn.Identity at madebyollin's nn.Upsample index: UpsampleConv folds the upsample into its conv,
+                # which also moves the stream from this stage's width to the next one's.
+                layers += [nn.Identity(), UpsampleConv(widths[stage], widths[stage + 1], bias=False)]
+        layers.append(conv(widths[-1], 3))
         super().__init__(*layers)
         self.latent_channels = latent_channels
         self.scaling_factor, self.shift_factor = preset.scaling_factor, preset.shift_factor
         self.config = {
-            "variant": variant, "latent_channels": latent_channels, "width": width, "blocks": list(blocks),
+            "variant": variant, "latent_channels": latent_channels,
+            "width": widths[0] if len(set(widths)) == 1 else list(widths), "blocks": list(blocks),
             "midblock_gn": midblock_gn,
         }
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The stream's channels in each stage, low resolution to high."""
+        return stage_widths(self.config["width"], len(self.config["blocks"]))
 
     @classmethod
     def from_pth(cls, path: str | Path, variant: str, device: Device = None, dtype: DType = None) -> TAESDDecoder:

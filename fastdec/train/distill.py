@@ -46,7 +46,7 @@ class DistillConfig:
     output: str
     teacher: str  # a TAESD-family .pth, a fastdec decoder folder, a diffusers VAE folder or Hub id, or a name
     encoder: str  # the frozen encoder of the latent space (as fastdec train's --encoder)
-    width: int | None = None  # the student's channels; default: from ``speedup``
+    width: int | list[int] | None = None  # the student's channels, one or per stage; default: from ``speedup``
     speedup: float | None = None  # target speed-up over a TAESD-family teacher: width = teacher width / sqrt(it)
     distill_steps: int = 1000
     finetune_steps: int = 500
@@ -67,14 +67,15 @@ class DistillConfig:
     time_limit: float | None = None  # minutes for both stages, shared by their steps; a stage it stops counts done
 
 
-def student_width(teacher: Decoder, width: int | None, speedup: float | None) -> int:
-    """The student's width: given, or the widest multiple of 4 whose convolutions cost at most 1/speedup of a
-    TAESD-family teacher's (cost grows with the square of the width)."""
+def student_width(teacher: Decoder, width: int | list[int] | None, speedup: float | None) -> int | list[int]:
+    """The student's width (one, or one per stage): given, or the widest multiple of 4 whose convolutions cost at
+    most 1/speedup of a TAESD-family teacher's (cost grows with the square of the width)."""
     if width is not None and speedup is not None:
         raise ValueError("give --width or --speedup, not both")
     if width is not None:
-        if width < 4 or width % 4:
-            raise ValueError(f"--width must be a positive multiple of 4, got {width}")
+        widths = [width] if isinstance(width, int) else width
+        if not widths or any(w < 4 or w % 4 for w in widths):
+            raise ValueError(f"--width must be positive multiples of 4, got {width}")
         return width
     if not isinstance(teacher, TAESDDecoder):
         raise ValueError(
@@ -87,6 +88,16 @@ def student_width(teacher: Decoder, width: int | None, speedup: float | None) ->
     return max(4, int(teacher.config["width"] / math.sqrt(speedup)) // 4 * 4)
 
 
+def parse_width(text: str) -> int | list[int]:
+    """``--width``: ``32`` or ``64,64,48,32``."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a width like 32 or one per stage like 64,64,48,32, got {text!r}") from None
+    return widths[0] if len(widths) == 1 else widths
+
+
 def _calibration_latents(config: DistillConfig, encoder) -> torch.Tensor:
     from fastdec.train.scoring import load_eval_images
 
@@ -94,13 +105,11 @@ def _calibration_latents(config: DistillConfig, encoder) -> torch.Tensor:
     return torch.cat([encoder.encode(image[None]) for _, image in pairs])
 
 
-def initial_student(teacher: Decoder, width: int, calibration: torch.Tensor) -> Decoder:
+def initial_student(teacher: Decoder, width: int | list[int], calibration: torch.Tensor) -> Decoder:
     """The pruned teacher (TAESD family) or a random TAESD-architecture student with the teacher's upsampling."""
     if teacher.latent_ndim != 4:
         raise ValueError(f"fastdec distill makes image decoders; {type(teacher).__name__} decodes video latents")
     if isinstance(teacher, TAESDDecoder):
-        if width >= teacher.config["width"]:
-            raise ValueError(f"--width {width} is not below the teacher's {teacher.config['width']} channels")
         return prune_taesd(teacher, width, calibration)
     with torch.no_grad():
         probe = torch.zeros(1, teacher.latent_channels, 2, 2)
@@ -189,7 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--encoder", required=True, help="the latent space's frozen encoder: a TAESD encoder .pth or a diffusers "
                                          "VAE folder or Hub id")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--width", type=int, help="the student's channels (a multiple of 4)")
+    size.add_argument("--width", type=parse_width, help="the student's channels (a multiple of 4), or one per "
+                      "stage from low resolution to high (e.g. 64,64,48,32: thin where the time goes)")
     size.add_argument("--speedup", type=float, help="target speed-up over a TAESD-family teacher (default 2): "
                                                     "sets the width; the evaluation measures the real one")
     add("--eval-data", required=True, help="held-out images: the frontier evaluation at the end (never trained on)")

@@ -1,22 +1,24 @@
 """Structured channel pruning of a TAESD-family decoder: the teacher's weights, fewer channels.
 
-A TAESD decoder is one residual stream of ``width`` channels (first conv, blocks, upsampling convs, last conv), each
-block holding two inner activations of that width and, in TAEF2, a 1x1 -> GroupNorm(4) -> 1x1 branch four times as
-wide. Pruning keeps, for the stream and for each inner activation, the channels that carry the most signal: the
-mean absolute activation over a few latents decoded by the teacher (weights alone do not see the scale of what
-flows through them). The student is then the teacher's architecture at the smaller width with the teacher's kept
-rows and columns, a far better start for distillation than random weights. The branch keeps the same number of
-channels in each of its four groups, so its GroupNorm still has four groups of equal size.
+A TAESD decoder is a residual stream of ``width`` channels per stage (first conv, blocks, upsampling convs between
+stages, last conv), each block holding two inner activations of that width and, in TAEF2, a 1x1 -> GroupNorm(4) ->
+1x1 branch four times as wide. Pruning keeps, for each stage's stream and for each inner activation, the channels
+that carry the most signal: the mean absolute activation over a few latents decoded by the teacher (weights alone
+do not see the scale of what flows through them). The student is then the teacher's architecture at the smaller
+widths with the teacher's kept rows and columns, a far better start for distillation than random weights. The
+branch keeps the same number of channels in each of its four groups, so its GroupNorm still has four groups of
+equal size.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fastdec.models.taesd import Block, TAESDDecoder, UpsampleConv
+from fastdec.models.taesd import Block, TAESDDecoder, UpsampleConv, stage_widths
 
 
 def _activation_scores(decoder: TAESDDecoder, latents: Tensor) -> dict[nn.Module, Tensor]:
@@ -48,30 +50,44 @@ def _top(score: Tensor, count: int) -> Tensor:
     return score.topk(count).indices.sort().values
 
 
-def prune_taesd(teacher: TAESDDecoder, width: int, latents: Tensor) -> TAESDDecoder:
-    """The teacher at ``width`` channels, keeping the channels most active on ``latents`` (B, C, h, w)."""
+def prune_taesd(teacher: TAESDDecoder, width: int | Sequence[int], latents: Tensor) -> TAESDDecoder:
+    """The teacher at ``width`` channels (one for all stages, or one per stage, low resolution to high), keeping the
+    channels most active on ``latents`` (B, C, h, w)."""
     if not isinstance(teacher, TAESDDecoder):
         raise TypeError(f"prune_taesd prunes a TAESDDecoder, got a {type(teacher).__name__}")
-    full = teacher.config["width"]
-    if not 4 <= width < full or width % 4:
-        raise ValueError(f"width must be a multiple of 4 from 4 to {full - 4} (the teacher has {full}), got {width}")
+    full, stages = teacher.widths, len(teacher.config["blocks"])
+    widths = stage_widths(width, stages)
+    teacher_width = full[0] if len(set(full)) == 1 else list(full)
+    if any(w % 4 or not 4 <= w <= f for w, f in zip(widths, full, strict=True)):
+        raise ValueError(f"width must be, per stage, a multiple of 4 from 4 to the teacher's {teacher_width} "
+                         f"channels, got {width}")
+    if widths == full:
+        raise ValueError(f"width {width} is not below the teacher's {teacher_width} channels in any stage: a "
+                         "student must be narrower somewhere")
     teacher = copy.deepcopy(teacher).float().eval()  # the caller's teacher keeps its dtype
     scores = _activation_scores(teacher, latents.float())
-    stream_points = [teacher[2], *(b.fuse for b in teacher.modules() if isinstance(b, Block)),
-                     *(m for m in teacher if isinstance(m, UpsampleConv))]
-    stream = _top(sum(scores[m] for m in stream_points), width)  # the skips tie every point of the stream
-    student = TAESDDecoder(**teacher.config | {"width": width}).eval()
+    # The skips tie every point of a stage's stream; an upsampling conv starts the next stage's stream afresh.
+    points: list[list[nn.Module]] = [[teacher[2]]]
+    for module in teacher:
+        if isinstance(module, Block):
+            points[-1].append(module.fuse)
+        elif isinstance(module, UpsampleConv):
+            points.append([module])
+    streams = [_top(sum(scores[m] for m in stage), w) for stage, w in zip(points, widths, strict=True)]
+    student = TAESDDecoder(**teacher.config | {"width": widths if len(set(widths)) > 1 else widths[0]}).eval()
+    stage = 0
     with torch.no_grad():
         for index, (old, new) in enumerate(zip(teacher, student, strict=True)):
             if isinstance(old, nn.Conv2d):  # the first conv (latents -> stream) or the last (stream -> RGB)
-                rows = stream if index == 1 else slice(None)
-                cols = slice(None) if index == 1 else stream
+                rows = streams[0] if index == 1 else slice(None)
+                cols = slice(None) if index == 1 else streams[-1]
                 new.weight.copy_(old.weight[rows][:, cols])
                 new.bias.copy_(old.bias[rows])
             elif isinstance(old, UpsampleConv):
-                new.weight.copy_(old.weight[stream][:, stream])
+                new.weight.copy_(old.weight[streams[stage + 1]][:, streams[stage]])
+                stage += 1
             elif isinstance(old, Block):
-                _prune_block(old, new, stream, scores, width)
+                _prune_block(old, new, streams[stage], scores, widths[stage])
     return student
 
 
