@@ -68,3 +68,8 @@ def cpu_kernel(launcher: Callable, reference: Callable) -> Callable:
 def cuda_kernel(launcher: Callable, reference: Callable) -> Callable:
     """A Triton op's CUDA kernel: the launcher, or the reference when triton cannot run it or references are forced."""
     return launcher if triton_on_cuda() else reference
+
+
+def device_kernel(x, launcher: Callable, reference: Callable) -> Callable:
+    """What runs for tensor ``x`` outside the op registry (a helper an op's file exposes to tiling, say)."""
+    return (cuda_kernel if x.is_cuda else cpu_kernel)(launcher, reference)

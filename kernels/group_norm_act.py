@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel, device_kernel
 from fastdec.kernels._group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
     COMBINE_CHUNKS,
     COMBINE_GROUPS,
@@ -62,14 +62,8 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
 from fastdec.kernels._triton import tl, triton
 
 
-def check_group_norm_act(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    act: str,
-) -> None:
+def check_group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         eps: float, act: str) -> None:
     """Raises ValueError naming the first problem with the arguments of group_norm_act."""
     check_norm_input("group_norm_act", x)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -90,14 +84,8 @@ def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
     return y
 
 
-def group_norm_act_reference(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    act: str,
-) -> torch.Tensor:
+def group_norm_act_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                              bias: torch.Tensor | None, eps: float, act: str) -> torch.Tensor:
     """Eager reference: F.group_norm in fp32 (fp64 for fp64 x), then act, cast back; keeps x's layout."""
     check_group_norm_act(x, num_groups, weight, bias, eps, act)
     out = torch.empty_like(x)
@@ -112,15 +100,9 @@ def group_norm_act_reference(
     return out
 
 
-def group_norm_act_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    act: str,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def group_norm_act_backward(grad_out: torch.Tensor, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, eps: float, act: str
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Exact gradients of act(group_norm(x) * weight + bias), computed in fp32 (fp64 for fp64 x).
 
     With xhat the normalized input and dy the gradient at the pre-activation output:
@@ -306,19 +288,13 @@ def _group_norm_act_kernel(
 
 # --- launcher --------------------------------------------------------------------------------------------------
 
-def group_norm_act_triton(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    act: str,
-    *,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
+def group_norm_act_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          eps: float, act: str, *, chunk_size: int | None = None,
+                          stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Triton launcher. `chunk_size` (spatial positions per program) overrides the automatic split. When one
     chunk covers all positions a single launch does statistics and normalization; otherwise a stats pass writes
-    per-chunk partials, a combine pass turns them into (mean, rstd) and the normalize pass applies them."""
+    per-chunk partials, a combine pass turns them into (mean, rstd) and the normalize pass applies them.
+    `stats`: (mean, var) per (sample, group) gathered elsewhere (a tiled decode's slabs): the normalize pass alone."""
     check_group_norm_act(x, num_groups, weight, bias, eps, act)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"fastdec.group_norm_act: chunk_size must be a positive int, got {chunk_size!r}")
@@ -343,8 +319,13 @@ def group_norm_act_triton(
     }
     sizes = (num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks, plan.num_group_blocks)
     grid = (batch * plan.num_group_blocks * plan.num_chunks,)
-    stats = torch.empty((batch, num_groups, 2), dtype=compute, device=x.device)  # (mean, rstd) per group
-    if plan.num_chunks > 1:
+    given = stats is not None
+    if given:
+        mean, var = stats
+        stats = torch.stack((mean, torch.rsqrt(var + eps)), -1).to(compute)
+    else:
+        stats = torch.empty((batch, num_groups, 2), dtype=compute, device=x.device)  # (mean, rstd) per group
+    if plan.num_chunks > 1 and not given:
         partials = torch.empty((batch, num_groups, plan.num_chunks, 2), dtype=compute, device=x.device)
         _group_norm_stats_kernel[grid](source, partials, *sizes, *x_strides, **meta)
         _group_norm_combine_kernel[(batch * triton.cdiv(num_groups, COMBINE_GROUPS),)](
@@ -352,19 +333,12 @@ def group_norm_act_triton(
             COMPUTE=meta["COMPUTE"], num_warps=4,
         )  # fmt: skip
     _group_norm_act_kernel[grid](
-        source,
-        target,
+        source, target,
         weight.contiguous() if weight is not None else source,  # unused pointer when there is no weight
         bias.contiguous() if bias is not None else source,
-        stats,
-        *sizes,
-        float(eps),
-        *x_strides,
-        *out_strides,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        ACT=act,
-        SINGLE_CHUNK=plan.num_chunks == 1,
+        stats, *sizes, float(eps), *x_strides, *out_strides,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act,
+        SINGLE_CHUNK=plan.num_chunks == 1 and not given,
         # channels_last tiles at 4 warps took 150-168 registers (ptxas, sm_90: 3 blocks per SM); 8 warps halve each
         # thread's share: 102-123 registers, 16 warps per SM instead of 12 (bench/results/*compile-check*)
         **{**meta, "num_warps": 8 if x_strides[1] == 1 and channels > 1 else 4},
@@ -372,6 +346,59 @@ def group_norm_act_triton(
     if target is not out:
         out.copy_(target)
     return out
+
+
+# --- tiled decoding (fastdec/tiling/norm_rules.py): statistics over every slab, then each slab normalized ---------
+
+
+def group_moments_triton(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) of each (sample, group, spatial chunk) of x, from the split path's pass 1: counts (K,),
+    means and M2 (N, G, K); the caller merges the chunks (and slabs) with Chan's formula."""
+    source, _, x_strides, _, index = flat_views(x, x)
+    batch, channels = x.shape[:2]
+    spatial, group_channels = math.prod(x.shape[2:]), channels // num_groups
+    plan = plan_launch(batch, num_groups, group_channels, spatial, x_strides[1] == 1, program_target(x.device))
+    compute = compute_dtype(x)
+    partials = torch.empty((batch, num_groups, plan.num_chunks, 2), dtype=compute, device=x.device)
+    _group_norm_stats_kernel[(batch * plan.num_group_blocks * plan.num_chunks,)](
+        source, partials, num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks,
+        plan.num_group_blocks, *x_strides, BLOCK_G=plan.block_g, BLOCK_CG=plan.block_cg, BLOCK_S=plan.block_s,
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, INDEX=index, num_warps=4,
+    )  # fmt: skip
+    starts = torch.arange(plan.num_chunks, device=x.device, dtype=compute) * plan.chunk_size  # no host copy
+    counts = (spatial - starts).clamp(max=plan.chunk_size) * group_channels
+    return counts, partials[..., 0], partials[..., 1]
+
+
+def group_moments_reference(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """group_moments_triton's result with one chunk: torch.var_mean in fp32 (fp64 for fp64 x)."""
+    grouped = x.reshape(x.shape[0], num_groups, -1)
+    var, mean = torch.var_mean(grouped.to(compute_dtype(x)), dim=-1, correction=0, keepdim=True)
+    return torch.full((1,), grouped.shape[-1], dtype=mean.dtype, device=x.device), mean, var * grouped.shape[-1]
+
+
+def group_norm_act_given_stats_reference(x, num_groups, weight, bias, eps, act, *, stats) -> torch.Tensor:
+    """group_norm_act_triton(..., stats=(mean, var)) eagerly: one eval-mode batch_norm pass (per-channel mean and
+    variance = its group's; the batch folded into the channels), then the activation in place."""
+    (batch, channels), (mean, var), compute = x.shape[:2], stats, compute_dtype(x)
+    flat = x.to(compute).reshape(1, batch * channels, -1)
+    per_channel = channels // num_groups
+    stat_mean = mean.to(compute).repeat_interleave(per_channel, 1).flatten()
+    stat_var = var.to(compute).repeat_interleave(per_channel, 1).flatten()
+    w = None if weight is None else weight.to(compute).repeat(batch)
+    b = None if bias is None else bias.to(compute).repeat(batch)
+    y = F.batch_norm(flat, stat_mean, stat_var, w, b, training=False, eps=eps).reshape(x.shape)
+    return (F.silu(y, inplace=True) if act == "silu" else y.relu_() if act == "relu" else y).to(x.dtype)
+
+
+def group_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return device_kernel(x, group_moments_triton, group_moments_reference)(x, num_groups)
+
+
+def group_norm_act_given_stats(x, num_groups, weight, bias, eps, act, mean, var) -> torch.Tensor:
+    """act(group norm of x with the given per (sample, group) mean and var): the fused normalize pass."""
+    kernel = device_kernel(x, group_norm_act_triton, group_norm_act_given_stats_reference)
+    return kernel(x, num_groups, weight, bias, eps, act, stats=(mean, var))
 
 
 # --- registration: torch.ops.fastdec.group_norm_act -------------------------------------------------------------

@@ -383,3 +383,32 @@ def test_bad_dtype_device_and_chunk_size_raise_value_error():
 def test_empty_batch(device):
     x = torch.empty(0, 8, 3, 3, device=device)
     assert ops.group_norm_act(x, 4, None, None, 1e-6, "silu").shape == (0, 8, 3, 3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_tiled_decoding_statistics_and_normalize_pass_run_the_kernels(device, layout, launches, poisoned_empty_like):
+    """Tiling's two steps per slab: the chunks' (count, mean, M2) from the stats kernel, merged by Chan's formula,
+    then the normalize kernel alone with the merged statistics: the same result as the op on the whole tensor."""
+    x = make_input((2, 64, 9, 7), torch.float32, device, layout, offset=3.0)
+    weight, bias = make_params(64, True, True, torch.float32, device)
+    counts, means, m2 = gna.group_moments_triton(x, 32)
+    assert [kernel.launches for kernel in launches.values()] == [1, 0, 0]
+    assert counts.sum() * 2 * 32 == x.numel() and means.shape == m2.shape == (2, 32, counts.numel())
+    mean = (counts * means).sum(-1) / counts.sum()
+    var = (m2 + counts * (means - mean[..., None]).square()).sum(-1) / counts.sum()
+    out = gna.group_norm_act_triton(x, 32, weight, bias, 1e-6, "silu", stats=(mean, var))
+    assert [kernel.launches for kernel in launches.values()] == [1, 0, 1]
+    assert_matches(out, x, expected(x, 32, weight, bias, 1e-6, "silu"))
+
+
+@pytest.mark.parametrize("act", gna.ACTIVATIONS)
+def test_tiled_decoding_references_match_the_op(act):
+    x = make_input((2, 48, 5, 6), torch.float32, "cpu", "channels_last", offset=2.0)
+    weight, bias = make_params(48, True, True, torch.float32, "cpu")
+    counts, means, m2 = gna.group_moments_reference(x, 16)
+    assert counts.tolist() == [3 * 30] and means.shape == (2, 16, 1)
+    var = m2[..., 0] / counts
+    out = gna.group_norm_act_given_stats_reference(x, 16, weight, bias, 1e-6, act, stats=(means[..., 0], var))
+    torch.testing.assert_close(out.double(), expected(x, 16, weight, bias, 1e-6, act), **GROUP_NORM_ACT[x.dtype])

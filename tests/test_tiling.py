@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import relative_error
+from helpers import needs_interpreter, record_kernel_launches, relative_error
 from PIL import Image
 from torch import nn
 
@@ -134,6 +134,26 @@ def _check_tiled_equals_untiled(name, decoder, latents):
         assert relative_error(out, reference) < 1e-4, (name, rows)
         # Only latent-resolution tensors are ever seen whole (attention, tokens): memory stays bounded by a slab.
         assert all(shape[-2] <= latents.shape[-2] for _, shape in run.gathers), run.gathers
+
+
+@needs_interpreter("group_norm_act")
+@torch.no_grad()
+def test_tiled_group_norm_runs_the_fused_kernels_per_slab(monkeypatch):
+    """Each slab's statistics come from group_norm_act's stats kernel and each slab is normalized by its fused
+    normalize kernel with the merged statistics (not var_mean + batch_norm + the activation)."""
+    from fastdec.kernels import group_norm_act as gna
+
+    decoder = families()["autoencoder_kl"].eval()
+    latents = _latents(decoder)
+    with ops.reference_ops():
+        reference = decoder.decode(latents)
+    kernels = {"stats": "_group_norm_stats_kernel", "act": "_group_norm_act_kernel"}
+    launches = record_kernel_launches(monkeypatch, gna, kernels, "group_norm_act_given_stats_reference")
+    h = latents.shape[-2]
+    run = TiledRun(HostTiles("cpu"), h, even_bounds(h, 4))
+    out = run.executor.gather(run_decode(decoder, latents, run))
+    assert relative_error(out, reference) < 1e-4
+    assert launches["stats"].launches >= 3 and launches["act"].launches >= 3  # at least one norm over 3 slabs
 
 
 @torch.no_grad()

@@ -7,50 +7,32 @@ import torch
 from torch import Tensor
 
 from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
-from fastdec.kernels.group_norm_act import compute_dtype
+from fastdec.kernels.group_norm_act import group_moments, group_norm_act_given_stats
 from fastdec.tiling.local_rules import per_slab
 from fastdec.tiling.slab import SlabTensor, is_slab
 
 aten = torch.ops.aten
 
 def _group_stats(run, x: SlabTensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per (sample, group) mean and variance over every slab, in one pass over the data: each slab's (mean, M2) in
-    fp32 (torch.var_mean), combined across slabs in fp64 with Chan's formula (all-reduced twice: the global mean,
-    then sum_t M2_t + n_t (mean_t - mean)^2), so offset data does not cancel the way E[x^2] - E[x]^2 does."""
+    """Per (sample, group) mean and variance over every slab, in one pass over the data: each slab's chunks' (count,
+    mean, M2) from the op's own statistics pass (fp32), combined across chunks and slabs in fp64 with Chan's formula
+    (all-reduced twice: the global mean, then sum_i M2_i + n_i (mean_i - mean)^2), so offset data does not cancel
+    the way E[x^2] - E[x]^2 does."""
     executor, batch = run.executor, x.shape[0]
-    stats = {}
-    for t in x.parts:
-        g = executor.load(x.parts[t]).reshape(batch, groups, -1)
-        var, mean = torch.var_mean(g.to(compute_dtype(g)), dim=-1, correction=0)
-        stats[t] = (g.shape[-1], mean.double(), var.double() * g.shape[-1])
+    moments = [[m.double() for m in group_moments(executor.load(x.parts[t]), groups)] for t in x.parts]
     count = x.numel() // (batch * groups)
     zeros = torch.zeros(batch, groups, dtype=torch.float64, device=executor.device)
-    mean = executor.all_reduce(sum((n * m for n, m, _ in stats.values()), zeros.clone())) / count
-    m2 = executor.all_reduce(sum((m2 + n * (m - mean).square() for n, m, m2 in stats.values()), zeros.clone()))
+    mean = executor.all_reduce(sum(((n * m).sum(-1) for n, m, _ in moments), zeros.clone())) / count
+    m2 = executor.all_reduce(sum(
+        ((m2 + n * (m - mean[..., None]).square()).sum(-1) for n, m, m2 in moments), zeros.clone()))
     return mean, m2 / count
 
 
 def _normalise(run, x: SlabTensor, groups: int, weight, bias, eps: float, act: str, mean: Tensor, var: Tensor
                ) -> SlabTensor:
-    """act(group norm) of each slab with the global statistics: one eval-mode batch_norm pass (per-channel mean and
-    variance = its group's; the batch folded into the channels), then the activation in place."""
-    batch, channels = x.shape[:2]
-    per_channel = channels // groups
-
+    """act(group norm) of each slab with the global statistics: the op's fused normalize pass."""
     def norm(part, rows):
-        compute = compute_dtype(part)
-        flat = part.to(compute).reshape(1, batch * channels, -1)
-        stat_mean = mean.to(compute).repeat_interleave(per_channel, 1).flatten()
-        stat_var = var.to(compute).repeat_interleave(per_channel, 1).flatten()
-        w = None if weight is None else weight.to(compute).repeat(batch)
-        b = None if bias is None else bias.to(compute).repeat(batch)
-        y = torch.nn.functional.batch_norm(flat, stat_mean, stat_var, w, b, training=False, eps=eps)
-        y = y.reshape(part.shape)
-        if act == "silu":
-            torch.nn.functional.silu(y, inplace=True)
-        elif act == "relu":
-            y.relu_()
-        return y.to(part.dtype)
+        return group_norm_act_given_stats(part, groups, weight, bias, eps, act, mean, var)
     return per_slab(run, x, x.hdim, x.shape, x.dtype, norm, compute=True)
 
 
