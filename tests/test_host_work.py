@@ -112,3 +112,52 @@ def test_a_repeated_decode_makes_no_host_copies_or_syncs(family, monkeypatch):
     assert second.shape == first.shape and second.device.type == "cuda"
     assert traffic.copies == [], f"host-to-device copies in every decode: {traffic.copies}"
     assert traffic.syncs == [], f"device syncs in every decode: {traffic.syncs}"
+
+
+class SlabCopies(TorchDispatchMode):
+    """Records each host-to-device copy's non_blocking flag, and each device-to-host copy's (non_blocking, whether
+    its destination was allocated pinned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pinned: set[int] = set()
+        self.to_device: list[bool] = []
+        self.to_host: list[tuple[bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.empty.memory_format and kwargs.get("pin_memory"):
+            self.pinned.add(id(out))
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type == "cuda":
+            self.to_device.append(bool(kwargs.get("non_blocking")))
+        if func is torch.ops.aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type == "cuda":
+            self.to_host.append((bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking")),
+                                 id(args[0]) in self.pinned))
+        return out
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+def test_tiled_decode_holds_slabs_pinned_and_copies_them_asynchronously(monkeypatch):
+    """Issue 21: a tiled 1024 px decode on a (fake) GPU: every slab goes to the host into pinned memory with a
+    non-blocking copy, and comes back with a non-blocking copy (was pageable, synchronous .to() both ways)."""
+    from fastdec import ops, tiling
+    from fastdec.models.taesd import TAESDDecoder
+
+    waits = []
+    monkeypatch.setattr(tiling.HostTiles, "settle", lambda self: waits.append(self))  # no CUDA runtime here
+    with FakeTensorMode():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                model = TAESDDecoder("taef2").eval()
+        finally:
+            torch.set_default_dtype(previous)
+        latents = torch.randn(1, 32, 128, 128, device="cuda", dtype=torch.bfloat16)
+        with ops.reference_ops(), SlabCopies() as copies:
+            out = tiling.tiled_decode(model, latents, tile_size=256, check_finite=False)
+    assert out.shape == (1, 3, 1024, 1024) and out.device.type == "cuda"
+    assert len(copies.to_host) >= 4 and all(copies.to_host), copies.to_host  # (non_blocking, pinned) each
+    assert len(copies.to_device) >= 4 and all(copies.to_device), copies.to_device

@@ -32,6 +32,9 @@ class Executor:
         """For each held slab t, rows ``needs[t]`` of x on the compute device (zeros outside the image)."""
         raise NotImplementedError
 
+    def settle(self) -> None:
+        """Held slabs may be read by host code from here on (one device: copies still in flight are waited for)."""
+
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """Sum over executors (one device: the tensor itself)."""
         return tensor
@@ -60,22 +63,39 @@ def assemble_rows(pieces: dict[int, Tensor], bounds: Bounds, hdim: int, start: i
 
 class HostTiles(Executor):
     """One device: every slab is held in ``storage`` memory (host RAM by default) and moved to ``device`` only
-    while it is computed on, so device memory holds one slab (plus halo) at a time."""
+    while it is computed on, so device memory holds one slab (plus halo) at a time.
+
+    From a CUDA device, slabs are held in pinned host memory and both copies are asynchronous (the pageable
+    ``.to()`` staged every byte through a bounce buffer and stopped the host until it was done). The copies run in
+    stream order with the kernels, so a slab reaches the device after it reached the host; host code that reads a
+    held slab (a reshape that copies) first waits for the copies still in flight (``settle``)."""
 
     def __init__(self, device: torch.device, storage: torch.device | str = "cpu"):
         self.device, self.storage = torch.device(device), torch.device(storage)
         self.peak_slab_bytes = 0  # largest slab input + output moved to the device at once (bench accounting)
+        self.copies_in_flight = False
 
     def local(self, tiles: int) -> list[int]:
         return list(range(tiles))
 
     def load(self, part: Tensor) -> Tensor:
-        return part.to(self.device)
+        return part.to(self.device, non_blocking=part.device.type == "cpu" and self.device.type == "cuda")
 
     def keep(self, tensor: Tensor) -> Tensor:
         if tensor.device == self.storage:
             return tensor
-        return tensor.to(self.storage)
+        if tensor.device.type != "cuda" or self.storage.type != "cpu":
+            return tensor.to(self.storage)
+        held = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True, memory_format=_layout(tensor))
+        held.copy_(tensor, non_blocking=True)
+        self.copies_in_flight = True
+        return held
+
+    def settle(self) -> None:
+        """Waits for the device-to-host copies in flight, before host code reads held slabs."""
+        if self.copies_in_flight:
+            torch.cuda.current_stream(self.device).synchronize()
+            self.copies_in_flight = False
 
     def rows(self, x: SlabTensor, needs: list[tuple[int, int]]) -> Iterator[tuple[int, Tensor]]:
         for t, (start, stop) in enumerate(needs):
@@ -87,3 +107,11 @@ class HostTiles(Executor):
     def note(self, *tensors: Tensor) -> None:
         self.peak_slab_bytes = max(self.peak_slab_bytes, sum(t.numel() * t.element_size() for t in tensors))
 
+
+
+def _layout(tensor: Tensor) -> torch.memory_format:
+    """The memory format a held copy keeps (channels_last slabs stay channels_last; anything else is packed)."""
+    for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if tensor.dim() == ndim and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format

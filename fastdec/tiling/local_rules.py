@@ -119,7 +119,12 @@ def _view_rule(run, func, args, kwargs):
         if (n == in_shape[k] and math.prod(out_shape[:j]) == math.prod(in_shape[:k])
                 and math.prod(out_shape[j + 1:]) == math.prod(in_shape[k + 1:])):
             def op(part, rows, j=j):
-                return part.reshape(out_shape[:j] + [rows] + out_shape[j + 1:])
+                shape = out_shape[:j] + [rows] + out_shape[j + 1:]
+                try:
+                    return part.view(shape)
+                except RuntimeError:  # not a view of the held slab: a copy, which reads it on the host
+                    run.executor.settle()
+                    return part.reshape(shape)
             return per_slab(run, x, j, out_shape, x.dtype, op)
     return run.gathered(func, args, kwargs)
 
