@@ -6,8 +6,8 @@ the module issues slab by slab with the rule that keeps it exact:
 
 * convolutions (any kernel, stride, dilation, 2-D or 3-D): a slab takes the rows it needs from its neighbours (a
   halo) instead of zero padding, and zero rows only at the true image border;
-* ``fastdec.group_norm_act`` and GroupNorm: statistics over all slabs in two passes (partial sums, then the sum of
-  squared deviations from the global mean), then each slab is normalised;
+* ``fastdec.group_norm_act`` and GroupNorm: statistics over all slabs (each slab's per-chunk moments from the op's
+  own statistics kernel, merged with Chan's formula), then each slab is normalised by the op's fused normalize pass;
 * pixel shuffles (``phase_offset`` 0 or 1), nearest upsampling and zero padding: local, with a halo where needed;
 * elementwise ops, per-pixel reductions over other axes (channel norms), views that keep the height axis, per-channel
   eval-mode BatchNorm, cat/stack/slice/select on other axes: local;
@@ -17,8 +17,9 @@ the module issues slab by slab with the rule that keeps it exact:
 
 The executors differ only in where slabs live and how halos and statistics travel:
 
-* ``HostTiles`` (one device, ``tiled_decode``): all slabs are kept in host memory; each step moves one slab (plus
-  halo) to the device, computes, and moves the result back, so device memory is bounded by the slab size;
+* ``HostTiles`` (one device, ``tiled_decode``): all slabs are kept in host memory (pinned, with non-blocking copies,
+  from a GPU); each step moves one slab (plus halo) to the device, computes, and moves the result back, so device
+  memory is bounded by the slab size;
 * ``fastdec.parallel.RankSlabs`` (torch.distributed): rank r holds slab r; halos go to neighbours by send/recv,
   statistics are all-reduced, gathers are all_gathers.
 
