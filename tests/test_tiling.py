@@ -420,3 +420,25 @@ def test_seam_measure():
     stepped[..., 32:, :] += 0.2  # a seam between rows 31 and 32
     assert seam_ratio(stepped + torch.rand(1, 3, 64, 64) * 0.01, [32], []) > 10
     assert diffusers_borders(256) == [96, 192]
+
+
+@torch.no_grad()
+def test_a_reshape_that_copies_a_held_slab_waits_for_copies_in_flight():
+    """From a GPU, slabs reach host memory by non-blocking copies: host code that reads a held slab (a reshape that
+    cannot be a view) must wait for them first; one that is a view must not."""
+    class Recording(HostTiles):
+        waits = 0
+
+        def settle(self):
+            self.waits += 1
+
+    x = torch.randn(1, 4, 6, 5)
+    run = TiledRun(Recording("cpu"), 6, even_bounds(6, 2))
+    with run:
+        slab = run.scatter(x, run.latent_bounds, 2)
+        viewed = slab.reshape(1, 2, 2, 6, 5)  # a view of each held slab: no wait
+        assert run.executor.waits == 0
+        copied = slab.permute(0, 1, 3, 2).reshape(1, 20, 6)  # merges two axes a permute made non-adjacent: a copy
+    assert run.executor.waits >= 1
+    assert torch.equal(run.executor.gather(copied), x.permute(0, 1, 3, 2).reshape(1, 20, 6))
+    assert torch.equal(run.executor.gather(viewed), x.reshape(1, 2, 2, 6, 5))
