@@ -4,7 +4,8 @@ AutoencoderKL (instance, folder or Hub id).
 
 ``encode`` maps RGB in [0, 1] to the *diffusion latents* (what a diffusion model produces and fastdec.decode takes):
 TAESD encoders already write them; an AutoencoderKL's mean latent z becomes (z - shift_factor) * scaling_factor.
-Students are trained on exactly these latents, so they decode them with scaling 1 and shift 0.
+Students are trained on exactly these latents, through their own ``to_decoder_space`` as ``decode`` applies it:
+scaling 1 and shift 0 for students built here, the teacher's map for one pruned from an AutoencoderKL teacher.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Three stages in one run folder, each a ``fastdec train`` run (so each has its progress lines, metrics, curves and
 checkpoints), then the frontier evaluation:
 
-1. ``student/``: the student's first weights. A TAESD-family teacher is pruned to ``width`` channels, keeping its
-   most active ones (fastdec.train.prune); any other teacher (a diffusers VAE's decoder, a fastdec folder of
-   another family) gets a TAESD-architecture student of that width with random weights, since its own blocks
-   cannot be thinned channel for channel.
+1. ``student/``: the student's first weights: the teacher pruned to its most active channels. A TAESD-family
+   teacher is pruned to ``width`` channels, one or one per stage (fastdec.train.prune); an AutoencoderKL-family
+   teacher (a diffusers VAE's decoder: SD, SDXL, SD3, FLUX.1, FLUX.2) to the ``width`` block_out_channels, as
+   FLUX.2's small decoder is its VAE's at [96, 192, 384, 384] (fastdec.train.prune_kl); any other teacher (DC-AE,
+   ViT) gets a TAESD-architecture student of that width with random weights.
 2. ``distill/``: the student learns the teacher's outputs (and the photos) on the encoder's latents of the images.
 3. ``finetune/``: the student learns the photos alone, at a lower learning rate.
 4. ``eval/``: PSNR, SSIM and ms per image of the teacher, the latent preview and the student on held-out images,
@@ -29,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.base import Decoder
 from fastdec.models.taesd import DECODER_BLOCKS, TAESDDecoder
 from fastdec.train import checkpoint as ckpt
 from fastdec.train.loop import TrainConfig, TrainingInterrupted, train
 from fastdec.train.prune import prune_taesd
+from fastdec.train.prune_kl import prune_autoencoder_kl
 
 CALIBRATION_IMAGES = 8  # images whose latents rank the teacher's channels for pruning
 
@@ -72,6 +75,8 @@ def student_width(teacher: Decoder, width: int | list[int] | None, speedup: floa
     most 1/speedup of a TAESD-family teacher's (cost grows with the square of the width)."""
     if width is not None and speedup is not None:
         raise ValueError("give --width or --speedup, not both")
+    if isinstance(teacher, AutoencoderKLDecoder):
+        return _block_widths(teacher, width, speedup)
     if width is not None:
         widths = [width] if isinstance(width, int) else width
         if not widths or any(w < 4 or w % 4 for w in widths):
@@ -86,6 +91,24 @@ def student_width(teacher: Decoder, width: int | list[int] | None, speedup: floa
     if not speedup > 1:
         raise ValueError(f"--speedup must be above 1, got {speedup}")
     return max(4, int(teacher.config["width"] / math.sqrt(speedup)) // 4 * 4)
+
+
+def _block_widths(teacher: AutoencoderKLDecoder, width: int | list[int] | None, speedup: float | None) -> list[int]:
+    """An AutoencoderKL teacher's student: its block_out_channels, given, or each of the teacher's divided by
+    sqrt(speedup) and rounded down to a multiple of the norm groups (FLUX.2's small decoder is [128, 256, 512,
+    512] at 0.75: [96, 192, 384, 384])."""
+    full, groups = teacher.config["block_out_channels"], teacher.config["norm_num_groups"]
+    if isinstance(width, int):
+        raise ValueError(
+            f"a {type(teacher).__name__} teacher takes one --width per block (its block_out_channels {full}), "
+            f"each a multiple of its {groups} norm groups, e.g. {','.join(str(w * 3 // 4) for w in full)}"
+        )
+    if width is not None:
+        return width
+    speedup = 2.0 if speedup is None else speedup
+    if not speedup > 1:
+        raise ValueError(f"--speedup must be above 1, got {speedup}")
+    return [max(groups, int(w / math.sqrt(speedup)) // groups * groups) for w in full]
 
 
 def parse_width(text: str) -> int | list[int]:
@@ -106,11 +129,14 @@ def _calibration_latents(config: DistillConfig, encoder) -> torch.Tensor:
 
 
 def initial_student(teacher: Decoder, width: int | list[int], calibration: torch.Tensor) -> Decoder:
-    """The pruned teacher (TAESD family) or a random TAESD-architecture student with the teacher's upsampling."""
+    """The pruned teacher (TAESD and AutoencoderKL families) or a random TAESD-architecture student with the
+    teacher's upsampling."""
     if teacher.latent_ndim != 4:
         raise ValueError(f"fastdec distill makes image decoders; {type(teacher).__name__} decodes video latents")
     if isinstance(teacher, TAESDDecoder):
         return prune_taesd(teacher, width, calibration)
+    if isinstance(teacher, AutoencoderKLDecoder):
+        return prune_autoencoder_kl(teacher, width, calibration)
     with torch.no_grad():
         probe = torch.zeros(1, teacher.latent_channels, 2, 2)
         factor = teacher.decode(probe.to(next(teacher.parameters()).device)).shape[-1] // 2
@@ -199,9 +225,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "VAE folder or Hub id")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--width", type=parse_width, help="the student's channels (a multiple of 4), or one per "
-                      "stage from low resolution to high (e.g. 64,64,48,32: thin where the time goes)")
-    size.add_argument("--speedup", type=float, help="target speed-up over a TAESD-family teacher (default 2): "
-                                                    "sets the width; the evaluation measures the real one")
+                      "stage from low resolution to high (e.g. 64,64,48,32: thin where the time goes); for an "
+                      "AutoencoderKL teacher its block_out_channels (e.g. 96,192,384,384 for FLUX.2's VAE)")
+    size.add_argument("--speedup", type=float, help="target speed-up over a TAESD- or AutoencoderKL-family "
+                                                    "teacher (default 2): sets the width; the evaluation measures "
+                                                    "the real one")
     add("--eval-data", required=True, help="held-out images: the frontier evaluation at the end (never trained on)")
     add("--eval-images", type=int, default=defaults.eval_images)
     add("--distill-steps", type=int, default=defaults.distill_steps)

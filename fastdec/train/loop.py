@@ -105,11 +105,6 @@ def build_student(decoder: str | Decoder, latent_channels: int) -> Decoder:
             f"{student.latent_channels}: pass --latent-channels {latent_channels} (a preset) or a decoder of this "
             "latent space"
         )
-    if (student.scaling_factor, student.shift_factor) != (1.0, 0.0):
-        raise ValueError(
-            f"the student scales latents by {student.scaling_factor} and shifts by {student.shift_factor}; trained "
-            "students decode the encoder's diffusion latents as they are (scaling 1, shift 0)"
-        )
     return student.float()
 
 
@@ -281,7 +276,7 @@ def train(config: TrainConfig | None = None, **options) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
             with autocast:
-                out = forward(latents)
+                out = forward(student.to_decoder_space(latents))  # as decode() does: identity for scale 1, shift 0
                 out = out * 0.5 + 0.5 if student.output_range == "-1,1" else out  # pixels in [0, 1]
             if out.shape != images.shape:
                 raise ValueError(
@@ -393,8 +388,11 @@ def _finish(config: TrainConfig, output: Path, model: Decoder, student_class: st
         "decoder": student_class, "config": model.config,
         "latent_space": {
             "encoder": encoder.description if encoder else f"precomputed latents in {config.latents}",
-            "latent_channels": model.latent_channels, "scaling_factor": 1.0, "shift_factor": 0.0,
-            "convention": "decodes the encoder's output (diffusion latents) as is",
+            "latent_channels": model.latent_channels, "scaling_factor": model.scaling_factor,
+            "shift_factor": model.shift_factor,
+            "convention": "decodes the encoder's output (diffusion latents) as is" if (
+                model.scaling_factor, model.shift_factor) == (1.0, 0.0) else
+            "decodes the encoder's output (diffusion latents), mapped to its own space as its teacher does",
         },
         "data": {"folders": config.data if isinstance(config.data, list) else [config.data], "images": images,
                  "skipped": skips.summary(), "crop": config.crop, "batch": config.batch,
