@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdec.kernels._triton import triton
+from fastdec.kernels._triton import cdiv, next_power_of_2
 
 MAX_HEAD_DIM = 512
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -144,7 +144,7 @@ _SMALL_SHARED_MEMORY = 99 * 1024  # sm_86/89/120 and anything unknown
 
 
 def padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -154,7 +154,7 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     main = padded // 2
     if main < 16 or head_dim <= main:
         return padded, 0
-    tail = max(16, triton.next_power_of_2(head_dim - main))
+    tail = max(16, next_power_of_2(head_dim - main))
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
@@ -223,7 +223,7 @@ def shared_memory_estimate(tile: Tile, dtype: torch.dtype, precision: str, head_
     dv = main + tail if block_dv >= padded_head_dim(head_dim) else block_dv
     v = max(1, stages) * block_n * dv * item
     if dtype == torch.float32 and chunk < main:
-        chunks = triton.cdiv(head_dim, chunk)
+        chunks = cdiv(head_dim, chunk)
         buffers = 1 if precision == "ieee" else max(1, stages)
         return chunks * buffers * (block_m + block_n) * chunk * item + v
     width = main + tail if chunk == main else chunk
@@ -244,20 +244,20 @@ def kv_splits(programs: int, seq_kv: int, block_n: int, num_sms: int) -> int:
     """Key splits that bring the grid up to about one program per SM, keeping >= 4 key blocks per split."""
     if programs >= num_sms:
         return 1
-    return max(1, min(num_sms // programs, triton.cdiv(seq_kv, 4 * block_n)))
+    return max(1, min(num_sms // programs, cdiv(seq_kv, 4 * block_n)))
 
 
 def programs(tile: Tile, batch_heads: int, seq_q: int, head_dim: int) -> int:
     block_m, _, block_dv, _, _ = tile
-    dv_chunks = 1 if block_dv >= padded_head_dim(head_dim) else triton.cdiv(head_dim, block_dv)
-    return batch_heads * triton.cdiv(seq_q, block_m) * dv_chunks
+    dv_chunks = 1 if block_dv >= padded_head_dim(head_dim) else cdiv(head_dim, block_dv)
+    return batch_heads * cdiv(seq_q, block_m) * dv_chunks
 
 
 def bucket(dtype: torch.dtype, precision: str, batch_heads: int, seq_q: int, seq_kv: int, head_dim: int) -> str:
     """The table key of a call: 'bf16 d512 bh1 q4096 kv4096' (fp32: 'fp32-tf32' or 'fp32-ieee'), counts rounded
     up to powers of two."""
     name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: f"fp32-{precision}"}[dtype]
-    pow2 = triton.next_power_of_2
+    pow2 = next_power_of_2
     return f"{name} d{head_dim} bh{pow2(batch_heads)} q{pow2(seq_q)} kv{pow2(seq_kv)}"
 
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from fastdec.kernels._norm import TILE_ELEMENTS
-from fastdec.kernels._triton import triton
+from fastdec.kernels._triton import cdiv, next_power_of_2
 
 MIN_CHUNK_ELEMENTS = 4096  # a split-path program handles at least this many elements (amortizes the combine)
 COMBINE_GROUPS, COMBINE_CHUNKS = 16, 64  # combine pass: groups per program, partials per step
@@ -31,7 +31,7 @@ def _tile_shape(groups: int, group_channels: int, positions: int, channels_conti
     """(BLOCK_G, BLOCK_CG, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory:
     channels_last tiles span whole groups (rows of up to 1024 channels), NCHW tiles up to TILE_ELEMENTS/4
     positions (512 on a GPU)."""
-    pow2 = triton.next_power_of_2
+    pow2 = next_power_of_2
     if channels_contiguous:
         block_cg = min(pow2(group_channels), TILE_ELEMENTS)
         block_g = min(pow2(groups), max(1, 1024 // block_cg))
@@ -55,19 +55,19 @@ def plan_launch(
     """Splits each group's positions into chunks until about `target_programs` programs exist (batch 1 has only
     32 groups), keeping at least MIN_CHUNK_ELEMENTS per program; chunks are whole tiles where possible."""
     block_g, block_cg, block_s = _tile_shape(groups, group_channels, spatial, channels_contiguous)
-    num_group_blocks = triton.cdiv(groups, block_g)
+    num_group_blocks = cdiv(groups, block_g)
     if chunk_size is None:
-        wanted = triton.cdiv(target_programs, batch * num_group_blocks)
+        wanted = cdiv(target_programs, batch * num_group_blocks)
         most = max(1, spatial * block_g * group_channels // MIN_CHUNK_ELEMENTS)
-        chunk_size = triton.cdiv(spatial, min(wanted, most))
+        chunk_size = cdiv(spatial, min(wanted, most))
         if chunk_size < block_s:
-            chunk_size = triton.next_power_of_2(chunk_size)
+            chunk_size = next_power_of_2(chunk_size)
         else:
-            chunk_size = triton.cdiv(chunk_size, block_s) * block_s
+            chunk_size = cdiv(chunk_size, block_s) * block_s
     chunk_size = min(chunk_size, spatial)
     if chunk_size < block_s:  # short chunks: narrower, taller tiles over the same groups
         _, block_cg, block_s = _tile_shape(block_g, group_channels, chunk_size, channels_contiguous)
-    return LaunchPlan(block_g, block_cg, block_s, num_group_blocks, chunk_size, triton.cdiv(spatial, chunk_size))
+    return LaunchPlan(block_g, block_cg, block_s, num_group_blocks, chunk_size, cdiv(spatial, chunk_size))
 
 
 def program_target(device: torch.device) -> int:

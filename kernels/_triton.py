@@ -54,9 +54,20 @@ except ImportError as error:  # triton is optional: CPU-only installs and platfo
     tl = _MissingLanguage()
 
 
+def cdiv(x: int, y: int) -> int:
+    """ceil(x / y) on the host: triton.cdiv is a constexpr function whose host call costs microseconds each, and
+    a launcher makes several per call (the fixed cost that small tensors pay)."""
+    return -(-x // y)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), on the host, with or without triton."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def triton_interpreting() -> bool:
     """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 seen at import)."""
     return TRITON_IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-__all__ = ["TRITON_IMPORT_ERROR", "tl", "triton", "triton_interpreting"]
+__all__ = ["TRITON_IMPORT_ERROR", "cdiv", "next_power_of_2", "tl", "triton", "triton_interpreting"]

@@ -53,7 +53,7 @@ from fastdec.kernels._attention_config import (  # noqa: F401 (MAX_HEAD_DIM, SUP
 from fastdec.kernels._attention_table import TABLE
 from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
 from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
-from fastdec.kernels._triton import tl, triton, triton_interpreting
+from fastdec.kernels._triton import cdiv, tl, triton, triton_interpreting
 
 _LOG2_E = 1.4426950408889634
 
@@ -309,10 +309,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     d_main, d_tail = _config.split_head_dim(head_dim)
     whole_d = config.block_dv >= padded
     block_dv = d_main if whole_d else config.block_dv
-    num_dv_chunks = 1 if whole_d else triton.cdiv(head_dim, block_dv)
+    num_dv_chunks = 1 if whole_d else cdiv(head_dim, block_dv)
     dv_tail = whole_d and d_tail > 0
-    kv_per_split = triton.cdiv(triton.cdiv(seq_kv, config.kv_splits), config.block_n) * config.block_n
-    kv_splits = triton.cdiv(seq_kv, kv_per_split)  # no empty splits
+    kv_per_split = cdiv(cdiv(seq_kv, config.kv_splits), config.block_n) * config.block_n
+    kv_splits = cdiv(seq_kv, kv_per_split)  # no empty splits
     interpret = triton_interpreting()
     out = q.new_empty((batch, heads, seq_q, head_dim))
     if kv_splits > 1:
@@ -321,7 +321,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     else:
         target, lse = out.view(1, batch * heads, seq_q, head_dim), out
     qk_scale = (head_dim**-0.5 if scale is None else scale) * _LOG2_E
-    grid = (batch * heads * triton.cdiv(seq_q, config.block_m) * num_dv_chunks * kv_splits,)
+    grid = (batch * heads * cdiv(seq_q, config.block_m) * num_dv_chunks * kv_splits,)
     _attention_forward_kernel[grid](
         q, k, v, target, lse,
         *q.stride(), *k.stride(), *v.stride(),
@@ -335,7 +335,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     )  # fmt: skip
     if kv_splits > 1:
         combine_block_m = 16
-        _combine_splits_kernel[(batch * heads * triton.cdiv(seq_q, combine_block_m),)](
+        _combine_splits_kernel[(batch * heads * cdiv(seq_q, combine_block_m),)](
             target, lse, out, seq_q, kv_splits, target.stride(0), lse.stride(0),
             HEAD_DIM=head_dim, BLOCK_M=combine_block_m, BLOCK_D=padded, num_warps=4,
         )  # fmt: skip

@@ -59,7 +59,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     compute_dtype,
     flat_views,
 )
-from fastdec.kernels._triton import tl, triton
+from fastdec.kernels._triton import cdiv, tl, triton
 
 
 def check_group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -328,7 +328,7 @@ def group_norm_act_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor
     if plan.num_chunks > 1 and not given:
         partials = torch.empty((batch, num_groups, plan.num_chunks, 2), dtype=compute, device=x.device)
         _group_norm_stats_kernel[grid](source, partials, *sizes, *x_strides, **meta)
-        _group_norm_combine_kernel[(batch * triton.cdiv(num_groups, COMBINE_GROUPS),)](
+        _group_norm_combine_kernel[(batch * cdiv(num_groups, COMBINE_GROUPS),)](
             partials, stats, *sizes[:5], float(eps), BLOCK_G=COMBINE_GROUPS, BLOCK_P=COMBINE_CHUNKS,
             COMPUTE=meta["COMPUTE"], num_warps=4,
         )  # fmt: skip

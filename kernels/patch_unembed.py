@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fastdec.kernels._cases import DTYPES, CompileCase, GpuCase, cuda_empty
 from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
-from fastdec.kernels._triton import tl, triton
+from fastdec.kernels._triton import cdiv, next_power_of_2, tl, triton
 
 OUT_MODES = ("identity", "to_unit")
 TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -203,9 +203,9 @@ def patch_unembed_triton(
         return output
     pixels = height * width
     # About 4K elements per program: a block of channels (a token's channels are adjacent) by a run of pixels.
-    block_c = min(triton.next_power_of_2(channels), 16)
-    block_pix = min(max(4096 // block_c, 128), triton.next_power_of_2(pixels))
-    grid = (triton.cdiv(pixels, block_pix), triton.cdiv(channels, block_c), batch)
+    block_c = min(next_power_of_2(channels), 16)
+    block_pix = min(max(4096 // block_c, 128), next_power_of_2(pixels))
+    grid = (cdiv(pixels, block_pix), cdiv(channels, block_c), batch)
     _patch_unembed_kernel[grid](
         tokens,
         tokens if bias is None else bias,  # unused pointer when there is no bias

@@ -45,7 +45,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     compute_dtype,
     frame_views,
 )
-from fastdec.kernels._triton import tl, triton
+from fastdec.kernels._triton import cdiv, next_power_of_2, tl, triton
 
 EPS_MODES = ("add", "clamp")
 
@@ -215,7 +215,7 @@ def tile_shape(channels: int, positions: int, channels_contiguous: bool) -> tupl
     """(BLOCK_C, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory: channels_last
     tiles hold all channels (up to TILE_ELEMENTS) of a few positions, NCHW tiles up to TILE_ELEMENTS / 4
     positions (512 on a GPU) of a few channels."""
-    pow2 = triton.next_power_of_2
+    pow2 = next_power_of_2
     if channels_contiguous:
         block_c = min(pow2(channels), TILE_ELEMENTS)
         block_s = min(pow2(positions), max(1, TILE_ELEMENTS // block_c))
@@ -241,7 +241,7 @@ def rms_norm_act_triton(
     source, target, (frames, spatial), x_strides, out_strides, index = frame_views(x, out)
     batch, channels = x.shape[:2]
     block_c, block_s = tile_shape(channels, spatial, x_strides[1] == 1 and channels > 1)
-    num_position_blocks = triton.cdiv(spatial, block_s)
+    num_position_blocks = cdiv(spatial, block_s)
     compute = compute_dtype(x)
     _rms_norm_act_kernel[(batch * frames * num_position_blocks,)](
         source,

@@ -153,3 +153,18 @@ def test_an_op_file_without_its_declarations_is_refused(tmp_path):
     assert done.returncode == 1
     assert ("ImportError: kernels/half_done.py is an op file (its name has no leading _) but does not define "
             'half_done_reference, check_call, FUSED = "triton" or "extension"; see fastdec/ops.py') in done.stderr
+
+
+def test_host_side_launch_arithmetic_matches_triton():
+    """Launchers size grids with kernels/_triton.py's cdiv and next_power_of_2 (plain Python: triton.cdiv is a
+    constexpr function costing microseconds per host call); both agree with triton's."""
+    import pytest
+
+    from fastdec.kernels._triton import TRITON_IMPORT_ERROR, cdiv, next_power_of_2, triton
+
+    if TRITON_IMPORT_ERROR is not None:
+        pytest.skip(TRITON_IMPORT_ERROR)
+    for a in range(1, 300):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 7, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
