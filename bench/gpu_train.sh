@@ -5,8 +5,8 @@
 #
 # 1. installs from a wheel folder (bench/gpu_wheels.sh) and builds fastdec, as bench/gpu_run.sh does (skip both
 #    when that script ran on this machine already: leave out --wheels);
-# 2. slim: fastdec distill of the TAEF2 decoder to width 32 (pruned, distilled to TAEF2, fine-tuned on photos);
-# 3. plus: fastdec train fine-tuning the TAEF2 decoder on photos (MSE);
+# 2. plus: fastdec train fine-tuning the TAEF2 decoder on photos (MSE);
+# 3. slim: fastdec distill of plus to widths 64,64,48,32 (pruned, distilled to plus, fine-tuned on photos);
 #    both bf16 autocast, torch.compile, channels_last, the data on the GPU, BSDS500 train for training and val for
 #    the stage-end checks; M minutes of training in all (default 5), split between them;
 # 4. fastdec eval on all 200 BSDS500 test images at 320x480: TAEF2, the latent preview, slim, plus and
@@ -60,13 +60,13 @@ fi
 HALF=$("$PYTHON" -c "print($MINUTES / 2)")
 COMMON=(--encoder "$TAEF2/taef2_encoder.pth" --cache-dir "$OUT/cache" "${DEVICE[@]}" "${SPEED[@]}")
 
-echo "== slim: fastdec distill to width 32 ($HALF min)"
-fastdec distill "$BSDS/train" -o "$OUT/slim" --teacher "$TAEF2/taef2_decoder.pth" --width 32 \
-  --distill-steps "${STEPS[0]}" --finetune-steps "${STEPS[1]}" --time-limit "$HALF" \
-  --eval-data "$BSDS/val" --eval-images 8 "${COMMON[@]}"
 echo "== plus: fastdec train, the TAEF2 decoder fine-tuned on photos ($HALF min)"
 fastdec train "$BSDS/train" -o "$OUT/plus" --decoder "$TAEF2/taef2_decoder.pth" --loss mse --lr 1e-4 \
   --warmup 20 --steps "${STEPS[2]}" --time-limit "$HALF" --ema 0.99 --eval-data "$BSDS/val" "${COMMON[@]}"
+echo "== slim: fastdec distill of plus to widths 64,64,48,32 ($HALF min)"
+fastdec distill "$BSDS/train" -o "$OUT/slim" --teacher "$OUT/plus/decoder" --width 64,64,48,32 \
+  --distill-steps "${STEPS[0]}" --finetune-steps "${STEPS[1]}" --time-limit "$HALF" \
+  --eval-data "$BSDS/val" --eval-images 8 "${COMMON[@]}"
 echo "== frontier: fastdec eval on $EVAL BSDS500 test images"
 fastdec eval "$BSDS/test" --images "$EVAL" --size 320x480 --encoder "$TAEF2/taef2_encoder.pth" \
   --reference "$TAEF2/taef2_decoder.pth" --preview-data "$BSDS/train" --cache-dir "$OUT/cache" \

@@ -31,5 +31,5 @@ def test_gpu_training_recipe_smoke(tmp_path):
         "reference (taef2_decoder.pth)", "latent preview", "slim", "plus", "efficientvit-taef2"]
     assert len(report["images"]) == 2 and report["size"] == [320, 480]
     assert (tmp_path / "frontier" / "frontier.png").is_file()
-    assert json.loads((tmp_path / "slim" / "student" / "config.json").read_text())["width"] == 32
+    assert json.loads((tmp_path / "slim" / "student" / "config.json").read_text())["width"] == [64, 64, 48, 32]
     assert (tmp_path / "plus" / "decoder" / "model.safetensors").is_file()
