@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastdec.encoders import FrozenEncoder
 from fastdec.models.base import Decoder
+from fastdec.models.stats import count_params
 from fastdec.train.data import centre_crop, list_images, read_rgb
 from fastdec.train.losses import psnr
 
@@ -99,7 +100,7 @@ def measure(decoder: Decoder, latents: list[Tensor], images: list[Tensor], lpips
     result["per_image"] = {k: v for k, v in scores.items() if v}
     if speed_runs > 0:
         result["ms_per_image"] = speed_ms(decoder, latents, speed_runs)
-    result["params"] = sum(p.numel() for p in decoder.parameters())
+    result["params"] = count_params(decoder)
     return result, outputs
 
 
