@@ -15,6 +15,8 @@ def twin(model: Decoder) -> tuple[nn.Module | None, str | None]:
     config = model.config
     if config["midblock_gn"]:
         return None, "diffusers' AutoencoderTiny has no GroupNorm mid-block branch"
+    if not isinstance(config["width"], int):
+        return None, f"diffusers' AutoencoderTiny has one width for all stages, this decoder {config['width']}"
     blocks = tuple(config["blocks"])
     tiny = empty_diffusers_module(
         diffusers.AutoencoderTiny, latent_channels=config["latent_channels"],
