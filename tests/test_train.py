@@ -216,6 +216,37 @@ def test_odd_image_files_are_converted_or_skipped_and_counted(tmp_path, workspac
         load_samples(tmp_path, encoder.encode, 8, 128, encoder.description)
 
 
+def test_latents_are_encoded_once_for_runs_with_and_without_a_teacher(tmp_path, workspace):
+    """A distillation's stages (a teacher, then none) share the cached latents; the teacher's decodes are cached
+    apart, and every run gets the same tensors as an uncached one."""
+    from fastdec.encoders import load_encoder
+
+    for i in range(2):
+        Image.fromarray(smooth_image(i, 48, 64)).save(tmp_path / f"{i}.png")
+    encoder, calls = load_encoder(workspace["encoder"]), {"encode": 0, "teacher": 0}
+    teacher = TAESDDecoder("taesd", width=8, blocks=(1, 1, 1, 1)).eval()
+
+    def encode(images):
+        calls["encode"] += 1
+        return encoder.encode(images)
+
+    def decode(latents):
+        calls["teacher"] += 1
+        return teacher.decode(latents)
+
+    cache = tmp_path / "cache"
+    load = dict(folder=tmp_path, downscale=8, min_size=32, encoder_id=encoder.description)
+    uncached, _ = load_samples(encode=encode, teacher=decode, teacher_id="t", **load)
+    first, _ = load_samples(encode=encode, teacher=decode, teacher_id="t", cache_dir=cache, **load)
+    assert calls == {"encode": 4, "teacher": 4}
+    without, _ = load_samples(encode=encode, cache_dir=cache, **load)
+    again, _ = load_samples(encode=encode, teacher=decode, teacher_id="t", cache_dir=cache, **load)
+    assert calls == {"encode": 4, "teacher": 4}, "nothing encoded or decoded twice"
+    for a, b, c in zip(uncached, again, without, strict=True):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.teacher, b.teacher)
+        assert torch.equal(a.latents, c.latents) and c.teacher is None
+
+
 def test_channel_mismatch_and_bad_upsampling_are_errors(workspace, tmp_path):
     with pytest.raises(ValueError, match="4-channel latents but the student"):
         run(workspace, tmp_path / "a", decoder=TAESDDecoder("tae-192", 16, width=8, blocks=(1, 1, 1, 1)))

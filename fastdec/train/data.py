@@ -104,6 +104,26 @@ def _cache_key(path: Path, *parts: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
+def _save(file: Path, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    write_atomically(file, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def _teacher_decodes(teacher: Callable[[Tensor], Tensor], tensors: dict[str, Tensor], path: Path) -> dict:
+    """The teacher's uint8 decodes of an image's latents (and of its mirror's)."""
+    flipped = "latents_flipped" in tensors
+    pair = torch.stack([tensors["latents"], tensors["latents_flipped"]]) if flipped else tensors["latents"][None]
+    with torch.no_grad():
+        decoded = _to_uint8(teacher(pair).float())
+    if decoded.shape[-2:] != tensors["image"].shape[-2:]:
+        raise ValueError(
+            f"the teacher decodes {path}'s latents to {tuple(decoded.shape[-2:])} pixels, the image has "
+            f"{tuple(tensors['image'].shape[-2:])}: the teacher belongs to another latent space"
+        )
+    return {"teacher": decoded[0], **({"teacher_flipped": decoded[1]} if flipped else {})}
+
+
 def load_samples(
     folder: str | Path,
     encode: Callable[[Tensor], Tensor],
@@ -126,16 +146,19 @@ def load_samples(
     Unreadable files and images smaller than ``min_size`` are skipped, counted and logged; no usable image left
     is an error. ``limit``: stop after that many usable images (the first, in sorted order): nothing more is encoded.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
     paths, skips, samples = list_images(folder), Skips(), []
     cache = Path(cache_dir).expanduser() if cache_dir else None
     for index, path in enumerate(paths):
-        key = None
+        # The latents and the teacher's decodes are cached apart, so the stages of a distillation (with a teacher,
+        # then without) encode every image once.
+        cached = teacher_cached = None
         if cache is not None and latents_folder is None:
+            cached = cache / f"{_cache_key(path, encoder_id, '', str(downscale), str(flips))}.safetensors"
             key = _cache_key(path, encoder_id, teacher_id, str(downscale), str(flips))
-        cached = cache / f"{key}.safetensors" if key else None
+            teacher_cached = cache / f"{key}.teacher.safetensors" if teacher is not None else None
         if cached is not None and cached.is_file():
             tensors = load_file(str(cached))
         else:
@@ -153,25 +176,19 @@ def load_samples(
             with torch.no_grad():
                 if latents_folder is not None:
                     tensors["latents"] = _read_latents_for(path, folder, Path(latents_folder), image, downscale)
-                    pair = tensors["latents"][None]
                 else:
                     pair = encode(torch.stack([image, image.flip(-1)]) if flips else image[None])
                     tensors["latents"] = pair[0].float()
                     if flips:
                         tensors["latents_flipped"] = pair[1].float()
-                if teacher is not None:
-                    decoded = _to_uint8(teacher(pair).float())
-                    if decoded.shape[-2:] != image.shape[-2:]:
-                        raise ValueError(
-                            f"the teacher decodes {path}'s latents to {tuple(decoded.shape[-2:])} pixels, the image "
-                            f"has {tuple(image.shape[-2:])}: the teacher belongs to another latent space"
-                        )
-                    tensors["teacher"] = decoded[0]
-                    if len(decoded) > 1:
-                        tensors["teacher_flipped"] = decoded[1]
             if cached is not None:
-                write_atomically(cached, lambda tmp, t=tensors: save_file({k: v.contiguous() for k, v in t.items()},
-                                                                         str(tmp)))
+                _save(cached, tensors)
+        if teacher is not None and teacher_cached is not None and teacher_cached.is_file():
+            tensors.update(load_file(str(teacher_cached)))
+        elif teacher is not None:
+            tensors.update(_teacher_decodes(teacher, tensors, path))
+            if teacher_cached is not None:
+                _save(teacher_cached, {k: v for k, v in tensors.items() if k.startswith("teacher")})
         if min(tensors["image"].shape[-2:]) < min_size:
             skips.too_small.append(str(path))
             continue
