@@ -407,14 +407,8 @@ FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where 
 
 
 @torch.library.custom_op("fastdec::group_norm_act", mutates_args=(), device_types="cpu")
-def group_norm_act(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float = 1e-6,
-    act: str = "none",
-) -> torch.Tensor:
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float = 1e-6, act: str = "none") -> torch.Tensor:
     """act(group_norm(x)) for 4-D (N,C,H,W) or 5-D (N,C,T,H,W) x; act in {"none", "silu", "relu"}."""
     return cpu_kernel(group_norm_act_triton, group_norm_act_reference)(x, num_groups, weight, bias, eps, act)
 
@@ -454,6 +448,8 @@ BENCH_SHAPES = ((1, 512, 64, 64), (1, 512, 128, 128), (1, 128, 512, 512), (8, 12
 # compile_check, one sample at 512 px: the first two take the split path (stats, combine, normalize), the last the
 # single-program path.
 COMPILE_SHAPES = ((1, 512, 64, 64), (1, 128, 512, 512), (1, 192, 32, 32))
+# Slabs of a tiled 4096 px SD-VAE decode (512-row tiles): the last up block's and the mid block's.
+TILED_SHAPES = ((1, 128, 512, 4096), (1, 512, 64, 512))
 GPU_DTYPE = torch.float16  # the dtype its speed goal is stated in
 
 
@@ -463,16 +459,23 @@ def check_call(r) -> tuple:
 
 
 def compile_cases(quick: bool) -> list[CompileCase]:
-    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), COMPILE_SHAPES, ("silu", "none"))
+    cases = itertools.product(("bf16", "fp16", "fp32"), (False, True), COMPILE_SHAPES, ("silu", "none"), [False])
+    tiled = itertools.product(("bf16", "fp16", "fp32"), (False, True), TILED_SHAPES, ("silu",), [True])
     if quick:
-        cases = (("bf16", True, (1, 512, 64, 64), "silu"), ("fp32", False, (1, 192, 32, 32), "silu"))
+        cases = (("bf16", True, (1, 512, 64, 64), "silu", False), ("fp32", False, (1, 192, 32, 32), "silu", False))
+        tiled = (("bf16", True, TILED_SHAPES[0], "silu", True),)
 
-    def run(dtype, channels_last, shape, act):
+    def run(dtype, channels_last, shape, act, slab):
         x = cuda_empty(shape, dtype, torch.channels_last if channels_last else torch.contiguous_format)
-        group_norm_act_triton(x, GROUPS, cuda_empty(shape[1:2], dtype), cuda_empty(shape[1:2], dtype), 1e-6, act)
+        weight, bias, stats = cuda_empty(shape[1:2], dtype), cuda_empty(shape[1:2], dtype), None
+        if slab:  # a tiled decode's slab: its moments, then the normalize pass with statistics merged over slabs
+            _, mean, m2 = group_moments_triton(x, GROUPS)
+            stats = (mean[..., 0], m2[..., 0])
+        group_norm_act_triton(x, GROUPS, weight, bias, 1e-6, act, stats=stats)
 
-    return [CompileCase(f"{dtype} {'channels_last' if cl else 'NCHW'} {shape_label(shape)} {act}",
-                        functools.partial(run, dtype, cl, shape, act)) for dtype, cl, shape, act in cases]
+    return [CompileCase(f"{dtype} {'channels_last' if cl else 'NCHW'} {shape_label(shape)} {act}{' slab' * slab}",
+                        functools.partial(run, dtype, cl, shape, act, slab))
+            for dtype, cl, shape, act, slab in itertools.chain(cases, tiled)]
 
 
 def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[GpuCase]:
