@@ -38,7 +38,7 @@ def test_consistent_channel_permutations_decode_exactly_as_the_teacher(monkeypat
         within = torch.stack([torch.randperm(per_group, generator=generator) for _ in range(groups)])
         return (order[:, None] * per_group + within).flatten()
 
-    monkeypatch.setattr(prune_kl, "_kept", permuted)
+    monkeypatch.setattr(prune_kl, "kept_channels", permuted)
     model, latents = teacher(), torch.randn(2, 4, 6, 5)
     student = prune_autoencoder_kl(model, [16, 32, 32], latents)
     assert not torch.equal(student.decoder.conv_in.weight, model.decoder.conv_in.weight)  # really reordered

@@ -13,7 +13,7 @@ equal size.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,35 @@ from torch import Tensor, nn
 from fastdec.models.taesd import Block, TAESDDecoder, UpsampleConv, stage_widths
 
 
+def channel_scores(modules: list[nn.Module], run: Callable[[], object]) -> dict[nn.Module, Tensor]:
+    """Per module, the mean absolute value of each output channel while ``run()`` runs (dim 1 of image outputs,
+    the last dim of (B, tokens, C) ones), normalised by its mean and summed over the module's calls."""
+    scores: dict[nn.Module, Tensor] = {}
+
+    def keep(module: nn.Module, inputs, output: Tensor) -> None:
+        score = output.detach().abs().mean(dim=(0, 1) if output.dim() == 3 else (0, 2, 3))
+        scores[module] = scores.get(module, 0) + score / score.mean().clamp_min(1e-12)
+
+    hooks = [module.register_forward_hook(keep) for module in modules]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return scores
+
+
+def kept_channels(score: Tensor, count: int, groups: int = 1) -> Tensor:
+    """The ``count`` highest-scoring channels, the same number from each of ``groups`` equal groups (a GroupNorm's),
+    in order."""
+    per_group = score.view(groups, -1)
+    top = per_group.topk(count // groups, dim=1).indices.sort(dim=1).values
+    return (top + torch.arange(groups)[:, None] * per_group.shape[1]).flatten()
+
+
 def _activation_scores(decoder: TAESDDecoder, latents: Tensor) -> dict[nn.Module, Tensor]:
-    """Per module whose output is recorded: the mean absolute value of each output channel over ``latents``."""
+    """channel_scores of every point pruning ranks, over the decodes of ``latents``."""
     recorded = [decoder[2]]  # the ReLU after the first conv: the stream's start
     for block in decoder.modules():
         if isinstance(block, Block):
@@ -30,24 +57,7 @@ def _activation_scores(decoder: TAESDDecoder, latents: Tensor) -> dict[nn.Module
             if block.pool is not None:
                 recorded.append(block.pool[1])
     recorded += [module for module in decoder if isinstance(module, UpsampleConv)]
-    scores: dict[nn.Module, Tensor] = {}
-
-    def keep(module: nn.Module, inputs, output: Tensor) -> None:
-        score = output.detach().abs().mean(dim=(0, 2, 3))
-        scores[module] = scores.get(module, 0) + score / score.mean().clamp_min(1e-12)
-
-    hooks = [module.register_forward_hook(keep) for module in recorded]
-    try:
-        with torch.no_grad():
-            decoder(latents)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return scores
-
-
-def _top(score: Tensor, count: int) -> Tensor:
-    return score.topk(count).indices.sort().values
+    return channel_scores(recorded, lambda: decoder(latents))
 
 
 def prune_taesd(teacher: TAESDDecoder, width: int | Sequence[int], latents: Tensor) -> TAESDDecoder:
@@ -73,8 +83,8 @@ def prune_taesd(teacher: TAESDDecoder, width: int | Sequence[int], latents: Tens
             points[-1].append(module.fuse)
         elif isinstance(module, UpsampleConv):
             points.append([module])
-    streams = [_top(sum(scores[m] for m in stage), w) for stage, w in zip(points, widths, strict=True)]
-    student = TAESDDecoder(**teacher.config | {"width": widths if len(set(widths)) > 1 else widths[0]}).eval()
+    streams = [kept_channels(sum(scores[m] for m in stage), w) for stage, w in zip(points, widths, strict=True)]
+    student = TAESDDecoder(**teacher.config | {"width": widths}).eval()
     stage = 0
     with torch.no_grad():
         for index, (old, new) in enumerate(zip(teacher, student, strict=True)):
@@ -92,15 +102,13 @@ def prune_taesd(teacher: TAESDDecoder, width: int | Sequence[int], latents: Tens
 
 
 def _prune_block(old: Block, new: Block, stream: Tensor, scores: dict[nn.Module, Tensor], width: int) -> None:
-    first, second = _top(scores[old.conv[1]], width), _top(scores[old.conv[3]], width)
+    first, second = kept_channels(scores[old.conv[1]], width), kept_channels(scores[old.conv[3]], width)
     for conv_index, rows, cols in ((0, first, stream), (2, second, first), (4, stream, second)):
         new.conv[conv_index].weight.copy_(old.conv[conv_index].weight[rows][:, cols])
         new.conv[conv_index].bias.copy_(old.conv[conv_index].bias[rows])
     if old.pool is not None:
         norm = old.pool[1]
-        group = norm.num_channels // norm.num_groups
-        score = scores[norm].view(norm.num_groups, group)
-        hidden = torch.cat([g * group + _top(score[g], width) for g in range(norm.num_groups)])
+        hidden = kept_channels(scores[norm], width * norm.num_groups, norm.num_groups)
         new.pool[0].weight.copy_(old.pool[0].weight[hidden][:, stream])
         new.pool[1].weight.copy_(norm.weight[hidden])
         new.pool[1].bias.copy_(norm.bias[hidden])

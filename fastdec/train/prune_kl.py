@@ -25,26 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder, ResnetBlock, SelfAttention, Upsample
-
-
-def _kept(score: Tensor, width: int, groups: int) -> Tensor:
-    """The ``width`` highest-scoring channels, the same number from each of ``groups`` equal groups, in order."""
-    per_group = score.view(groups, -1)
-    count = width // groups
-    top = per_group.topk(count, dim=1).indices.sort(dim=1).values
-    return (top + torch.arange(groups)[:, None] * per_group.shape[1]).flatten()
+from fastdec.train.prune import channel_scores, kept_channels
 
 
 def _scores(teacher: AutoencoderKLDecoder, latents: Tensor) -> dict[nn.Module, Tensor]:
-    """Mean |activation| per channel (normalised by its mean) of every point pruning ranks: outputs of conv_in,
-    ResNet blocks, conv1s, attentions, query, key, value and upsampling convs."""
-    decoder, scores, hooks = teacher.decoder, {}, []
-
-    def keep(module, inputs, output):
-        dims = (0, 1) if output.dim() == 3 else (0, 2, 3)  # Linear outputs are (B, tokens, C)
-        score = output.detach().abs().mean(dim=dims)
-        scores[module] = score / score.mean().clamp_min(1e-12)
-
+    """channel_scores of every point pruning ranks (outputs of conv_in, ResNet blocks, conv1s, attentions, query,
+    key, value and upsampling convs), over the decodes of ``latents``."""
+    decoder = teacher.decoder
     recorded = [decoder.conv_in]
     for module in decoder.modules():
         if isinstance(module, ResnetBlock):
@@ -53,14 +40,8 @@ def _scores(teacher: AutoencoderKLDecoder, latents: Tensor) -> dict[nn.Module, T
             recorded += [module, module.to_q, module.to_k, module.to_v]
         elif isinstance(module, Upsample):
             recorded.append(module)
-    hooks = [module.register_forward_hook(keep) for module in recorded]
-    try:
-        with torch.no_grad():
-            teacher.decode(latents, check_finite=False)  # diffusion latents, as the encoder writes them
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return scores
+    # diffusion latents, as the encoder writes them
+    return channel_scores(recorded, lambda: teacher.decode(latents, check_finite=False))
 
 
 def kl_selections(teacher: AutoencoderKLDecoder, widths: Sequence[int], latents: Tensor) -> dict[str, Tensor]:
@@ -70,9 +51,8 @@ def kl_selections(teacher: AutoencoderKLDecoder, widths: Sequence[int], latents:
     width_of = list(reversed(widths))  # up block i has width_of[i]; the mid block width_of[0]
     streams: list[list[nn.Module]] = [[decoder.conv_in]]  # the points of each stream, in order
     stream_width = [width_of[0]]
-    owner: dict[str, int] = {}  # module name -> index of the stream its output is on
+    owner: dict[str, int] = {"conv_in": 0}  # module name -> index of the stream its output is on
     inner: dict[str, tuple[Tensor, ...]] = {}
-    owner["conv_in"] = 0
 
     def add_stream(module: nn.Module, width: int) -> int:
         streams.append([module])
@@ -91,17 +71,18 @@ def kl_selections(teacher: AutoencoderKLDecoder, widths: Sequence[int], latents:
                 else:
                     streams[current].append(module)
                 owner[name] = current
-                inner[name] = (_kept(scores[module.conv1], width, groups),)
+                inner[name] = (kept_channels(scores[module.conv1], width, groups),)
             elif isinstance(module, SelfAttention):
                 streams[current].append(module)
                 owner[name] = current
                 qk = scores[module.to_q] * scores[module.to_k]
-                inner[name] = (_kept(qk, width, groups), _kept(scores[module.to_v], width, groups))
+                inner[name] = (kept_channels(qk, width, groups), kept_channels(scores[module.to_v], width, groups))
             elif isinstance(module, Upsample):
                 owner[f"{name}.in"] = current
                 current = add_stream(module, width)
                 owner[name] = current
-    kept = [_kept(sum(scores[m] for m in points), w, groups) for points, w in zip(streams, stream_width, strict=True)]
+    kept = [kept_channels(sum(scores[m] for m in points), w, groups)
+            for points, w in zip(streams, stream_width, strict=True)]
     return _parameter_selections(decoder, owner, inner, kept)
 
 
@@ -109,9 +90,8 @@ def _parameter_selections(decoder, owner, inner, kept) -> dict[str, Tensor]:
     select: dict[str, Tensor] = {}
 
     def put(name: str, rows: Tensor | None, cols: Tensor | None = None) -> None:
-        for suffix in ("weight", "bias"):
-            if rows is not None:
-                select[f"decoder.{name}.{suffix}@0"] = rows
+        if rows is not None:
+            select[f"decoder.{name}.weight@0"] = select[f"decoder.{name}.bias@0"] = rows
         if cols is not None:
             select[f"decoder.{name}.weight@1"] = cols
 
