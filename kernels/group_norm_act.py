@@ -288,6 +288,26 @@ def _group_norm_act_kernel(
 
 # --- launcher --------------------------------------------------------------------------------------------------
 
+def _launch_plan(x: torch.Tensor, num_groups: int, x_strides, index, chunk_size: int | None = None):
+    """(plan, the kernels' size arguments, grid, constexprs) of one call: what every pass launches with."""
+    batch, channels = x.shape[:2]
+    spatial, group_channels = math.prod(x.shape[2:]), channels // num_groups
+    plan = plan_launch(
+        batch, num_groups, group_channels, spatial, x_strides[1] == 1, program_target(x.device), chunk_size
+    )
+    meta = {"BLOCK_G": plan.block_g, "BLOCK_CG": plan.block_cg, "BLOCK_S": plan.block_s,
+            "COMPUTE": tl.float64 if compute_dtype(x) == torch.float64 else tl.float32, "INDEX": index, "num_warps": 4}
+    sizes = (num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks, plan.num_group_blocks)
+    return plan, sizes, (batch * plan.num_group_blocks * plan.num_chunks,), meta
+
+
+def _chunk_partials(x: torch.Tensor, source, x_strides, plan, sizes, grid, meta) -> torch.Tensor:
+    """Pass 1 of the split path: (mean, M2) of every (sample, group, chunk), shape (N, G, chunks, 2)."""
+    partials = torch.empty((x.shape[0], sizes[0], plan.num_chunks, 2), dtype=compute_dtype(x), device=x.device)
+    _group_norm_stats_kernel[grid](source, partials, *sizes, *x_strides, **meta)
+    return partials
+
+
 def group_norm_act_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           eps: float, act: str, *, chunk_size: int | None = None,
                           stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -303,22 +323,8 @@ def group_norm_act_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor
         return out
     source, target, x_strides, out_strides, index = flat_views(x, out)
     batch, channels = x.shape[:2]
-    spatial = math.prod(x.shape[2:])
-    group_channels = channels // num_groups
-    plan = plan_launch(
-        batch, num_groups, group_channels, spatial, x_strides[1] == 1, program_target(x.device), chunk_size
-    )
+    plan, sizes, grid, meta = _launch_plan(x, num_groups, x_strides, index, chunk_size)
     compute = compute_dtype(x)
-    meta = {
-        "BLOCK_G": plan.block_g,
-        "BLOCK_CG": plan.block_cg,
-        "BLOCK_S": plan.block_s,
-        "COMPUTE": tl.float64 if compute == torch.float64 else tl.float32,
-        "INDEX": index,
-        "num_warps": 4,
-    }
-    sizes = (num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks, plan.num_group_blocks)
-    grid = (batch * plan.num_group_blocks * plan.num_chunks,)
     given = stats is not None
     if given:
         mean, var = stats
@@ -326,8 +332,7 @@ def group_norm_act_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor
     else:
         stats = torch.empty((batch, num_groups, 2), dtype=compute, device=x.device)  # (mean, rstd) per group
     if plan.num_chunks > 1 and not given:
-        partials = torch.empty((batch, num_groups, plan.num_chunks, 2), dtype=compute, device=x.device)
-        _group_norm_stats_kernel[grid](source, partials, *sizes, *x_strides, **meta)
+        partials = _chunk_partials(x, source, x_strides, plan, sizes, grid, meta)
         _group_norm_combine_kernel[(batch * cdiv(num_groups, COMBINE_GROUPS),)](
             partials, stats, *sizes[:5], float(eps), BLOCK_G=COMBINE_GROUPS, BLOCK_P=COMBINE_CHUNKS,
             COMPUTE=meta["COMPUTE"], num_warps=4,
@@ -355,17 +360,10 @@ def group_moments_triton(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor
     """(count, mean, M2) of each (sample, group, spatial chunk) of x, from the split path's pass 1: counts (K,),
     means and M2 (N, G, K); the caller merges the chunks (and slabs) with Chan's formula."""
     source, _, x_strides, _, index = flat_views(x, x)
-    batch, channels = x.shape[:2]
-    spatial, group_channels = math.prod(x.shape[2:]), channels // num_groups
-    plan = plan_launch(batch, num_groups, group_channels, spatial, x_strides[1] == 1, program_target(x.device))
-    compute = compute_dtype(x)
-    partials = torch.empty((batch, num_groups, plan.num_chunks, 2), dtype=compute, device=x.device)
-    _group_norm_stats_kernel[(batch * plan.num_group_blocks * plan.num_chunks,)](
-        source, partials, num_groups, group_channels, spatial, plan.chunk_size, plan.num_chunks,
-        plan.num_group_blocks, *x_strides, BLOCK_G=plan.block_g, BLOCK_CG=plan.block_cg, BLOCK_S=plan.block_s,
-        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, INDEX=index, num_warps=4,
-    )  # fmt: skip
-    starts = torch.arange(plan.num_chunks, device=x.device, dtype=compute) * plan.chunk_size  # no host copy
+    plan, sizes, grid, meta = _launch_plan(x, num_groups, x_strides, index)
+    partials = _chunk_partials(x, source, x_strides, plan, sizes, grid, meta)
+    _, group_channels, spatial = sizes[:3]
+    starts = torch.arange(plan.num_chunks, device=x.device, dtype=partials.dtype) * plan.chunk_size  # no host copy
     counts = (spatial - starts).clamp(max=plan.chunk_size) * group_channels
     return counts, partials[..., 0], partials[..., 1]
 
@@ -379,7 +377,7 @@ def group_moments_reference(x: torch.Tensor, num_groups: int) -> tuple[torch.Ten
 
 def group_norm_act_given_stats_reference(x, num_groups, weight, bias, eps, act, *, stats) -> torch.Tensor:
     """group_norm_act_triton(..., stats=(mean, var)) eagerly: one eval-mode batch_norm pass (per-channel mean and
-    variance = its group's; the batch folded into the channels), then the activation in place."""
+    variance = its group's; the batch folded into the channels), then the activation."""
     (batch, channels), (mean, var), compute = x.shape[:2], stats, compute_dtype(x)
     flat = x.to(compute).reshape(1, batch * channels, -1)
     per_channel = channels // num_groups
@@ -388,7 +386,7 @@ def group_norm_act_given_stats_reference(x, num_groups, weight, bias, eps, act, 
     w = None if weight is None else weight.to(compute).repeat(batch)
     b = None if bias is None else bias.to(compute).repeat(batch)
     y = F.batch_norm(flat, stat_mean, stat_var, w, b, training=False, eps=eps).reshape(x.shape)
-    return (F.silu(y, inplace=True) if act == "silu" else y.relu_() if act == "relu" else y).to(x.dtype)
+    return _activate(y, act).to(x.dtype)
 
 
 def group_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
