@@ -108,7 +108,6 @@ class HostTiles(Executor):
         self.peak_slab_bytes = max(self.peak_slab_bytes, sum(t.numel() * t.element_size() for t in tensors))
 
 
-
 def _layout(tensor: Tensor) -> torch.memory_format:
     """The memory format a held copy keeps (channels_last slabs stay channels_last; anything else is packed)."""
     for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):

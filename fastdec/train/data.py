@@ -186,9 +186,10 @@ def load_samples(
         if teacher is not None and teacher_cached is not None and teacher_cached.is_file():
             tensors.update(load_file(str(teacher_cached)))
         elif teacher is not None:
-            tensors.update(_teacher_decodes(teacher, tensors, path))
+            decodes = _teacher_decodes(teacher, tensors, path)
+            tensors.update(decodes)
             if teacher_cached is not None:
-                _save(teacher_cached, {k: v for k, v in tensors.items() if k.startswith("teacher")})
+                _save(teacher_cached, decodes)
         if min(tensors["image"].shape[-2:]) < min_size:
             skips.too_small.append(str(path))
             continue
