@@ -67,7 +67,7 @@ def prune_taesd(teacher: TAESDDecoder, width: int | Sequence[int], latents: Tens
         raise TypeError(f"prune_taesd prunes a TAESDDecoder, got a {type(teacher).__name__}")
     full, stages = teacher.widths, len(teacher.config["blocks"])
     widths = stage_widths(width, stages)
-    teacher_width = full[0] if len(set(full)) == 1 else list(full)
+    teacher_width = teacher.config["width"]  # one int, or the list per stage
     if any(w % 4 or not 4 <= w <= f for w, f in zip(widths, full, strict=True)):
         raise ValueError(f"width must be, per stage, a multiple of 4 from 4 to the teacher's {teacher_width} "
                          f"channels, got {width}")
