@@ -2,7 +2,7 @@
 # The whole GPU check in one call, for a bare GPU machine without network (issue 21 item 3):
 #
 #   bench/gpu_run.sh OUT_DIR [--wheels DIR] [--tune] [--budget SECONDS] [--smoke] [--ops a,b] [--skip-tests]
-#                    [--skip-check]
+#                    [--skip-check] [--only STEP,STEP]
 #
 # 1. installs what the machine lacks from a folder of wheels made beforehand on a networked machine by
 #    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
@@ -18,7 +18,8 @@
 #    every table), ready to commit under bench/results/.
 #
 # Every step runs under a time limit within --budget (default 450 s: the run must end inside 8 minutes, start-up
-# included); a step that fails or runs out of time is recorded and the next one still runs. --smoke runs the same
+# included); a step that fails or runs out of time is recorded and the next one still runs. --only runs just the
+# named steps (e.g. those a first call ran out of time for, on the same warm machine: install and build stay done). --smoke runs the same
 # steps on the CPU at tiny sizes (no install, no build): CI runs it (tests/test_gpu_run.py) so the script never rots.
 set -uo pipefail
 
@@ -26,7 +27,7 @@ usage() { sed -n '2,5p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 WHEELS=${FASTDEC_WHEELS:-}
-TUNE=0 SMOKE=0 SKIP_TESTS=0 SKIP_CHECK=0 BUDGET=450 OPS=""
+TUNE=0 SMOKE=0 SKIP_TESTS=0 SKIP_CHECK=0 BUDGET=450 OPS="" ONLY=""
 while [ $# -gt 0 ]; do
   case $1 in
     --wheels) WHEELS=$2; shift 2 ;;
@@ -36,6 +37,7 @@ while [ $# -gt 0 ]; do
     --skip-check) SKIP_CHECK=1; shift ;;
     --budget) BUDGET=$2; shift 2 ;;
     --ops) OPS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
     *) echo "gpu_run.sh: unknown option $1" >&2; usage ;;
   esac
 done
@@ -55,6 +57,7 @@ cd "$ROOT" || exit 1
 # budget); records "NAME<TAB>status<TAB>seconds" in steps.tsv.
 step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   local left=$((BUDGET - ($(date +%s) - START)))
   if [ "$left" -lt 10 ]; then
     printf '%s\tskipped: budget spent\t0\n' "$name" >> "$STEPS"; echo "== $name: skipped (budget spent)"; return
@@ -102,6 +105,9 @@ if [ $SMOKE -eq 1 ]; then
     --no-compile --device cpu --out "$OUT/decoders"
 else
   # --skip-check: a later session that has gpu_check's tables already gives its minutes to the decoders
+  # The attention launches the first H200 run found wrong, across keys and tiles (kernels/_attention_config.py
+  # key_tail_unverified): one line per launch with its error, to narrow the cause down.
+  step attention_probe 60 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
   [ $SKIP_CHECK -eq 0 ] && step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops in time for its report
   # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
   # 512/1024, FLUX.2 1024, TAESD 512, FLUX.1 1024 (each vs diffusers eager and torch.compile, with peak memory), the

@@ -90,6 +90,15 @@ def build(out: Path, smoke: bool) -> tuple[dict, str]:
     for name, (_, markdown) in reports.items():
         body = markdown.split("\n", 1)[1] if markdown.startswith("# ") else markdown  # one title per file
         lines += ["", f"## {name}", "", body.strip()]
+    probe = out / "attention_probe.json"  # bench/attention_key_tail_probe.py
+    if probe.exists():
+        report["attention_probe"] = json.loads(probe.read_text())
+        lines += ["", "## attention_probe", "",
+                  "| call | keys | tile (m, n, dv, warps, stages) | key tail | max error | correct |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['call']} | {r['keys']} | {r['block_m']}, {r['block_n']}, {r['block_dv']}, {r['num_warps']}, "
+                  f"{r['num_stages']} | {r['key_tail']} | {r.get('max_abs_error', r.get('error'))} | {r['correct']} |"
+                  for r in report["attention_probe"]["rows"]]
     if report["attention_table"] is not None:
         lines += ["", "## attention table (--tune): copy to kernels/_attention_table.py", "", "```python",
                   report["attention_table"].strip(), "```"]
