@@ -1,98 +1,117 @@
-"""Which launches of the split-head-dim attention kernel are wrong on a GPU (issue 21: the first H200 run found head
-dims 96 and 384 wrong with a masked key tail, cause unknown; kernels/_attention_config.py ``key_tail_unverified``).
+"""Which launches of the split-head-dim attention kernel are wrong on a GPU (issue 21: the H200 runs found head dims
+96 and 384 wrong with a masked key tail, cause unknown; kernels/_attention_config.py ``key_tail_unverified``).
 
 Runs the kernel itself (``attention._launch``, no routing to the reference) for the calls that failed there, across
-key counts (with and without a key tail) and tiles (warps, stages, block_n, whole or chunked output D), and prints
-one line per launch with its error against float64 SDPA, so that one GPU call narrows the cause down:
+key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D) and D
+split in two parts or padded to one power of two, and prints one JSON line per launch with its error against
+float64 SDPA. Each launch runs in a process of its own: the second H200 run hit an illegal memory access, after which
+every later launch in the same process failed too.
 
-    python bench/attention_key_tail_probe.py [--out probe.json]
+    python bench/attention_key_tail_probe.py [--out probe.json] [--workers 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fastdec.kernels import _attention_config as config
-from fastdec.kernels import attention as attn
-
-# (name, (batch, heads, seq_q, head_dim), dtype, strided): the calls that failed on the H200
-CALLS = [
-    ("d96-fp16", (1, 2, 37, 96), torch.float16, False),
-    ("d96-bf16", (2, 2, 333, 96), torch.bfloat16, False),
-    ("d384-wan-bf16", (2, 1, 45, 384), torch.bfloat16, True),
-]
+# name: ((batch, heads, seq_q, head_dim), dtype, Wan's strided q/k/v): the calls that failed on the H200
+CALLS = {
+    "d96-fp16": ((1, 2, 37, 96), "float16", False),
+    "d96-bf16": ((2, 2, 333, 96), "bfloat16", False),
+    "d384-wan-bf16": ((2, 1, 45, 384), "bfloat16", True),
+}
 KEYS = (45, 64, 128, 517)
-TOLERANCE = {torch.float16: 2**-10, torch.bfloat16: 2**-7}
+TOLERANCE = {"float16": 2**-10, "bfloat16": 2**-7}
 
 
-def inputs(shape, keys: int, dtype: torch.dtype, strided: bool, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    batch, heads, seq_q, head_dim = shape
+def launches() -> list[dict]:
+    """Every launch to try: the dispatch's tile at each key count, split and padded; at 45 keys (a key tail at
+    every block_n) also one knob at a time changed from the dispatch's tile."""
+    specs = []
+    for call in CALLS:
+        for keys in KEYS:
+            specs += [{"call": call, "keys": keys, "split": split, "change": {}} for split in (True, False)]
+        changes = [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
+        changes += [{"block_n": n} for n in (16, 32, 64)] + [{"block_m": m} for m in (16, 64, 128)]
+        changes.append({"block_dv": "main"})  # output D in chunks of D's main part: no acc_tail
+        specs += [{"call": call, "keys": 45, "split": True, "change": change} for change in changes]
+    return specs
 
-    def make(s):
-        return torch.randn(s, generator=generator).to("cuda", dtype)
 
-    if strided:  # Wan's layout: q, k and v are chunks of one conv output, so seq_q == keys
-        return config.wan_qkv((batch, heads, keys, head_dim), make)
-    return make(shape), make((batch, heads, keys, head_dim)), make((batch, heads, keys, head_dim))
+def run_one(spec: dict) -> dict:
+    """One launch, in this process (a fresh one: see the module docstring)."""
+    from fastdec.kernels import _attention_config as config
+    from fastdec.kernels import attention as attn
 
+    (batch, heads, seq_q, head_dim), dtype_name, strided = CALLS[spec["call"]]
+    dtype, keys = getattr(torch, dtype_name), spec["keys"]
+    generator = torch.Generator().manual_seed(0)
 
-def probe(name, q, k, v, tile: config.AttentionConfig) -> dict:
-    row = {"call": name, "q": list(q.shape), "keys": k.shape[2], "dtype": str(q.dtype).removeprefix("torch."),
-           "block_m": tile.block_m, "block_n": tile.block_n, "block_dv": tile.block_dv, "kv_splits": tile.kv_splits,
-           "num_warps": tile.num_warps, "num_stages": tile.num_stages, "key_tail": k.shape[2] % tile.block_n != 0}
+    def make(shape):
+        return torch.randn(shape, generator=generator).to("cuda", dtype)
+
+    if strided:  # Wan's layout: chunks of one conv output, so seq_q == keys
+        q, k, v = config.wan_qkv((batch, heads, keys, head_dim), make)
+    else:
+        q, k, v = make((batch, heads, seq_q, head_dim)), *(make((batch, heads, keys, head_dim)) for _ in range(2))
+    tile = config.choose(attn.TABLE, 0, dtype, config.dot_precision(dtype, False), batch * heads, q.shape[2], keys,
+                         head_dim)
+    change = {name: config.split_head_dim(head_dim)[0] if value == "main" else value
+              for name, value in spec["change"].items()}
+    tile = dataclasses.replace(tile, **change)
+    row = {**spec, **dataclasses.asdict(tile), "key_tail": keys % tile.block_n != 0}
     try:
-        out = attn._launch(q, k, v, None, tile)
+        out = attn._launch(q, k, v, None, tile, split_head_dim=spec["split"])
         torch.cuda.synchronize()
-        expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        error = (out.double() - expected).abs()
-        row["max_abs_error"] = error.max().item()
-        # where the wrong values are: per query row and per output column, which parts of D and which rows
-        bad = error > 8 * TOLERANCE[q.dtype]
-        row["bad_fraction"] = bad.double().mean().item()
-        row["bad_columns"] = bad.flatten(0, 2).any(0).nonzero().flatten().tolist()[:8]
-        row["bad_rows"] = bad.any(-1).flatten(0, 1).any(0).nonzero().flatten().tolist()[:8]
-        row["correct"] = row["max_abs_error"] <= 8 * TOLERANCE[q.dtype]
-    except Exception as error:  # noqa: BLE001 - a compile failure is a finding, recorded per launch
-        row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-        row["correct"] = False
-    return row
+    except Exception as error:  # noqa: BLE001 - a failed launch is this probe's finding
+        return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}", "correct": False}
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    error = (out.double() - expected).abs()
+    bad = error > 8 * TOLERANCE[dtype_name]
+    return {**row, "max_abs_error": error.max().item(), "bad_fraction": bad.double().mean().item(),
+            "first_bad_columns": bad.flatten(0, 2).any(0).nonzero().flatten().tolist()[:6],
+            "first_bad_rows": bad.any(-1).flatten(0, 1).any(0).nonzero().flatten().tolist()[:6],
+            "correct": not bad.any().item()}
+
+
+def run_isolated(spec: dict, limit: float = 120) -> dict:
+    try:
+        done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"no answer in {limit:.0f} s", "correct": False}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        return {**spec, "error": f"process exit {done.returncode}: {tail}", "correct": False}
+    return json.loads(lines[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--workers", type=int, default=8, help="launches at a time, each in its own process")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one launch's spec (JSON), run in this process
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention_key_tail_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    rows, start = [], time.time()
-    for name, shape, dtype, strided in CALLS:
-        batch, heads, seq_q, head_dim = shape
-        main_d, _ = config.split_head_dim(head_dim)
-        for keys in KEYS:
-            q, k, v = inputs(shape, keys, dtype, strided)
-            chosen = config.choose(attn.TABLE, 0, dtype, config.dot_precision(dtype, False), batch * heads,
-                                   q.shape[2], keys, head_dim)
-            tiles = [chosen]
-            if keys == 45:  # the failing key count: vary one knob at a time around the dispatch's choice
-                tiles += [config.AttentionConfig(chosen.block_m, chosen.block_n, chosen.block_dv, 1, w, s)
-                          for w in (4, 8) for s in (1, 2, 3) if (w, s) != (chosen.num_warps, chosen.num_stages)]
-                tiles += [config.AttentionConfig(chosen.block_m, n, chosen.block_dv, 1, chosen.num_warps,
-                                                 chosen.num_stages) for n in (16, 32, 64) if n != chosen.block_n]
-                tiles += [config.AttentionConfig(m, chosen.block_n, chosen.block_dv, 1, chosen.num_warps,
-                                                 chosen.num_stages) for m in (16, 64) if m != chosen.block_m]
-                tiles.append(config.AttentionConfig(chosen.block_m, chosen.block_n, main_d, 1, chosen.num_warps,
-                                                    chosen.num_stages))  # output D in chunks: no acc_tail
-            for tile in tiles:
-                row = probe(name, q, k, v, tile)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    start, rows = time.time(), []
+    with ThreadPoolExecutor(args.workers) as pool:
+        for row in pool.map(run_isolated, launches()):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     wrong = [r for r in rows if not r["correct"]]
     print(f"attention_key_tail_probe: {len(rows)} launches, {len(wrong)} wrong, {time.time() - start:.0f} s")
     if args.out:

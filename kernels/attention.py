@@ -302,11 +302,17 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else 0  # CUDA tensors carry their index (fake ones may not)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, config: AttentionConfig):
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, config: AttentionConfig,
+            split_head_dim: bool = True):
+    """split_head_dim=False pads D to one power of two even where two parts would pad less (bench/
+    attention_key_tail_probe.py compares the two on a GPU)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     padded = _config.padded_head_dim(head_dim)
     d_main, d_tail = _config.split_head_dim(head_dim)
+    qk_chunk = _qk_chunk(q, d_main, config.block_m)
+    if not split_head_dim and d_tail:
+        d_main, d_tail, qk_chunk = padded, 0, padded if qk_chunk == d_main else qk_chunk  # q stays resident
     whole_d = config.block_dv >= padded
     block_dv = d_main if whole_d else config.block_dv
     num_dv_chunks = 1 if whole_d else cdiv(head_dim, block_dv)
@@ -328,7 +334,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         target.stride(0), target.stride(1), target.stride(2), lse.stride(0) if kv_splits > 1 else 0,
         heads, seq_q, seq_kv, kv_per_split, qk_scale,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_MAIN=d_main, D_TAIL=d_tail,
-        BLOCK_DV=block_dv, QK_CHUNK=_qk_chunk(q, d_main, config.block_m), NUM_DV_CHUNKS=num_dv_chunks, DV_TAIL=dv_tail,
+        BLOCK_DV=block_dv, QK_CHUNK=qk_chunk, NUM_DV_CHUNKS=num_dv_chunks, DV_TAIL=dv_tail,
         EVEN_DV=dv_tail or head_dim % block_dv == 0, NUM_SPLITS=kv_splits, INTERPRET=interpret,
         DOT_PRECISION=_config.dot_precision(q.dtype, interpret),
         num_warps=config.num_warps, num_stages=config.num_stages,

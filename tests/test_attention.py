@@ -66,10 +66,24 @@ def poisoned_buffers(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records the forward and combine launches and makes the eager reference raise: only Triton code may run."""
+    """Records the forward and combine launches and makes the eager reference raise: only Triton code may run,
+    except in the calls that the dispatch routes to the reference on a GPU (``key_tail_unverified``: that kernel
+    path was wrong on an H200; tests/test_attention_gpu_findings.py runs it there)."""
 
     kernels = {name: f"_{name}_kernel" for name in ("attention_forward", "combine_splits")}
-    return record_kernel_launches(monkeypatch, attn, kernels, "attention_reference")
+    counters = record_kernel_launches(monkeypatch, attn, kernels, "attention_reference")
+    unverified, must_not_run, routed = attn._config.key_tail_unverified, attn.attention_reference, []
+
+    def recording_routing(*args):
+        routed.append(unverified(*args))
+        return routed[-1]
+
+    def reference_where_routed(*args, **kwargs):
+        return (reference if routed and routed.pop() else must_not_run)(*args, **kwargs)
+
+    monkeypatch.setattr(attn._config, "key_tail_unverified", recording_routing)
+    monkeypatch.setattr(attn, "attention_reference", reference_where_routed)
+    return counters
 
 
 @st.composite
@@ -185,6 +199,19 @@ def test_launch_paths(device, config, dtype, launches, poisoned_buffers):
     dv_chunks = math.ceil(96 / min(config.block_dv, 128))
     assert grid == (4 * math.ceil(37 / config.block_m) * dv_chunks * splits,)
     assert len(launches["combine_splits"].grids) == (splits > 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_dim_padded_instead_of_split(device, dtype, launches, poisoned_buffers):
+    """split_head_dim=False (bench/attention_key_tail_probe.py's other path): 96 runs as one 128-wide part, with a
+    key tail, and gives the same answer as the split launch."""
+    q = make_input((1, 2, 37, 96), dtype, device, seed=1)
+    k, v = (make_input((1, 2, 45, 96), dtype, device, seed=s) for s in (2, 3))
+    config = attn.AttentionConfig(32, 32)
+    assert_matches_reference(attn._launch(q, k, v, None, config, split_head_dim=False), q, k, v)
+    assert_matches_reference(attn._launch(q, k, v, None, config), q, k, v)
 
 
 @needs_kernel

@@ -126,8 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "python -m fastdec.bench.batch_throughput -h")
     parser.add_argument("--tiling", action="store_true",
                         help="instead: peak memory, max error and seams of exact tiled vs untiled decoding, fastdec "
-                             "and diffusers' enable_tiling (--resolution: SD-VAE sizes; --device, --out apply); more "
-                             "options: python -m fastdec.bench.tiling -h")
+                             "and diffusers' enable_tiling (--resolution: SD-VAE sizes; --device, --dtype, --out "
+                             "apply); more options: python -m fastdec.bench.tiling -h")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and latents")
     parser.add_argument("--height", type=int, default=None, metavar="PIXELS",
                         help="image height, when not square: --resolution gives the width (e.g. --resolution 832 "

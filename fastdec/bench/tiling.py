@@ -78,13 +78,13 @@ def worker(spec: dict) -> dict:
     from fastdec import ops
     from fastdec.tiling import HostTiles, TiledRun, even_bounds, latent_tile_rows, run_decode
 
-    device = torch.device(spec["device"])
-    latents = torch.load(spec["latents"], weights_only=True).to(device)
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec.get("dtype", "float32"))
+    latents = torch.load(spec["latents"], weights_only=True).to(device, dtype)
     if spec["decoder"] == "sd-vae":
         vae = _sd_vae(spec["width_divisor"])
         scale = vae.config.scaling_factor
         if spec["mode"].startswith("diffusers"):
-            vae = vae.to(device)
+            vae = vae.to(device, dtype)
             if spec["mode"] == "diffusers-tiled":
                 vae.enable_tiling()
                 vae.tile_sample_min_size = DIFFUSERS_TILE
@@ -93,12 +93,12 @@ def worker(spec: dict) -> dict:
             def decode():
                 return (vae.decode(latents / scale).sample * 0.5 + 0.5).clamp(0, 1)
         else:
-            decoder = fastdec.load(vae, device=device)
+            decoder = fastdec.load(vae, device=device, dtype=dtype)
             del vae
     else:
         from fastdec.models.taesd import TAESDDecoder
 
-        decoder = TAESDDecoder.from_pth(TAEF2 / "taef2_decoder.pth", "taef2", device=device)
+        decoder = TAESDDecoder.from_pth(TAEF2 / "taef2_decoder.pth", "taef2", device=device).to(dtype=dtype)
     result = {}
     if spec["mode"] == "fastdec":
         def decode():
@@ -180,13 +180,13 @@ def make_latents(decoder: str, size: int, path: Path) -> None:
     torch.save(latents, path)
 
 
-def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: Path, width_divisor: int = 1
-            ) -> list[dict]:
+def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: Path, width_divisor: int = 1,
+            dtype: str = "float32") -> list[dict]:
     latents = tmp / f"{decoder}-{size}-latents.pt"
     make_latents(decoder, size, latents)
     rows, images = [], {}
     for mode in modes:
-        spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "tile": FASTDEC_TILE,
+        spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "dtype": dtype, "tile": FASTDEC_TILE,
                 "width_divisor": width_divisor,
                 "latents": str(latents), "image": str(tmp / f"{decoder}-{size}-{mode}.pt")}
         done = subprocess.run([sys.executable, "-m", "fastdec.bench.tiling", "--worker", json.dumps(spec)],
@@ -206,7 +206,7 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
         row["psnr_vs_untiled_db"] = psnr(image, reference)
         borders = {"fastdec-tiled": (row.get("row_borders", []), []),
                    "diffusers-tiled": (diffusers_borders(size), diffusers_borders(size))}.get(mode)
-        if borders:
+        if borders and any(borders):  # an image no larger than one tile has no borders to measure
             row["seam_ratio"] = seam_ratio(image, *borders)
             row["seam_ratio_untiled_same_borders"] = seam_ratio(reference, *borders)
     if "diffusers" in images:
@@ -215,7 +215,8 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
 
 
 def report(rows: list[dict], meta: dict) -> str:
-    lines = [f"**{meta['machine']}** · {meta['date']} · torch {meta['torch']} · device {meta['device']} · float32",
+    lines = [f"**{meta['machine']}** · {meta['date']} · torch {meta['torch']} · device {meta['device']} · "
+             f"{meta.get('dtype', 'float32')}",
              "", f"`{meta['command']}`", "",
              "| decoder | image | mode | peak extra memory MiB | slab on device MiB | time s | max abs error vs "
              "untiled | PSNR vs untiled dB | seam ratio (untiled at same borders) |",
@@ -240,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width-divisor", type=int, default=1,
                         help="SD VAE widths / this (and groups / this): 4 keeps a CPU run short (default 1)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="weights and latents (default fp32; bf16/fp16 convolutions are very slow on CPUs)")
     parser.add_argument("--out", help="output folder (default bench/results/<date>-<machine>-tiling)")
     args = parser.parse_args(argv)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     taef2_sizes = [int(s) for s in args.taef2_sizes.split(",") if s] if (TAEF2 / "taef2_decoder.pth").is_file() else []
     date = datetime.date.today().isoformat()
     meta = {"date": date, "machine": device_name(torch.device(args.device)), "torch": torch.__version__,
-            "device": args.device,
+            "device": args.device, "dtype": dtype,
             "command": "python -m fastdec.bench.tiling " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
     plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for decoder, size, modes in plan:
-            rows += measure(decoder, size, modes, args.device, Path(tmp), args.width_divisor)
+            rows += measure(decoder, size, modes, args.device, Path(tmp), args.width_divisor, dtype)
             text = report(rows, meta)
             out.mkdir(parents=True, exist_ok=True)
             (out / "tiling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -267,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_bench_args(args: argparse.Namespace) -> int:
-    """``fastdec bench --tiling``: --resolution are the SD-VAE sizes, --device and --out apply."""
+    """``fastdec bench --tiling``: --resolution are the SD-VAE sizes, --device, --dtype and --out apply."""
     argv = ["--sizes", ",".join(str(r) for r in (args.resolution or (512, 1024, 2048, 4096)))]
     if args.device:
         argv += ["--device", args.device]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
     if args.out:
         argv += ["--out", args.out]
     return main(argv)
