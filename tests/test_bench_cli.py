@@ -8,6 +8,7 @@ fastdec.ops.backends() says).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from fastdec import bench, ops
@@ -171,7 +173,7 @@ def test_compile_variants_report_compile_time(tmp_path):
     out = tmp_path / "compiled"
     assert bench.main([*TINY, "--decoders", "taesd", "--compile-backend", "eager", "--out", str(out)]) == 0
     rows = {row["variant"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
-    assert set(rows) == set(bench.VARIANTS)
+    assert set(rows) == set(bench.VARIANTS) - {"fastdec-cudagraph"}  # a CUDA graph needs CUDA
     for variant in ("diffusers-compile", "fastdec-compile"):
         row = rows[variant]
         assert row["status"] == "ok" and isinstance(row["compile_s"], float) and row["compile_s"] > 0
@@ -398,3 +400,42 @@ def test_height_benchmarks_non_square_frames(tmp_path):
     assert {(row["resolution"], row["height"], tuple(row["latent"])) for row in result["rows"]} == {(64, 32, (4, 8))}
     assert "| taesd | 32x64 |" in (out / "bench.md").read_text()
     assert bench.main(["--decoders", "taesd", "--resolution", "64", "--height", "30", "--device", "cpu"]) == 2
+
+
+def test_cuda_graph_variant_captures_once_and_replays(monkeypatch):
+    """The fastdec-cudagraph variant's call (CUDA only, so torch.cuda is stood in for here): the first call runs two
+    warm-up decodes on a side stream and one under capture, every call replays, and the output is the captured
+    tensor; the peak memory recorded is the capture's."""
+    from fastdec.bench import cases
+
+    events, captured = [], torch.ones(1)
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def graph_capture(graph):
+        events.append("capture")
+        yield
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    cuda = torch.cuda
+    for name, value in {"Stream": Stream, "current_stream": Stream, "stream": lambda s: contextlib.nullcontext(),
+                        "CUDAGraph": Graph, "graph": graph_capture, "synchronize": lambda: None,
+                        "reset_peak_memory_stats": lambda: None, "memory_allocated": lambda: 100,
+                        "max_memory_allocated": lambda: 1124}.items():
+        monkeypatch.setattr(cuda, name, value)
+
+    def decode(latents):
+        events.append("decode")
+        return captured
+
+    extra = {}
+    run = cases._cuda_graph_call(decode, torch.zeros(1), extra)
+    assert run() is captured and run() is captured
+    assert events == ["decode", "decode", "capture", "decode", "replay", "replay"]
+    assert extra == {"capture_peak_memory_bytes": 1024}

@@ -106,7 +106,40 @@ def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, late
         compiled = torch.compile(model, backend=settings.compile_backend, fullgraph=True, dynamic=False)
         variants.append(Variant("fastdec-compile", fastdec_call(False, compiled), fastdec_range,
                                 f"{backend}, {how}, fullgraph"))
+    if settings.device.type == "cuda":
+        graph = Variant("fastdec-cudagraph", output_range=fastdec_range, backend=f"{backend}, torch.cuda.graph")
+        graph.fn = _cuda_graph_call(model, latents, graph.extra)
+        variants.append(graph)
     return variants
+
+
+def _cuda_graph_call(module: Callable[[Tensor], Tensor], latents: Tensor, extra: dict) -> Callable[[], Tensor]:
+    """``module(latents)`` captured in a CUDA graph on its first call (after two warm-up calls on a side stream, as
+    torch.cuda.graphs asks), replayed on every call: the decode without the host work of each op (Python, dispatch,
+    launches). The output is the graph's own tensor, overwritten by each replay. A replay allocates nothing, so the
+    decode's peak memory is taken during the capture (extra["capture_peak_memory_bytes"]): what the graph holds."""
+    graph, output = None, None
+
+    def run() -> Tensor:
+        nonlocal graph, output
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    module(latents)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = module(latents)
+            extra["capture_peak_memory_bytes"] = torch.cuda.max_memory_allocated() - before
+        graph.replay()
+        return output
+
+    return run
 
 
 def _failed(variant: Variant, error: Exception) -> None:
@@ -145,7 +178,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
                 fastdec_variant.label = "fastdec (eager-reference ops)"
                 continue
             try:
-                if variant.name.endswith("-compile"):
+                if variant.name.endswith(("-compile", "-cudagraph")):  # the first call compiles or captures
                     synchronize(device)
                     start = time.perf_counter()
                     variant.fn()
@@ -158,6 +191,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
                 for _ in range(warmup):
                     variant.fn()
                 variant.output, variant.peak_memory_bytes = call_peak_memory(variant.fn, device)
+                variant.peak_memory_bytes = variant.extra.get("capture_peak_memory_bytes", variant.peak_memory_bytes)
                 variant.calls = calls_per_round(variant.fn, device)
             except Exception as error:  # an OOM or a compile failure is a result row, not the end of the run
                 _failed(variant, error)

@@ -76,13 +76,10 @@ def load_line(load: dict) -> str:
     return line
 
 
-SUMMARY_VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile")
-
-
 def summary_table(result: dict) -> list[str]:
     """One line per decoder, size and batch: the median ms of each variant, fastdec's speed-up, memory, PSNR."""
     rows, goals = result["rows"], result["goals"]
-    present = [v for v in SUMMARY_VARIANTS if any(r["variant"] == v for r in rows)]
+    present = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     head = ["decoder", "image", "batch", *(f"{VARIANT_LABELS[v]} ms" for v in present),
             "fastdec speed-up vs diffusers eager", "peak MiB fastdec / diffusers", "fastdec PSNR dB", "goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

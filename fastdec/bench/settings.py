@@ -9,13 +9,14 @@ import torch
 
 from fastdec.bench.decoders import DECODERS, DEFAULT_DECODERS, ENTRIES, QUICK_DECODERS
 
-VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile")
+VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile", "fastdec-cudagraph")
 VARIANT_LABELS = {
     "fastdec": "fastdec (fused)",
     "fastdec-reference": "fastdec (reference ops)",
     "diffusers": "diffusers eager",
     "diffusers-compile": "diffusers + torch.compile",
     "fastdec-compile": "fastdec + torch.compile",
+    "fastdec-cudagraph": "fastdec in a CUDA graph",
 }
 
 
