@@ -124,7 +124,7 @@ else
   step flux2 90 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
   step taesd 60 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
   step flux1 90 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"
-  step wan 90 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --no-compile --repeats 3 --warmup 1 \
+  step wan 90 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --no-compile --repeats 2 --warmup 1 \
     --out "$OUT/wan"
   step svd 75 "${BENCH[@]}" --decoders svd --resolution 1024 --height 576 --no-compile --repeats 5 --warmup 1 \
     --out "$OUT/svd"

@@ -9,8 +9,9 @@ For each decoder, image size, batch and dtype it runs these variants on the same
   tae-192; the other families have no diffusers implementation: reported "n/a" with the reason);
 * ``diffusers-compile`` and ``fastdec-compile``: both under ``torch.compile`` (compile time, the first call, reported
   separately; fastdec's with fullgraph=True; dynamo's caches are reset per case so nothing silently falls back);
-* ``fastdec-cudagraph`` (CUDA only): the fastdec decode captured once in a ``torch.cuda.graph`` and replayed, which
-  shows what the per-op host work (Python, dispatch, launches) costs; its capture time is reported as compile time.
+* ``fastdec-cudagraph`` (CUDA, with the compile variants): the fastdec decode captured once in a ``torch.cuda.graph``
+  and replayed, which shows what the per-op host work (Python, dispatch, launches) costs; its capture time is
+  reported as compile time.
 
 The diffusers model gets the fastdec model's weights. On CUDA the fastdec conv decoders run channels_last (their
 preferred layout), diffusers runs as shipped (contiguous).

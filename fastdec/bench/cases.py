@@ -106,7 +106,7 @@ def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, late
         compiled = torch.compile(model, backend=settings.compile_backend, fullgraph=True, dynamic=False)
         variants.append(Variant("fastdec-compile", fastdec_call(False, compiled), fastdec_range,
                                 f"{backend}, {how}, fullgraph"))
-    if settings.device.type == "cuda":
+    if settings.compile and settings.device.type == "cuda":  # --no-compile: the plain variants only
         graph = Variant("fastdec-cudagraph", output_range=fastdec_range, backend=f"{backend}, torch.cuda.graph")
         graph.fn = _cuda_graph_call(model, latents, graph.extra)
         variants.append(graph)
