@@ -4,6 +4,7 @@ fill the GPU. Pure Python, no kernels: the launcher, tests and bench/compile_che
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -43,6 +44,7 @@ def _tile_shape(groups: int, group_channels: int, positions: int, channels_conti
     return block_g, block_cg, block_s
 
 
+@functools.lru_cache(maxsize=1024)  # pure in its int arguments; a decode asks again for the same few shapes
 def plan_launch(
     batch: int,
     groups: int,

@@ -55,21 +55,31 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None."""
-    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True) if size != 1]
-    for (_, outer_stride), (inner_size, inner_stride) in zip(spatial[:-1], spatial[1:], strict=True):
-        if outer_stride != inner_size * inner_stride:
+    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None. (A plain loop:
+    this runs on every launch, and its host time counts against small GPU calls.)"""
+    strides = t.stride()
+    inner = None  # the stride of the innermost size > 1 spatial dim seen so far
+    for size, stride in zip(t.shape[2:], strides[2:], strict=True):
+        if size == 1:
+            continue
+        if inner is not None and inner != size * stride:
             return None
-    return t.stride(0), t.stride(1), spatial[-1][1] if spatial else 1
+        inner = stride
+    return strides[0], strides[1], 1 if inner is None else inner
 
 
 def flat_views(x: torch.Tensor, out: torch.Tensor):
     """(source, target, x strides, target strides, index dtype) for a kernel over the (N, C, S) views of x and out.
     Layouts whose spatial dims do not flatten to one stride (e.g. a transposed H/W view) run on a copy (the caller
     copies target into out when they differ); offsets are int32 inside one sample unless they can pass 2^31."""
-    source = x if flat_strides(x) is not None else x.contiguous()
-    target = out if flat_strides(out) is not None else torch.empty_like(source)
-    x_strides, out_strides = flat_strides(source), flat_strides(target)
+    source, x_strides = x, flat_strides(x)
+    if x_strides is None:
+        source = x.contiguous()
+        x_strides = flat_strides(source)
+    target, out_strides = out, flat_strides(out)
+    if out_strides is None:
+        target = torch.empty_like(source)
+        out_strides = flat_strides(target)
     spatial = math.prod(x.shape[2:])
     span = (x.shape[1] - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
     return source, target, x_strides, out_strides, tl.int64 if span >= 2**31 else tl.int32
