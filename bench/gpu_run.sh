@@ -118,15 +118,16 @@ else
   # 4096^2 bf16 decode.
   BENCH=("$PYTHON" -m fastdec.bench --batch 1 --dtype bf16)
   # (The first H200 run, 2026-12-04: SD-VAE 512 with its compiles took 52 s, so each size is its own step. The
-  # video steps time fewer rounds: one Wan decode of 81 frames takes seconds.)
+  # video steps time fewer rounds and, with --quick, leave out compile and the fastdec-reference row: one Wan decode
+  # of 81 frames takes seconds.)
   step sd-vae-512 90 "${BENCH[@]}" --decoders sd-vae --resolution 512 --out "$OUT/sd-vae-512"
   step sd-vae-1024 100 "${BENCH[@]}" --decoders sd-vae --resolution 1024 --out "$OUT/sd-vae-1024"
   step flux2 90 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
   step taesd 60 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
   step flux1 90 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"
-  step wan 90 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --no-compile --repeats 2 --warmup 1 \
+  step wan 90 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --quick --repeats 2 --warmup 1 \
     --out "$OUT/wan"
-  step svd 75 "${BENCH[@]}" --decoders svd --resolution 1024 --height 576 --no-compile --repeats 5 --warmup 1 \
+  step svd 75 "${BENCH[@]}" --decoders svd --resolution 1024 --height 576 --quick --repeats 5 --warmup 1 \
     --out "$OUT/svd"
   step tiling 120 "$PYTHON" -m fastdec.bench --tiling --resolution 4096 --device cuda --dtype bf16 --out "$OUT/tiling"
 fi
