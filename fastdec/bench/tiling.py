@@ -8,8 +8,8 @@ Decoders: the SD VAE architecture (diffusers ``AutoencoderKL`` with sd-vae-ft-ms
 divides its widths and groups for a short CPU run; seeded random weights, loaded into fastdec with
 ``fastdec.load(vae)`` so both run the same weights; seeded random latents), and TAEF2 with its real weights on the
 latents of a real photo (no diffusers counterpart). Modes: fastdec untiled, fastdec exact tiled, diffusers untiled,
-diffusers ``enable_tiling()`` (its tile size set to 128 px so that images that fit a CPU run are tiled at all: 16x16
-latent tiles, 25% overlap, blended; fastdec's slabs are given the same 96-px stride).
+diffusers ``enable_tiling()`` (on CUDA its own 512-px tiles; on CPU 128 px, so that images that fit a CPU run are
+tiled at all; 25% overlap, blended), fastdec's slabs given the same stride (384 px; 96 px on CPU).
 
 Memory: every (decoder, mode, size) runs in a fresh subprocess, after a warm-up decode of an 8x8 latent. On CPU the
 peak is the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just before the
@@ -43,8 +43,12 @@ from fastdec.machine import device_name
 ROOT = Path(__file__).resolve().parents[2]  # the repository (results go to bench/results, TAEF2 is in ../shared)
 TAEF2 = ROOT / ".." / "shared" / "weights" / "taef2"
 MODES = ("fastdec", "fastdec-tiled", "diffusers", "diffusers-tiled")
-DIFFUSERS_TILE = 128  # pixels; diffusers blends 25% of it and keeps a 96-px stride
-FASTDEC_TILE = 96
+DIFFUSERS_TILE = {"cuda": 512, "cpu": 128}  # pixels (512: diffusers' default for the SD VAE); 25% of it blends
+
+
+def tile_stride(diffusers_tile: int) -> int:
+    """diffusers' row_limit: the pixels each tile keeps; fastdec's slabs get the same height."""
+    return diffusers_tile - diffusers_tile // 4
 
 
 # --- worker: one decode in a fresh process -------------------------------------------------------------------------
@@ -87,8 +91,8 @@ def worker(spec: dict) -> dict:
             vae = vae.to(device, dtype)
             if spec["mode"] == "diffusers-tiled":
                 vae.enable_tiling()
-                vae.tile_sample_min_size = DIFFUSERS_TILE
-                vae.tile_latent_min_size = DIFFUSERS_TILE // 8
+                vae.tile_sample_min_size = spec["diffusers_tile"]
+                vae.tile_latent_min_size = spec["diffusers_tile"] // 8
 
             def decode():
                 return (vae.decode(latents / scale).sample * 0.5 + 0.5).clamp(0, 1)
@@ -153,8 +157,8 @@ def seam_ratio(image: torch.Tensor, row_borders: list[int], col_borders: list[in
     return (torch.cat(border).mean() / torch.cat(other).mean()).item()
 
 
-def diffusers_borders(size: int) -> list[int]:
-    stride = DIFFUSERS_TILE - DIFFUSERS_TILE // 4  # diffusers' row_limit: each tile keeps this many pixels
+def diffusers_borders(size: int, diffusers_tile: int = DIFFUSERS_TILE["cpu"]) -> list[int]:
+    stride = tile_stride(diffusers_tile)
     return list(range(stride, size, stride))
 
 
@@ -185,9 +189,10 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
     latents = tmp / f"{decoder}-{size}-latents.pt"
     make_latents(decoder, size, latents)
     rows, images = [], {}
+    diffusers_tile = DIFFUSERS_TILE["cuda" if device.startswith("cuda") else "cpu"]
     for mode in modes:
-        spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "dtype": dtype, "tile": FASTDEC_TILE,
-                "width_divisor": width_divisor,
+        spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "dtype": dtype,
+                "diffusers_tile": diffusers_tile, "tile": tile_stride(diffusers_tile), "width_divisor": width_divisor,
                 "latents": str(latents), "image": str(tmp / f"{decoder}-{size}-{mode}.pt")}
         done = subprocess.run([sys.executable, "-m", "fastdec.bench.tiling", "--worker", json.dumps(spec)],
                               capture_output=True, text=True)
@@ -205,7 +210,7 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
         row["max_abs_error_vs_untiled"] = (image.double() - reference.double()).abs().max().item()
         row["psnr_vs_untiled_db"] = psnr(image, reference)
         borders = {"fastdec-tiled": (row.get("row_borders", []), []),
-                   "diffusers-tiled": (diffusers_borders(size), diffusers_borders(size))}.get(mode)
+                   "diffusers-tiled": (diffusers_borders(size, diffusers_tile),) * 2}.get(mode)
         if borders and any(borders):  # an image no larger than one tile has no borders to measure
             row["seam_ratio"] = seam_ratio(image, *borders)
             row["seam_ratio_untiled_same_borders"] = seam_ratio(reference, *borders)
@@ -216,7 +221,8 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
 
 def report(rows: list[dict], meta: dict) -> str:
     lines = [f"**{meta['machine']}** · {meta['date']} · torch {meta['torch']} · device {meta['device']} · "
-             f"{meta.get('dtype', 'float32')}",
+             f"{meta.get('dtype', 'float32')} · diffusers tiles {meta.get('diffusers_tile_px', 128)} px, fastdec slabs "
+             f"{tile_stride(meta.get('diffusers_tile_px', 128))} px",
              "", f"`{meta['command']}`", "",
              "| decoder | image | mode | peak extra memory MiB | slab on device MiB | time s | max abs error vs "
              "untiled | PSNR vs untiled dB | seam ratio (untiled at same borders) |",
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     meta = {"date": date, "machine": device_name(torch.device(args.device)), "torch": torch.__version__,
             "device": args.device, "dtype": dtype,
+            "diffusers_tile_px": DIFFUSERS_TILE["cuda" if args.device.startswith("cuda") else "cpu"],
             "command": "python -m fastdec.bench.tiling " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
     plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]
