@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for a bare GPU machine without network (issue 21 item 3):
+# The whole GPU check, for a bare GPU machine without network (issue 21 item 3):
 #
 #   bench/gpu_run.sh OUT_DIR [--wheels DIR] [--tune] [--budget SECONDS] [--smoke] [--ops a,b] [--skip-tests]
 #                    [--skip-check] [--only STEP,STEP]
@@ -8,11 +8,12 @@
 #    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
 #    e.g. bench/gpu_wheels.sh .whl with /.whl/ in .git/info/exclude, the device call carrying .whl;
 # 2. builds fastdec and its CUDA extension from this checkout (pip install --no-build-isolation -e .);
-# 3. runs the kernel tests natively on the GPU (no interpreter);
+# 3. runs the kernel tests natively on the GPU (no interpreter), then bench/attention_key_tail_probe.py (the
+#    attention launches found wrong on an H200, across tiles, each in its own process);
 # 4. bench/gpu_check.py: every op in fp16/bf16/fp32, contiguous/channels_last/strided, attention at head_dim
 #    64/384/512, against its peers;
-# 5. fastdec bench: end-to-end decodes at the performance goals' sizes against diffusers eager and torch.compile,
-#    with peak memory, then the tiled 4096^2 bf16 decode (fastdec bench --tiling);
+# 5. fastdec bench: end-to-end decodes at the performance goals' sizes against diffusers eager and torch.compile
+#    (and fastdec replayed from a CUDA graph), with peak memory, then the tiled 4096^2 bf16 decode (--tiling);
 # 6. with --tune, bench/tune_attention.py writes the attention table of this GPU into OUT_DIR;
 # 7. bench/gpu_run_report.py writes OUT_DIR/gpu_run.json and gpu_run.md (environment, each step's status and time,
 #    every table), ready to commit under bench/results/.
