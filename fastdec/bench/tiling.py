@@ -38,12 +38,17 @@ from pathlib import Path
 
 import torch
 
+from fastdec.bench.settings import DTYPES, dtype_name
 from fastdec.machine import device_name
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (results go to bench/results, TAEF2 is in ../shared)
 TAEF2 = ROOT / ".." / "shared" / "weights" / "taef2"
 MODES = ("fastdec", "fastdec-tiled", "diffusers", "diffusers-tiled")
 DIFFUSERS_TILE = {"cuda": 512, "cpu": 128}  # pixels (512: diffusers' default for the SD VAE); 25% of it blends
+
+
+def diffusers_tile(device: str) -> int:
+    return DIFFUSERS_TILE["cuda" if device.startswith("cuda") else "cpu"]
 
 
 def tile_stride(diffusers_tile: int) -> int:
@@ -82,7 +87,7 @@ def worker(spec: dict) -> dict:
     from fastdec import ops
     from fastdec.tiling import HostTiles, TiledRun, even_bounds, latent_tile_rows, run_decode
 
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec.get("dtype", "float32"))
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     latents = torch.load(spec["latents"], weights_only=True).to(device, dtype)
     if spec["decoder"] == "sd-vae":
         vae = _sd_vae(spec["width_divisor"])
@@ -189,10 +194,10 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
     latents = tmp / f"{decoder}-{size}-latents.pt"
     make_latents(decoder, size, latents)
     rows, images = [], {}
-    diffusers_tile = DIFFUSERS_TILE["cuda" if device.startswith("cuda") else "cpu"]
+    tile = diffusers_tile(device)
     for mode in modes:
         spec = {"decoder": decoder, "mode": mode, "size": size, "device": device, "dtype": dtype,
-                "diffusers_tile": diffusers_tile, "tile": tile_stride(diffusers_tile), "width_divisor": width_divisor,
+                "diffusers_tile": tile, "tile": tile_stride(tile), "width_divisor": width_divisor,
                 "latents": str(latents), "image": str(tmp / f"{decoder}-{size}-{mode}.pt")}
         done = subprocess.run([sys.executable, "-m", "fastdec.bench.tiling", "--worker", json.dumps(spec)],
                               capture_output=True, text=True)
@@ -210,7 +215,7 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
         row["max_abs_error_vs_untiled"] = (image.double() - reference.double()).abs().max().item()
         row["psnr_vs_untiled_db"] = psnr(image, reference)
         borders = {"fastdec-tiled": (row.get("row_borders", []), []),
-                   "diffusers-tiled": (diffusers_borders(size, diffusers_tile),) * 2}.get(mode)
+                   "diffusers-tiled": (diffusers_borders(size, tile),) * 2}.get(mode)
         if borders and any(borders):  # an image no larger than one tile has no borders to measure
             row["seam_ratio"] = seam_ratio(image, *borders)
             row["seam_ratio_untiled_same_borders"] = seam_ratio(reference, *borders)
@@ -221,8 +226,8 @@ def measure(decoder: str, size: int, modes: tuple[str, ...], device: str, tmp: P
 
 def report(rows: list[dict], meta: dict) -> str:
     lines = [f"**{meta['machine']}** · {meta['date']} · torch {meta['torch']} · device {meta['device']} · "
-             f"{meta.get('dtype', 'float32')} · diffusers tiles {meta.get('diffusers_tile_px', 128)} px, fastdec slabs "
-             f"{tile_stride(meta.get('diffusers_tile_px', 128))} px",
+             f"{meta['dtype']} · diffusers tiles {meta['diffusers_tile_px']} px, fastdec slabs "
+             f"{tile_stride(meta['diffusers_tile_px'])} px",
              "", f"`{meta['command']}`", "",
              "| decoder | image | mode | peak extra memory MiB | slab on device MiB | time s | max abs error vs "
              "untiled | PSNR vs untiled dB | seam ratio (untiled at same borders) |",
@@ -247,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width-divisor", type=int, default=1,
                         help="SD VAE widths / this (and groups / this): 4 keeps a CPU run short (default 1)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="weights and latents (default fp32; bf16/fp16 convolutions are very slow on CPUs)")
     parser.add_argument("--out", help="output folder (default bench/results/<date>-<machine>-tiling)")
     args = parser.parse_args(argv)
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    dtype = dtype_name(DTYPES[args.dtype])
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     meta = {"date": date, "machine": device_name(torch.device(args.device)), "torch": torch.__version__,
             "device": args.device, "dtype": dtype,
-            "diffusers_tile_px": DIFFUSERS_TILE["cuda" if args.device.startswith("cuda") else "cpu"],
+            "diffusers_tile_px": diffusers_tile(args.device),
             "command": "python -m fastdec.bench.tiling " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out or ROOT / "bench" / "results" / f"{date}-{args.device}-tiling")
     plan = [("sd-vae", size, MODES) for size in sizes] + [("taef2", size, MODES[:2]) for size in taef2_sizes]
