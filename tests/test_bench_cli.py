@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -425,17 +426,17 @@ def test_cuda_graph_variant_captures_once_and_replays(monkeypatch):
 
     cuda = torch.cuda
     for name, value in {"Stream": Stream, "current_stream": Stream, "stream": lambda s: contextlib.nullcontext(),
-                        "CUDAGraph": Graph, "graph": graph_capture, "synchronize": lambda: None,
-                        "reset_peak_memory_stats": lambda: None, "memory_allocated": lambda: 100,
-                        "max_memory_allocated": lambda: 1124}.items():
+                        "CUDAGraph": Graph, "graph": graph_capture, "synchronize": lambda device: None,
+                        "reset_peak_memory_stats": lambda device: None, "memory_allocated": lambda device: 100,
+                        "max_memory_allocated": lambda device: 1124}.items():
         monkeypatch.setattr(cuda, name, value)
 
     def decode(latents):
         events.append("decode")
         return captured
 
-    extra = {}
-    run = cases._cuda_graph_call(decode, torch.zeros(1), extra)
+    extra, latents = {}, types.SimpleNamespace(device=torch.device("cuda"))  # only its device is read
+    run = cases._cuda_graph_call(decode, latents, extra)
     assert run() is captured and run() is captured
     assert events == ["decode", "decode", "capture", "decode", "replay", "replay"]
     assert extra == {"capture_peak_memory_bytes": 1024}

@@ -129,13 +129,13 @@ def _cuda_graph_call(module: Callable[[Tensor], Tensor], latents: Tensor, extra:
                 for _ in range(2):
                     module(latents)
             torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = module(latents)
-            extra["capture_peak_memory_bytes"] = torch.cuda.max_memory_allocated() - before
+
+            def capture() -> tuple[torch.cuda.CUDAGraph, Tensor]:
+                captured = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(captured):
+                    return captured, module(latents)
+
+            (graph, output), extra["capture_peak_memory_bytes"] = call_peak_memory(capture, latents.device)
         graph.replay()
         return output
 
