@@ -161,3 +161,24 @@ def test_tiled_decode_holds_slabs_pinned_and_copies_them_asynchronously(monkeypa
     assert out.shape == (1, 3, 1024, 1024) and out.device.type == "cuda"
     assert len(copies.to_host) >= 4 and all(copies.to_host), copies.to_host  # (non_blocking, pinned) each
     assert len(copies.to_device) >= 4 and all(copies.to_device), copies.to_device
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+def test_slabs_on_a_device_named_without_its_index_decode(monkeypatch):
+    """H200, 2026-12-04: slabs on ``torch.device("cuda")`` (what the tiling bench passes) were refused by the latent
+    check against weights on ``cuda:0``, the same GPU."""
+    from fastdec import ops, tiling
+    from fastdec.models.taesd import TAESDDecoder
+    from fastdec.tiling.dispatch import TiledRun
+    from fastdec.tiling.slab import even_bounds
+
+    monkeypatch.setattr(tiling.HostTiles, "settle", lambda self: None)  # no CUDA runtime here
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with FakeTensorMode():
+        with torch.device("cuda"):
+            model = TAESDDecoder("taef2").eval()
+        latents = torch.randn(1, 32, 32, 32, device="cuda")
+        run = TiledRun(tiling.HostTiles(torch.device("cuda")), 32, even_bounds(32, 2))
+        with ops.reference_ops():
+            out = run.executor.gather(tiling.run_decode(model, latents, run))
+    assert out.shape == (1, 3, 256, 256) and out.device == torch.device("cuda", 0)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastdec.tiling.slab import Bounds, SlabTensor, zeros_rows
+from fastdec.validate import resolved_device
 
 
 class Executor:
@@ -71,7 +72,7 @@ class HostTiles(Executor):
     held slab (a reshape that copies) first waits for the copies still in flight (``settle``)."""
 
     def __init__(self, device: torch.device, storage: torch.device | str = "cpu"):
-        self.device, self.storage = torch.device(device), torch.device(storage)
+        self.device, self.storage = resolved_device(device), torch.device(storage)
         self.peak_slab_bytes = 0  # largest slab input + output moved to the device at once (bench accounting)
         self.copies_in_flight = False
 
