@@ -88,22 +88,12 @@ _BACKENDS = {"triton": _triton_backends, "extension": _extension_backends}
 
 
 def backends() -> dict[str, dict[str, str]]:
-    """Per op, which backend runs on CPU and on CUDA in this process, and why when it is a fallback; plus
-    ``cuda_exceptions`` where the fused CUDA path hands some calls to the eager reference (an op file's
-    ``CUDA_EXCEPTIONS``)."""
-    table = {}
-    for name, module in OP_MODULES.items():
-        table[name] = _BACKENDS[module.FUSED]()
-        if getattr(module, "CUDA_EXCEPTIONS", None) and table[name]["cuda"] == module.FUSED:
-            table[name]["cuda_exceptions"] = module.CUDA_EXCEPTIONS
-    return table
+    """Per op, which backend runs on CPU and on CUDA in this process, and why when it is a fallback."""
+    return {name: _BACKENDS[module.FUSED]() for name, module in OP_MODULES.items()}
 
 
 def format_backends() -> str:
-    """backends() as a markdown table, the CUDA exceptions under it."""
-    table = backends()
+    """backends() as a markdown table."""
     rows = ["| op | CPU | CUDA |", "|---|---|---|"]
-    rows += [f"| `{name}` | {b['cpu']} | {b['cuda']}{' (*)' if 'cuda_exceptions' in b else ''} |"
-             for name, b in table.items()]
-    rows += [f"\n(*) `{name}` on CUDA: {b['cuda_exceptions']}" for name, b in table.items() if "cuda_exceptions" in b]
+    rows += [f"| `{name}` | {b['cpu']} | {b['cuda']} |" for name, b in backends().items()]
     return "\n".join(rows)

@@ -202,11 +202,11 @@ def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, ca
 def key_tail_unverified(dtype: torch.dtype, precision: str, head_dim: int, seq_kv: int, block_m: int, block_n: int,
                         capability: tuple[int, int]) -> bool:
     """Whether a GPU call would take the kernel path that gave wrong outputs on an H200 (triton 3.6.0, torch 2.11,
-    2026-12-04, bench/results/2026-12-04-gpu-run-h200/): D split into D_MAIN + D_TAIL with q resident, and a
-    masked key-tail step (keys not a multiple of block_n). head_dim 96 (fp16, bf16; 45 and 517 keys) and Wan's 384
-    (bf16, 45 keys) were far off SDPA there, while the interpreter runs the same tiles right and the same head_dims
-    without a key tail passed (96 at 9216 keys, 384 at 6240). The cause is not found: these calls run the eager
-    reference until a GPU run passes tests/test_attention_gpu_findings.py."""
+    2026-12-04): D split into D_MAIN + D_TAIL with q resident, and a masked key-tail step (keys not a multiple of
+    block_n). head_dim 96 (fp16, bf16) and Wan's 384 (bf16), with 45 and 517 keys, were far off SDPA at most tiles
+    (some raised an illegal memory access), while the interpreter runs the same tiles right, the same head_dims
+    without a key tail passed, and D padded to one power of two passed in each of these calls at the dispatch's tile
+    (bench/results/2026-12-04-gpu-run-h200-call5-7/). The cause is not found: these calls pad D (128, 512)."""
     main, tail = split_head_dim(head_dim)
     return tail > 0 and seq_kv % block_n != 0 and qk_chunk(dtype, precision, head_dim, block_m, capability) == main
 

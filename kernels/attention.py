@@ -9,8 +9,9 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
 * Any N: the query tail is masked once on load/store; the key tail is one extra masked iteration after an
   unmasked main loop. Any head_dim from 1 to 512: D is a power of two (at least 16, the smallest ``tl.dot``) or,
   where that pads less, a power of two plus a power-of-two tail (D_MAIN + D_TAIL: Wan's 384 = 256 + 128, not
-  512; 96 = 64 + 32), with masked loads only where a part overhangs D. On GPUs a split D with a key tail runs
-  the eager reference for now: it was wrong on an H200 (``_attention_config.key_tail_unverified``).
+  512; 96 = 64 + 32), with masked loads only where a part overhangs D. On GPUs a split D with a key tail pads D
+  to one power of two instead: the split launch was wrong there on an H200 at most tiles, the padded one right at
+  every tile tried (``_attention_config.key_tail_unverified``).
 * Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens): the accumulator is
   BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid therefore has
   two more axes besides (batch*head, query block):
@@ -360,11 +361,10 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     with torch.cuda.device(q.device):  # triton launches on the current device
         while True:
             config = _config.choose(TABLE, *call)
-            if _config.key_tail_unverified(q.dtype, call[2], q.shape[3], k.shape[2], config.block_m, config.block_n,
-                                           _config.device_facts(index)[0]):
-                return attention_reference(q, k, v, scale)  # wrong on an H200: see key_tail_unverified
+            split = not _config.key_tail_unverified(q.dtype, call[2], q.shape[3], k.shape[2], config.block_m,
+                                                    config.block_n, _config.device_facts(index)[0])
             try:
-                return _launch(q, k, v, scale, config)
+                return _launch(q, k, v, scale, config, split_head_dim=split)
             except triton.runtime.errors.OutOfResources:
                 if not _config.demote(*call):  # the estimate was off: the next candidate, once per bucket
                     raise
@@ -420,9 +420,6 @@ DECODE_SHAPES = {
     "SVD 576x1024": (14, 1, 9216, 512), "ViT-S 512": (1, 6, 1024, 64), "ViT-B 512": (1, 12, 1024, 64),
 }
 GPU_DTYPE = torch.bfloat16  # the dtype its speed goal is stated in
-CUDA_EXCEPTIONS = ("a head dim split in two parts (e.g. 96, 384) whose keys are not a multiple of the key tile runs "
-                   "the eager reference: that kernel path gave wrong outputs on an H200 (kernels/_attention_config.py "
-                   "key_tail_unverified)")
 
 
 def check_call(r) -> tuple:

@@ -66,24 +66,9 @@ def poisoned_buffers(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records the forward and combine launches and makes the eager reference raise: only Triton code may run,
-    except in the calls that the dispatch routes to the reference on a GPU (``key_tail_unverified``: that kernel
-    path was wrong on an H200; tests/test_attention_gpu_findings.py runs it there)."""
-
+    """Records the forward and combine launches and makes the eager reference raise: only Triton code may run."""
     kernels = {name: f"_{name}_kernel" for name in ("attention_forward", "combine_splits")}
-    counters = record_kernel_launches(monkeypatch, attn, kernels, "attention_reference")
-    unverified, must_not_run, routed = attn._config.key_tail_unverified, attn.attention_reference, []
-
-    def recording_routing(*args):
-        routed.append(unverified(*args))
-        return routed[-1]
-
-    def reference_where_routed(*args, **kwargs):
-        return (reference if routed and routed.pop() else must_not_run)(*args, **kwargs)
-
-    monkeypatch.setattr(attn._config, "key_tail_unverified", recording_routing)
-    monkeypatch.setattr(attn, "attention_reference", reference_where_routed)
-    return counters
+    return record_kernel_launches(monkeypatch, attn, kernels, "attention_reference")
 
 
 @st.composite
@@ -283,10 +268,13 @@ def test_nan_in_a_query_stays_in_its_row(device, launches):
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
 def test_single_token(device, launches):
-    """One key: the output is that value for every query, exactly (p = 1)."""
+    """One key: the output is that value for every query (p = 1): exactly under the interpreter; on a GPU within 2
+    ulp, since the score scaling contracts into one FMA, ``exp2(s * c - m)``, leaving p = 1 within an ulp (the
+    H200's SDPA reference was 1 ulp off too, 2026-12-04)."""
     q = make_input((2, 3, 5, 48), torch.float32, device, seed=1)
     k, v = (make_input((2, 3, 1, 48), torch.float32, device, seed=s) for s in (2, 3))
-    torch.testing.assert_close(ops.attention(q, k, v), v.expand(2, 3, 5, 48), rtol=0, atol=0)
+    exact = device == "cpu"
+    torch.testing.assert_close(ops.attention(q, k, v), v.expand(2, 3, 5, 48), rtol=0 if exact else 2**-22, atol=0)
 
 
 @needs_kernel

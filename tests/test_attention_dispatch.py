@@ -83,11 +83,11 @@ def test_a_plan_that_does_not_fit_falls_back_once(gpu_launches, monkeypatch):
     real = attn._launch
     refused = []
 
-    def launch(q, k, v, scale, chosen):
+    def launch(q, k, v, scale, chosen, split_head_dim=True):
         if chosen.block_m == 128:
             refused.append(chosen)
             raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
-        return real(q, k, v, scale, chosen)
+        return real(q, k, v, scale, chosen, split_head_dim)
 
     monkeypatch.setattr(attn, "_launch", launch)
     monkeypatch.setattr(attn, "triton_interpreting", lambda: False)
@@ -157,7 +157,7 @@ def test_head_dim_384_in_wans_layout_matches_sdpa(device, dtype, whole_d, monkey
     launches = record_kernel_launches(monkeypatch, attn, {"forward": "_attention_forward_kernel"},
                                       "attention_reference")
     generator = torch.Generator().manual_seed(0)
-    # 64 tokens: no key tail, which the kernel does not take on GPUs at this head_dim (key_tail_unverified)
+    # 64 tokens: no key tail, so the split D runs on GPUs too (key_tail_unverified)
     q, k, v = config.wan_qkv((2, 1, 64, 384), lambda s: torch.randn(s, generator=generator).to(device, dtype))
     with config.tf32(False):  # fp32 on a GPU: the exact path, which ATTENTION's fp32 tolerance is for
         out = attn._launch(q, k, v, None, attn.AttentionConfig(32, 32)) if whole_d else ops.attention(q, k, v)
@@ -167,17 +167,21 @@ def test_head_dim_384_in_wans_layout_matches_sdpa(device, dtype, whole_d, monkey
 
 
 @needs_triton_module
-def test_split_head_dim_with_a_key_tail_runs_the_reference_on_gpus(gpu_launches):
+def test_split_head_dim_with_a_key_tail_pads_d_on_gpus(gpu_launches):
     """The H200 finding (tests/test_attention_gpu_findings.py): a split D (96 = 64 + 32, 384 = 256 + 128) with q
-    resident and a key tail runs the eager reference; without a key tail, and on fp32's chunked q k^T, the kernel."""
-    assert gpu_launches(90, fake((1, 2, 37, 96)), fake((1, 2, 45, 96)), fake((1, 2, 45, 96))) == []
-    assert gpu_launches(90, fake((1, 1, 6244, 384)), fake((1, 1, 6244, 384)), fake((1, 1, 6244, 384))) == []
-    assert len(gpu_launches(90, fake((1, 1, 6240, 384)), fake((1, 1, 6240, 384)), fake((1, 1, 6240, 384)))) == 1
-    assert len(gpu_launches(90, fake((1, 2, 9216, 96)), fake((1, 2, 9216, 96)), fake((1, 2, 9216, 96)))) == 1
-    assert len(gpu_launches(90, fake((1, 2, 37, 128)), fake((1, 2, 45, 128)), fake((1, 2, 45, 128)))) == 1
+    resident and a key tail launches D padded to one power of two (right there, where the split launch was wrong);
+    without a key tail, and on fp32's chunked q k^T, the split launch."""
+    def d_parts(q_shape, kv_shape, dtype=torch.bfloat16):
+        (launch,) = gpu_launches(90, fake(q_shape, dtype), fake(kv_shape, dtype), fake(kv_shape, dtype))
+        return launch["D_MAIN"], launch["D_TAIL"]
+
+    assert d_parts((1, 2, 37, 96), (1, 2, 45, 96)) == (128, 0)
+    assert d_parts((1, 1, 6244, 384), (1, 1, 6244, 384)) == (512, 0)
+    assert d_parts((1, 1, 6240, 384), (1, 1, 6240, 384)) == (256, 128)
+    assert d_parts((1, 2, 9216, 96), (1, 2, 9216, 96)) == (64, 32)
+    assert d_parts((1, 2, 37, 128), (1, 2, 45, 128)) == (128, 0)
     with config.tf32(False):
-        shapes = [fake(shape, torch.float32) for shape in ((1, 2, 37, 96), (1, 2, 45, 96), (1, 2, 45, 96))]
-        assert len(gpu_launches(90, *shapes)) == 1
+        assert d_parts((1, 2, 37, 96), (1, 2, 45, 96), torch.float32) == (64, 32)
 
 
 def test_the_tuning_command_writes_a_table_the_dispatch_reads(tmp_path):

@@ -3,9 +3,10 @@ bench/results/2026-12-04-gpu-run-h200/), kept as tests so that the next GPU run 
 
 With D split into D_MAIN + D_TAIL (head_dim 96 = 64 + 32, Wan's 384 = 256 + 128) and q resident, the masked key-tail
 step gave outputs far off SDPA, while Triton's interpreter runs the same tiles right (checked on CPU with these
-configs) and the same head_dims without a key tail passed. The cause is not found. Until these pass on a GPU, fastdec
-routes such calls to the eager reference (kernels/_attention_config.py ``key_tail_unverified``; the routing is
-tested on CPU in tests/test_attention_dispatch.py). An XPASS here means the kernel may take them again.
+configs) and the same head_dims without a key tail passed. The cause is not found. The second H200 session
+(bench/results/2026-12-04-gpu-run-h200-call5-7/) found D padded to one power of two right in each of these calls, so
+fastdec launches them padded (kernels/_attention_config.py ``key_tail_unverified``; the routing is tested on CPU in
+tests/test_attention_dispatch.py, the result here). An XPASS of the split launch means it may take them again.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ FAILED_ON_H200 = [
 ]
 
 
-@pytest.mark.skipif(TRITON_IMPORT_ERROR is not None or not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(reason="wrong on an H200 with triton 3.6.0 (2026-12-04)", strict=False)
-@pytest.mark.parametrize(("shape", "keys", "dtype"), FAILED_ON_H200)
-def test_split_head_dim_key_tail_in_the_kernel(shape, keys, dtype):
-    """The kernel itself, with the configuration the dispatch would choose, against float64 SDPA."""
+needs_gpu = pytest.mark.skipif(TRITON_IMPORT_ERROR is not None or not torch.cuda.is_available(),
+                               reason="needs a CUDA GPU")
+
+
+def call(shape, keys, dtype):
+    """Seeded q, k, v on the GPU (Wan's strided layout at head_dim 384) and float64 SDPA's output."""
     generator = torch.Generator().manual_seed(0)
     batch, heads, seq_q, head_dim = shape
     if head_dim == 384:  # Wan's strided q/k/v
@@ -39,8 +41,25 @@ def test_split_head_dim_key_tail_in_the_kernel(shape, keys, dtype):
     else:
         q = torch.randn(shape, generator=generator).to("cuda", dtype)
         k, v = (torch.randn((batch, heads, keys, head_dim), generator=generator).to("cuda", dtype) for _ in range(2))
+    return q, k, v, torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+
+
+@needs_gpu
+@pytest.mark.xfail(reason="wrong on an H200 with triton 3.6.0 (2026-12-04)", strict=False)
+@pytest.mark.parametrize(("shape", "keys", "dtype"), FAILED_ON_H200)
+def test_split_head_dim_key_tail_in_the_kernel(shape, keys, dtype):
+    """The split launch itself, with the configuration the dispatch would choose, against float64 SDPA."""
+    q, k, v, expected = call(shape, keys, dtype)
+    batch, heads, seq_q, head_dim = shape
     chosen = config.choose(attn.TABLE, q.device.index or 0, dtype, config.dot_precision(dtype, False),
                            batch * heads, seq_q, keys, head_dim)
-    out = attn._launch(q, k, v, None, chosen)
-    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    torch.testing.assert_close(out.double(), expected, **ATTENTION[dtype])
+    torch.testing.assert_close(attn._launch(q, k, v, None, chosen).double(), expected, **ATTENTION[dtype])
+
+
+@needs_gpu
+@pytest.mark.parametrize(("shape", "keys", "dtype"), FAILED_ON_H200)
+def test_the_dispatch_gets_these_calls_right(shape, keys, dtype, monkeypatch):
+    """What fastdec runs for them (D padded, the Triton kernel, never the eager reference) against float64 SDPA."""
+    q, k, v, expected = call(shape, keys, dtype)
+    monkeypatch.setattr(attn, "attention_reference", pytest.fail)
+    torch.testing.assert_close(attn.attention_triton(q, k, v).double(), expected, **ATTENTION[dtype])

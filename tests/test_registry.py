@@ -86,16 +86,6 @@ def test_backends_report_the_interpreter_when_requested():
     assert "| `pixel_shuffle` |" in ops.format_backends()
 
 
-def test_backends_name_the_shapes_a_fused_cuda_path_hands_to_the_reference(monkeypatch):
-    monkeypatch.setattr(ops, "_triton_backends", lambda: {"cpu": "eager reference", "cuda": "triton"})
-    monkeypatch.setitem(ops._BACKENDS, "triton", ops._triton_backends)
-    table = ops.backends()
-    assert "key_tail_unverified" in table["attention"]["cuda_exceptions"]
-    assert "cuda_exceptions" not in table["group_norm_act"]
-    assert "| `attention` | eager reference | triton (*) |" in ops.format_backends()
-    assert "(*) `attention` on CUDA: a head dim split" in ops.format_backends()
-
-
 CHECK_FALLBACK = """
 import sys, json
 {block}
