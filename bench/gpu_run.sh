@@ -8,8 +8,9 @@
 #    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
 #    e.g. bench/gpu_wheels.sh .whl with /.whl/ in .git/info/exclude, the device call carrying .whl;
 # 2. builds fastdec and its CUDA extension from this checkout (pip install --no-build-isolation -e .);
-# 3. runs the kernel tests natively on the GPU (no interpreter), then bench/attention_key_tail_probe.py (the
-#    attention launches found wrong on an H200, across tiles, each in its own process);
+# 3. runs the kernel tests natively on the GPU (no interpreter); with --only ...,attention_probe also
+#    bench/attention_key_tail_probe.py (the attention launches found wrong on an H200, across tiles, each in its own
+#    process);
 # 4. bench/gpu_check.py: every op in fp16/bf16/fp32, contiguous/channels_last/strided, attention at head_dim
 #    64/384/512, against its peers;
 # 5. fastdec bench: end-to-end decodes at the performance goals' sizes against diffusers eager and torch.compile
@@ -110,9 +111,11 @@ if [ $SMOKE -eq 1 ]; then
   step decoders 120 "$PYTHON" -m fastdec.bench --decoders taesd --resolution 64 --batch 1 --repeats 2 --warmup 0 \
     --no-compile --device cpu --out "$OUT/decoders"
 else
-  # The attention launches the first H200 run found wrong, across keys and tiles (kernels/_attention_config.py
-  # key_tail_unverified): one line per launch with its error, to narrow the cause down.
-  step attention_probe 90 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
+  # Only when named (--only ...,attention_probe): the split-head-dim attention launches found wrong on an H200,
+  # across keys and tiles (kernels/_attention_config.py key_tail_unverified), one line per launch with its error.
+  # 83 s on an H200; fastdec pads D for those calls since the third session's probe.
+  [[ ",$ONLY," == *",attention_probe,"* ]] && \
+    step attention_probe 90 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
   # --skip-check: a later session that has gpu_check's tables already gives its minutes to the decoders
   [ $SKIP_CHECK -eq 0 ] && step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops in time for its report
   # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
