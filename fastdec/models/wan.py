@@ -111,8 +111,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: TimeCache) -> Tensor:
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        h = self.conv1(self.norm1(x), cache)
-        return self.conv2(self.norm2(h), cache) + shortcut
+        h = self.norm2(self.conv1(self.norm1(x), cache))  # conv1's output is freed before conv2 runs
+        return self.conv2(h, cache) + shortcut
 
 
 class AttentionBlock(nn.Module):
