@@ -2,10 +2,11 @@
 96 and 384 wrong with a masked key tail, cause unknown; kernels/_attention_config.py ``key_tail_unverified``).
 
 Runs the kernel itself (``attention._launch``, no routing to the reference) for the calls that failed there, across
-key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D) and D
-split in two parts or padded to one power of two, and prints one JSON line per launch with its error against
-float64 SDPA. Each launch runs in a process of its own: the second H200 run hit an illegal memory access, after which
-every later launch in the same process failed too.
+key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D), D
+split in two parts or padded to one power of two, and the key tail peeled after the loop or masked in every step
+(is the peeled step after a pipelined loop what goes wrong? the third H200 session's rows suggest it). It prints one
+JSON line per launch with its error against float64 SDPA. Each launch runs in a process of its own: the second H200
+run hit an illegal memory access, after which every later launch in the same process failed too.
 
     python bench/attention_key_tail_probe.py [--out probe.json] [--workers 8]
 """
@@ -33,16 +34,21 @@ TOLERANCE = {"float16": 2**-10, "bfloat16": 2**-7}
 
 
 def launches() -> list[dict]:
-    """Every launch to try: the dispatch's tile at each key count, split and padded; at 45 keys (a key tail at
-    every block_n) also one knob at a time changed from the dispatch's tile."""
+    """Every launch to try: the dispatch's tile at each key count, split and padded, and split with the key tail
+    masked in the loop; at 45 keys (a key tail at every block_n) also one knob at a time changed from the dispatch's
+    tile, peeled and masked in the loop."""
     specs = []
     for call in CALLS:
         for keys in KEYS:
-            specs += [{"call": call, "keys": keys, "split": split, "change": {}} for split in (True, False)]
+            specs += [{"call": call, "keys": keys, "split": split, "peel": True, "change": {}}
+                      for split in (True, False)]
+            if keys % 16:
+                specs.append({"call": call, "keys": keys, "split": True, "peel": False, "change": {}})
         changes = [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
         changes += [{"block_n": n} for n in (16, 32, 64)] + [{"block_m": m} for m in (16, 64, 128)]
         changes.append({"block_dv": "main"})  # output D in chunks of D's main part: no acc_tail
-        specs += [{"call": call, "keys": 45, "split": True, "change": change} for change in changes]
+        specs += [{"call": call, "keys": 45, "split": True, "peel": peel, "change": change}
+                  for change in changes for peel in (True, False)]
     return specs
 
 
@@ -69,7 +75,7 @@ def run_one(spec: dict) -> dict:
     tile = dataclasses.replace(tile, **change)
     row = {**spec, **dataclasses.asdict(tile), "key_tail": keys % tile.block_n != 0}
     try:
-        out = attn._launch(q, k, v, None, tile, split_head_dim=spec["split"])
+        out = attn._launch(q, k, v, None, tile, split_head_dim=spec["split"], peel_key_tail=spec["peel"])
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - a failed launch is this probe's finding
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}", "correct": False}

@@ -113,9 +113,9 @@ if [ $SMOKE -eq 1 ]; then
 else
   # Only when named (--only ...,attention_probe): the split-head-dim attention launches found wrong on an H200,
   # across keys and tiles (kernels/_attention_config.py key_tail_unverified), one line per launch with its error.
-  # 83 s on an H200; fastdec pads D for those calls since the third session's probe.
+  # 83 s for 63 launches on an H200; fastdec pads D for those calls since the third session's probe.
   [[ ",$ONLY," == *",attention_probe,"* ]] && \
-    step attention_probe 90 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
+    step attention_probe 150 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
   # --skip-check: a later session that has gpu_check's tables already gives its minutes to the decoders
   [ $SKIP_CHECK -eq 0 ] && step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops in time for its report
   # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE

@@ -94,12 +94,13 @@ def build(out: Path, smoke: bool) -> tuple[dict, str]:
     if probe.exists():
         report["attention_probe"] = json.loads(probe.read_text())
         lines += ["", "## attention_probe", "",
-                  "| call | keys | D split | tile (m, n, dv, warps, stages) | key tail | max error | correct |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| call | keys | D split | key tail peeled | tile (m, n, dv, warps, stages) | key tail | max error | "
+                  "correct |", "|---|---|---|---|---|---|---|---|"]
         for r in report["attention_probe"]["rows"]:
             tile = ", ".join(str(r.get(name, "?")) for name in ("block_m", "block_n", "block_dv", "num_warps",
                                                                 "num_stages"))
-            lines.append(f"| {r['call']} | {r['keys']} | {r['split']} | {tile} | {r.get('key_tail', '?')} | "
+            lines.append(f"| {r['call']} | {r['keys']} | {r['split']} | {r.get('peel', True)} | {tile} | "
+                         f"{r.get('key_tail', '?')} | "
                          f"{r.get('max_abs_error', r.get('error'))} | {r['correct']} |")
     if report["attention_table"] is not None:
         lines += ["", "## attention table (--tune): copy to kernels/_attention_table.py", "", "```python",

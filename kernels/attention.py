@@ -171,7 +171,7 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_MAIN: tl.constexpr,
     D_TAIL: tl.constexpr, BLOCK_DV: tl.constexpr, QK_CHUNK: tl.constexpr, NUM_DV_CHUNKS: tl.constexpr,
     DV_TAIL: tl.constexpr, EVEN_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PEEL_KEY_TAIL: tl.constexpr,
 ):
     """One program = (batch*head, query block, key split, output D chunk); the last two vary fastest so that
     programs sharing a q tile run together. With NUM_SPLITS > 1 it writes fp32 partials and their base-2 lse.
@@ -225,12 +225,14 @@ def _attention_forward_kernel(
 
     kv_start = split * kv_per_split
     kv_stop = tl.minimum(kv_start + kv_per_split, seq_kv)
-    kv_full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N
+    # PEEL_KEY_TAIL=False: one loop, every step masked (the probe's test of whether the peeled step after a
+    # pipelined loop is what goes wrong on an H200)
+    kv_full_stop = kv_start + (kv_stop - kv_start) // BLOCK_N * BLOCK_N if PEEL_KEY_TAIL else kv_stop
     for start_n in range(kv_start, kv_full_stop, BLOCK_N):
         acc, acc_tail, l_i, m_i = _online_softmax_step(
             acc, acc_tail, l_i, m_i, q, q_tail, q_row_valid, k_base, v_base, start_n, seq_kv, offs_n, offs_d,
             offs_dv, offs_t, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, D_MAIN, D_TAIL, QK_CHUNK, EVEN_DV, DV_TAIL, False, INTERPRET, DOT_PRECISION,
+            HEAD_DIM, D_MAIN, D_TAIL, QK_CHUNK, EVEN_DV, DV_TAIL, not PEEL_KEY_TAIL, INTERPRET, DOT_PRECISION,
         )  # fmt: skip
     if kv_full_stop < kv_stop:
         acc, acc_tail, l_i, m_i = _online_softmax_step(
@@ -304,9 +306,10 @@ def _device_index(device: torch.device) -> int:
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, config: AttentionConfig,
-            split_head_dim: bool = True):
-    """split_head_dim=False pads D to one power of two even where two parts would pad less (bench/
-    attention_key_tail_probe.py compares the two on a GPU)."""
+            split_head_dim: bool = True, peel_key_tail: bool = True):
+    """split_head_dim=False pads D to one power of two even where two parts would pad less; peel_key_tail=False
+    masks every key step instead of one peeled step after the loop (bench/attention_key_tail_probe.py compares
+    them on a GPU)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     padded = _config.padded_head_dim(head_dim)
@@ -337,6 +340,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_MAIN=d_main, D_TAIL=d_tail,
         BLOCK_DV=block_dv, QK_CHUNK=qk_chunk, NUM_DV_CHUNKS=num_dv_chunks, DV_TAIL=dv_tail,
         EVEN_DV=dv_tail or head_dim % block_dv == 0, NUM_SPLITS=kv_splits, INTERPRET=interpret,
+        PEEL_KEY_TAIL=peel_key_tail,
         DOT_PRECISION=_config.dot_precision(q.dtype, interpret),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

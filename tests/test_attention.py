@@ -189,14 +189,16 @@ def test_launch_paths(device, config, dtype, launches, poisoned_buffers):
 @needs_kernel
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_head_dim_padded_instead_of_split(device, dtype, launches, poisoned_buffers):
-    """split_head_dim=False (bench/attention_key_tail_probe.py's other path): 96 runs as one 128-wide part, with a
-    key tail, and gives the same answer as the split launch."""
+def test_the_probes_launch_paths_agree(device, dtype, launches, poisoned_buffers):
+    """The probe's other paths (bench/attention_key_tail_probe.py): split_head_dim=False runs 96 as one 128-wide part
+    (what GPUs take with a key tail); peel_key_tail=False masks every key step instead of peeling the tail. Each
+    gives the split, peeled launch's answer, with a key tail after one full key block."""
     q = make_input((1, 2, 37, 96), dtype, device, seed=1)
     k, v = (make_input((1, 2, 45, 96), dtype, device, seed=s) for s in (2, 3))
     config = attn.AttentionConfig(32, 32)
-    assert_matches_reference(attn._launch(q, k, v, None, config, split_head_dim=False), q, k, v)
-    assert_matches_reference(attn._launch(q, k, v, None, config), q, k, v)
+    for split, peel in ((True, True), (False, True), (True, False), (False, False)):
+        out = attn._launch(q, k, v, None, config, split_head_dim=split, peel_key_tail=peel)
+        assert_matches_reference(out, q, k, v)
 
 
 @needs_kernel

@@ -76,18 +76,19 @@ def test_report_flags_failed_and_timed_out_steps(tmp_path):
 def test_report_shows_every_attention_probe_launch(tmp_path):
     """bench/attention_key_tail_probe.py's rows, a launch that failed in its process too, go into the markdown
     without counting as the run's problems (the probe looks for a known wrong path)."""
-    rows = [{"call": "d96-fp16", "keys": 45, "split": True, "change": {}, "block_m": 128, "block_n": 64,
+    rows = [{"call": "d96-fp16", "keys": 45, "split": True, "peel": True, "change": {}, "block_m": 128, "block_n": 64,
              "block_dv": 512, "kv_splits": 1, "num_warps": 8, "num_stages": 3, "key_tail": True,
              "max_abs_error": 1.15, "correct": False},
-            {"call": "d96-fp16", "keys": 45, "split": True, "change": {"num_stages": 2},
+            {"call": "d96-fp16", "keys": 45, "split": True, "peel": False, "change": {"num_stages": 2},
              "error": "process exit 1: illegal memory access", "correct": False}]
     (tmp_path / "attention_probe.json").write_text(json.dumps({"rows": rows}))
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_run_report.py"), str(tmp_path), "--smoke"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     markdown = (tmp_path / "gpu_run.md").read_text()
-    assert "| d96-fp16 | 45 | True | 128, 64, 512, 8, 3 | True | 1.15 | False |" in markdown
-    assert "| d96-fp16 | 45 | True | ?, ?, ?, ?, ? | ? | process exit 1: illegal memory access | False |" in markdown
+    assert "| d96-fp16 | 45 | True | True | 128, 64, 512, 8, 3 | True | 1.15 | False |" in markdown
+    failed = "| d96-fp16 | 45 | True | False | ?, ?, ?, ?, ? | ? | process exit 1: illegal memory access | False |"
+    assert failed in markdown
     assert json.loads((tmp_path / "gpu_run.json").read_text())["attention_probe"]["rows"] == rows
 
 
