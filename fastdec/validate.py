@@ -30,15 +30,6 @@ def weights_device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def resolved_device(device: torch.device | str) -> torch.device:
-    """``device`` with its index: ``cuda`` means the current CUDA device, as a tensor created there reports it
-    (``cuda:0``), so that devices compare equal when they are the same GPU."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def finite_check_enabled(check_finite: bool | None = None) -> bool:
     """Whether the NaN/Inf check runs now: ``check_finite`` (None: the process default, on unless
     FASTDEC_CHECK_FINITE=0), and never under torch.compile or CUDA-graph capture."""
@@ -106,7 +97,7 @@ def check_latents(latents: object, decoder: nn.Module, check_finite: bool | None
         empty = ", ".join(axis for axis, size in axes.items() if size == 0)
         raise ValueError(f"latents of shape {shape} are empty ({empty} is 0): {name} needs at least one of each")
     weights_device, _ = weights_device_and_dtype(decoder)
-    if resolved_device(latents.device) != resolved_device(weights_device):
+    if latents.device != weights_device:
         raise ValueError(
             f"latents are on {latents.device} but {name}'s weights on {weights_device}: move the latents "
             f"(latents.to('{weights_device}')) or the decoder (decoder.to('{latents.device}'))"

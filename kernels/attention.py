@@ -10,8 +10,8 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
   unmasked main loop. Any head_dim from 1 to 512: D is a power of two (at least 16, the smallest ``tl.dot``) or,
   where that pads less, a power of two plus a power-of-two tail (D_MAIN + D_TAIL: Wan's 384 = 256 + 128, not
   512; 96 = 64 + 32), with masked loads only where a part overhangs D. On GPUs a split D with a key tail pads D
-  to one power of two instead: the split launch was wrong there on an H200 at most tiles, the padded one right at
-  every tile tried (``_attention_config.key_tail_unverified``).
+  to one power of two instead: on an H200 the split launch was wrong there at most tiles, the padded one right
+  in every such call tried, at the dispatch's tile (``_attention_config.key_tail_unverified``).
 * Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens): the accumulator is
   BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid therefore has
   two more axes besides (batch*head, query block):

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from fastdec.tiling.slab import Bounds, SlabTensor, zeros_rows
-from fastdec.validate import resolved_device
 
 
 class Executor:
@@ -107,6 +106,15 @@ class HostTiles(Executor):
 
     def note(self, *tensors: Tensor) -> None:
         self.peak_slab_bytes = max(self.peak_slab_bytes, sum(t.numel() * t.element_size() for t in tensors))
+
+
+def resolved_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``cuda`` means the current CUDA device, as a tensor created there reports it
+    (``cuda:0``), so that slabs report the device their decoder's weights are on."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _layout(tensor: Tensor) -> torch.memory_format:
