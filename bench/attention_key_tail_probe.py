@@ -42,7 +42,7 @@ def launches() -> list[dict]:
         for keys in KEYS:
             specs += [{"call": call, "keys": keys, "split": split, "peel": True, "change": {}}
                       for split in (True, False)]
-            if keys % 16:
+            if keys % 16:  # a key tail at every block_n (16, 32, 64, 128): only then does peeling matter
                 specs.append({"call": call, "keys": keys, "split": True, "peel": False, "change": {}})
         changes = [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
         changes += [{"block_n": n} for n in (16, 32, 64)] + [{"block_m": m} for m in (16, 64, 128)]
