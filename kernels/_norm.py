@@ -133,6 +133,13 @@ def activate(y, ACT: tl.constexpr):
     return y
 
 
+def activation(y: torch.Tensor, act: str, inplace: bool = False) -> torch.Tensor:
+    """act(y) in torch, for the eager references."""
+    if act == "silu":
+        return torch.nn.functional.silu(y, inplace=inplace)
+    return torch.nn.functional.relu(y, inplace=inplace) if act == "relu" else y
+
+
 def activation_grad(grad: torch.Tensor, y: torch.Tensor, act: str) -> torch.Tensor:
     """The gradient at the activation's input y from the gradient at its output."""
     if act == "silu":

@@ -53,6 +53,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     ACTIVATIONS,
     TILE_ELEMENTS,
     activate,
+    activation,
     activation_grad,
     check_norm_input,
     check_norm_params,
@@ -76,14 +77,6 @@ def check_group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor 
     check_norm_params("group_norm_act", x, weight, bias, eps, act)
 
 
-def _activate(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "silu":
-        return F.silu(y)
-    if act == "relu":
-        return F.relu(y)
-    return y
-
-
 def group_norm_act_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
                               bias: torch.Tensor | None, eps: float, act: str) -> torch.Tensor:
     """Eager reference: F.group_norm in fp32 (fp64 for fp64 x), then act, cast back; keeps x's layout."""
@@ -96,7 +89,7 @@ def group_norm_act_reference(x: torch.Tensor, num_groups: int, weight: torch.Ten
     b = bias.to(compute) if bias is not None else None
     # contiguous(): torch's CPU channels_last GroupNorm computes E[x^2] - E[x]^2 and cancels for offset data.
     # torch.group_norm (not F.group_norm, which rejects one value per group in "training") is the plain aten op.
-    out.copy_(_activate(torch.group_norm(x.to(compute).contiguous(), num_groups, w, b, eps), act))
+    out.copy_(activation(torch.group_norm(x.to(compute).contiguous(), num_groups, w, b, eps), act))
     return out
 
 
@@ -376,21 +369,32 @@ def group_moments_reference(x: torch.Tensor, num_groups: int) -> tuple[torch.Ten
 
 
 def group_norm_act_given_stats_reference(x, num_groups, weight, bias, eps, act, *, stats) -> torch.Tensor:
-    """group_norm_act_triton(..., stats=(mean, var)) eagerly: one eval-mode batch_norm pass (per-channel mean and
-    variance = its group's; the batch folded into the channels), then the activation."""
+    """group_norm_act_triton(..., stats=(mean, var)) eagerly, in one temporary as large as x (fp32; fp64 for fp64
+    x): (x - mean) * rstd * weight + bias per channel, then act in place."""
     (batch, channels), (mean, var), compute = x.shape[:2], stats, compute_dtype(x)
-    flat = x.to(compute).reshape(1, batch * channels, -1)
-    per_channel = channels // num_groups
-    stat_mean = mean.to(compute).repeat_interleave(per_channel, 1).flatten()
-    stat_var = var.to(compute).repeat_interleave(per_channel, 1).flatten()
-    w = None if weight is None else weight.to(compute).repeat(batch)
-    b = None if bias is None else bias.to(compute).repeat(batch)
-    y = F.batch_norm(flat, stat_mean, stat_var, w, b, training=False, eps=eps).reshape(x.shape)
-    return _activate(y, act).to(x.dtype)
+    per_channel = (batch, channels) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(var.to(compute) + eps).repeat_interleave(channels // num_groups, 1).view(per_channel)
+    y = torch.sub(x, mean.to(compute).repeat_interleave(channels // num_groups, 1).view(per_channel))
+    y.mul_(scale if weight is None else scale * weight.to(compute).view(1, *per_channel[1:]))
+    if bias is not None:
+        y.add_(bias.to(compute).view(1, *per_channel[1:]))
+    return activation(y, act, inplace=True).to(x.dtype)
 
 
 def group_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return device_kernel(x, group_moments_triton, group_moments_reference)(x, num_groups)
+
+
+def merge_group_moments(moments, count: int, batch: int, num_groups: int, device: torch.device,
+                        all_reduce=lambda total: total) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, var) per (sample, group) from ``group_moments`` of one tensor or of its parts (a tiled decode's slabs;
+    ``all_reduce`` sums over ranks), ``count`` elements per group in all. Chan's formula in fp64, the global mean
+    first, then sum_i M2_i + n_i (mean_i - mean)^2: offset data does not cancel as in E[x^2] - E[x]^2."""
+    moments = [[m.double() for m in part] for part in moments]
+    zeros = torch.zeros(batch, num_groups, dtype=torch.float64, device=device)  # the sum of no parts (a rank's)
+    mean = all_reduce(sum(((n * m).sum(-1) for n, m, _ in moments), zeros.clone())) / count
+    m2 = all_reduce(sum(((m2 + n * (m - mean[..., None]).square()).sum(-1) for n, m, m2 in moments), zeros.clone()))
+    return mean, m2 / count
 
 
 def group_norm_act_given_stats(x, num_groups, weight, bias, eps, act, mean, var) -> torch.Tensor:
@@ -488,7 +492,7 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
             w = torch.randn(shape[1], device=device, dtype=dtype)
             return x, GROUPS, w, torch.randn_like(w), 1e-6, "silu"
 
-        eager = {"eager": lambda x, groups, w, b, eps, act: _activate(F.group_norm(x, groups, w, b, eps), act)}
+        eager = {"eager": lambda x, groups, w, b, eps, act: activation(F.group_norm(x, groups, w, b, eps), act)}
         return GpuCase(f"{tuple(shape)} {layout}", make, eager, nbytes=2 * math.prod(shape) * dtype.itemsize)
 
     return [case(shape, layout) for shape in ([(1, 32, 8, 8)] if smoke else BENCH_SHAPES)

@@ -39,6 +39,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     ACTIVATIONS,
     TILE_ELEMENTS,
     activate,
+    activation,
     activation_grad,
     check_norm_input,
     check_norm_params,
@@ -97,11 +98,7 @@ def rms_norm_act_reference(
         y.mul_(_per_channel(weight, y))
     if bias is not None:
         y.add_(_per_channel(bias, y))
-    if act == "silu":
-        y = F.silu(y, inplace=True)
-    elif act == "relu":
-        y = F.relu(y, inplace=True)
-    out.copy_(y)
+    out.copy_(activation(y, act, inplace=True))
     return out
 
 

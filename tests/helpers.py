@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdec import ops
 
@@ -172,3 +175,29 @@ def run_python(code: str, env_extra: dict | None = None, cwd: Path | None = None
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of the tensors that ops made and that are still alive, at their peak (``peak``): what a GPU's caching
+    allocator counts, without its rounding, workspaces or the CPU's own convolution buffers (a custom op's
+    temporaries are not seen, only its outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}  # storage address -> bytes
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            address, size = storage.data_ptr(), storage.nbytes()
+            if size and address not in inputs and address not in self.live:  # not a view or an in-place result
+                self.live[address] = size
+                weakref.finalize(storage, self.live.pop, address, None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out

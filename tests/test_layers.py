@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import UPSAMPLE_FOLD
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from fastdec.models import layers
 from fastdec.models.layers import UpsampleConv, fold_upsample_conv3x3
 
 
@@ -98,3 +100,76 @@ def test_inference_cache_follows_every_weight_change():
     layer.to(torch.float64)
     assert layer(x.double()).dtype == torch.float64
     torch.testing.assert_close(layer(x.double()), unfolded(layer))
+
+
+# --- row chunks: a large norm + conv or upsampler never holds its whole intermediate -------------------------------
+
+
+def _chunk_calls(monkeypatch, name: str) -> list:
+    """Records the calls of layers.<name> (one per row chunk) while still running it."""
+    calls, real = [], getattr(layers, name)
+    monkeypatch.setattr(layers, name, lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+    return calls
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_norm_act_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channels_last):
+    """From CHUNKED_BYTES of input, GroupNorm + SiLU + 3x3 conv runs a few rows at a time with statistics over all
+    rows: the result of the whole (up to float summation order), in its layout."""
+    torch.manual_seed(0)
+    norm, conv = torch.nn.GroupNorm(4, 8, eps=1e-6), torch.nn.Conv2d(8, 6, 3, padding=1)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, rows, 7) * 3 + 5  # offset data: statistics merged over chunks must not cancel
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    expected = conv(F.silu(F.group_norm(x, 4, norm.weight, norm.bias, 1e-6)))
+    assert not layers.chunked(x, x.nbytes)
+    monkeypatch.setattr(layers, "CHUNKED_BYTES", x.nbytes // 2)  # chunks of at most an eighth of x
+    chunks = _chunk_calls(monkeypatch, "group_norm_act_given_stats")
+    out = layers.norm_act_conv(norm, conv, x, "silu")
+    assert len(chunks) == len(layers.row_chunks(rows, x.nbytes)) and (len(chunks) > 1) == (rows > 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=layout)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_upsample_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channels_last):
+    torch.manual_seed(1)
+    layer = UpsampleConv(3, 5)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 3, rows, 6).contiguous(memory_format=layout)
+    expected = upsample_then_conv(x, layer.weight, layer.bias)
+    made = x.nbytes * 20 // 3  # the folded conv's output: 4 phases of 5 channels from 3
+    monkeypatch.setattr(layers, "CHUNKED_BYTES", made)
+    chunks = _chunk_calls(monkeypatch, "into_rows")
+    out = layer(x)
+    assert len(chunks) == len(layers.row_chunks(rows, made)) and (len(chunks) > 1) == (rows > 1)
+    torch.testing.assert_close(out, expected, **UPSAMPLE_FOLD[torch.float32])
+    assert out.is_contiguous(memory_format=layout)
+
+
+def test_row_chunks_cover_every_row_once_with_one_neighbour_each_side():
+    for rows in (1, 2, 3, 7, 64):
+        for nbytes in (1, layers.CHUNKED_BYTES, 10 * layers.CHUNKED_BYTES):
+            chunks = layers.row_chunks(rows, nbytes)
+            assert [top for top, *_ in chunks] == sorted({top for top, *_ in chunks})
+            assert [row for top, bottom, _, _ in chunks for row in range(top, bottom)] == list(range(rows))
+            assert all(low == max(top - 1, 0) and high == min(bottom + 1, rows) for top, bottom, low, high in chunks)
+            pieces = -(-nbytes // (layers.CHUNKED_BYTES // 4))  # each at most a quarter of the threshold
+            assert all(bottom - top <= -(-rows // pieces) for top, bottom, _, _ in chunks)
+
+
+def test_only_whole_tensors_in_inference_are_chunked():
+    """Autograd and torch.compile would have to see through the chunks, and tiling's slabs and FakeTensorMode's
+    tensors are not whole tensors: those run unchunked."""
+    x, big = torch.zeros(1, 1, 2, 2), layers.CHUNKED_BYTES
+    assert layers.chunked(x, big) is False  # grad mode
+    with torch.no_grad():
+        assert layers.chunked(x, big) and not layers.chunked(x, big - 1)
+        assert not layers.chunked(torch.zeros(1, 1, 1, 2, 2), big)
+        with FakeTensorMode() as fake:
+            assert not layers.chunked(fake.from_tensor(x), big)

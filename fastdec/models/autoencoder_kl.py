@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
-from fastdec.models.layers import UpsampleConv, norm_act
+from fastdec.models.layers import UpsampleConv, norm_act, norm_act_conv
 from fastdec.models.registry import Family, Weights, register
 
 NORM_EPS = 1e-6  # diffusers hard-codes this epsilon for every norm of the VAE decoder
@@ -45,8 +45,9 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv2(norm_act(self.norm2, self.conv1(norm_act(self.norm1, x, "silu")), "silu"))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        h = norm_act_conv(self.norm2, self.conv2, norm_act_conv(self.norm1, self.conv1, x, "silu"), "silu")
+        # In place: a new sum would hold x, h, the shortcut and the sum at once (1280 MiB at 1024^2 bf16).
+        return h.add_(x) if self.conv_shortcut is None else self.conv_shortcut(x).add_(h)
 
 
 class SelfAttention(nn.Module):
@@ -102,10 +103,14 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(width, out_channels, groups) for width in widths_in])
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
+    def layers(self) -> list[nn.Module]:
+        """The resnets, then the upsampler if any: what forward runs in order."""
+        return [*self.resnets, *(self.upsamplers or ())]
+
     def forward(self, x: Tensor) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class VAEDecoder(nn.Module):
@@ -133,9 +138,11 @@ class VAEDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.mid_block(self.conv_in(z))
-        for up_block in self.up_blocks:
-            x = up_block(x)
-        return self.conv_out(norm_act(self.conv_norm_out, x, "silu"))
+        # Layer by layer rather than block by block: a block's caller would hold the block's input until the block
+        # returns, which at 1024^2 keeps a 256-512 MiB tensor alive through the largest layers.
+        for layer in [layer for up_block in self.up_blocks for layer in up_block.layers()]:
+            x = layer(x)
+        return norm_act_conv(self.conv_norm_out, self.conv_out, x, "silu")
 
 
 class AutoencoderKLDecoder(Decoder):

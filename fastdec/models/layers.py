@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
+from fastdec.kernels.group_norm_act import group_moments, group_norm_act_given_stats, merge_group_moments
 
 
 def _fold_taps(weight: Tensor, dim: int) -> Tensor:
@@ -48,6 +49,57 @@ def fold_upsample_conv3x3(weight: Tensor, bias: Tensor | None = None) -> tuple[T
 def norm_act(norm: nn.GroupNorm, x: Tensor, act: str) -> Tensor:
     """``act(norm(x))`` as one fused ``ops.group_norm_act``; ``norm`` only holds the parameters (diffusers' keys)."""
     return ops.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
+
+
+# A norm + conv (or a folded upsampler) making at least this many bytes runs in row chunks of about a quarter of it.
+CHUNKED_BYTES = 512 << 20
+
+
+def norm_act_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor, act: str) -> Tensor:
+    """``conv(act(norm(x)))``. From CHUNKED_BYTES of input (``chunked``: a 3x3 conv with padding 1), the normalized
+    input is made and convolved a few rows at a time, with statistics over all of x, so that x, its normalized copy
+    and the conv's output are never all held at once: at 1024^2 bf16, the last SD-VAE up block's first resnet held
+    1280 MiB that way (its 512 MiB input twice, conv1's output)."""
+    if not (chunked(x, x.nbytes) and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros"):
+        normalized = norm_act(norm, x, act)
+        del x  # a caller that hands over its only reference (a conv's output) frees it before the conv runs
+        return conv(normalized)
+    batch, groups = x.shape[0], norm.num_groups
+    mean, var = merge_group_moments([group_moments(x, groups)], x[0].numel() // groups, batch, groups, x.device)
+    out = None
+    for top, bottom, low, high in row_chunks(x.shape[-2], x.nbytes):
+        # one expression, so that no chunk's temporaries outlive it
+        out = into_rows(out, conv(group_norm_act_given_stats(
+            x[..., low:high, :], groups, norm.weight, norm.bias, norm.eps, act, mean, var
+        )).narrow(-2, top - low, bottom - top), top, x.shape[-2], x)
+    return out
+
+
+def chunked(x: Tensor, nbytes: int) -> bool:
+    """Whether a layer making ``nbytes`` from ``x`` runs in row chunks: not for the tensor subclasses of tiling and
+    FakeTensorMode (whole tensors only), nor where autograd or torch.compile would have to see through the chunks."""
+    return (type(x) is Tensor and x.dim() == 4 and nbytes >= CHUNKED_BYTES and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def row_chunks(rows: int, nbytes: int) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, low, high) of each chunk of rows top:bottom (``nbytes`` for all rows split into pieces of at
+    most a quarter of CHUNKED_BYTES), low:high adding one neighbour row each side inside the image."""
+    step = math.ceil(rows / math.ceil(nbytes / (CHUNKED_BYTES // 4)))
+    return [(top, min(top + step, rows), max(top - 1, 0), min(top + step + 1, rows)) for top in range(0, rows, step)]
+
+
+def into_rows(out: Tensor | None, chunk: Tensor, top: int, rows: int, like: Tensor) -> Tensor:
+    """Writes ``chunk`` at row ``top`` of ``out``: a tensor of ``rows`` rows in the memory layout of ``like`` (the
+    layer's input, whose layout a conv keeps), made by the first chunk (``out`` None)."""
+    if out is None:
+        layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) \
+            and not like.is_contiguous() else torch.contiguous_format
+        out = torch.empty((*chunk.shape[:2], rows, chunk.shape[-1]), dtype=chunk.dtype, device=chunk.device,
+                          memory_format=layout)
+    out[..., top:top + chunk.shape[-2], :] = chunk
+    return out
 
 
 class UpsampleConv(nn.Module):
@@ -87,7 +139,16 @@ class UpsampleConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.folded()
-        return ops.pixel_shuffle(F.conv2d(x, weight, bias, padding=1), 2, phase_offset=1)
+        made = x.nbytes * weight.shape[0] // weight.shape[1]  # by the conv, and as much by the shuffle
+        if not chunked(x, made):
+            return ops.pixel_shuffle(F.conv2d(x, weight, bias, padding=1), 2, phase_offset=1)
+        # Output rows 2i, 2i + 1 interleave conv rows i and i + 1, and conv row i reads input rows i - 1 and i.
+        out, rows = None, x.shape[-2]
+        for top, bottom, low, high in row_chunks(rows, made):
+            phases = F.conv2d(x[..., low:high, :], weight, bias, padding=1).narrow(-2, top - low, bottom - top + 1)
+            out = into_rows(out, ops.pixel_shuffle(phases, 2, phase_offset=1), 2 * top, 2 * rows, x)
+            del phases  # before the next chunk's conv
+        return out
 
     def extra_repr(self) -> str:
         out_channels, in_channels = self.weight.shape[:2]

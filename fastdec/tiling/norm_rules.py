@@ -7,25 +7,19 @@ import torch
 from torch import Tensor
 
 from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
-from fastdec.kernels.group_norm_act import group_moments, group_norm_act_given_stats
+from fastdec.kernels.group_norm_act import group_moments, group_norm_act_given_stats, merge_group_moments
 from fastdec.tiling.local_rules import per_slab
 from fastdec.tiling.slab import SlabTensor, is_slab
 
 aten = torch.ops.aten
 
 def _group_stats(run, x: SlabTensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per (sample, group) mean and variance over every slab, in one pass over the data: each slab's chunks' (count,
-    mean, M2) from the op's own statistics pass (fp32), combined across chunks and slabs in fp64 with Chan's formula
-    (all-reduced twice: the global mean, then sum_i M2_i + n_i (mean_i - mean)^2), so offset data does not cancel
-    the way E[x^2] - E[x]^2 does."""
-    executor, batch = run.executor, x.shape[0]
-    moments = [[m.double() for m in group_moments(executor.load(x.parts[t]), groups)] for t in x.parts]
-    count = x.numel() // (batch * groups)
-    zeros = torch.zeros(batch, groups, dtype=torch.float64, device=executor.device)
-    mean = executor.all_reduce(sum(((n * m).sum(-1) for n, m, _ in moments), zeros.clone())) / count
-    m2 = executor.all_reduce(sum(
-        ((m2 + n * (m - mean[..., None]).square()).sum(-1) for n, m, m2 in moments), zeros.clone()))
-    return mean, m2 / count
+    """Per (sample, group) mean and variance over every slab, in one pass over the data: each slab's chunks'
+    moments from the op's own statistics pass (fp32), merged across chunks, slabs and ranks."""
+    executor = run.executor
+    moments = [group_moments(executor.load(x.parts[t]), groups) for t in x.parts]
+    count = x.numel() // (x.shape[0] * groups)
+    return merge_group_moments(moments, count, x.shape[0], groups, executor.device, executor.all_reduce)
 
 
 def _normalise(run, x: SlabTensor, groups: int, weight, bias, eps: float, act: str, mean: Tensor, var: Tensor
