@@ -2,8 +2,12 @@
 // pixel_shuffle.cpp.
 //
 // NCHW output: each thread owns VEC consecutive low-resolution columns j of one output row and writes the
-// factor*VEC contiguous output elements they expand to (32 bytes, as two 16-byte stores when aligned), so writes are
-// fully coalesced; reads are factor contiguous runs, vectorised when the input rows are contiguous and aligned.
+// factor*VEC contiguous output elements they expand to (32 bytes, as two 16-byte stores), so writes are fully
+// coalesced; reads are factor contiguous runs, vectorised when the input rows are contiguous and aligned. Where an
+// output row does not split into such 32-byte runs (phase_offset=1: rows of 2(W-1) elements), each thread owns one
+// column (VEC=1) and writes its factor elements as one store where aligned: neighbouring threads then write
+// neighbouring bytes. (With VEC=8 there, fp16 ran at 405 GB/s on an H200, its 16 scalar stores per thread 32 bytes
+// apart across a warp.)
 // channels_last output (what UpsampleConv hands over on GPU, phase_offset=1 included): each thread writes 16 bytes,
 // VEC consecutive channels of one output pixel, as one store (pixel_shuffle_index.h); its VEC reads are a gather
 // with stride factor^2 channels, from the same 64-byte span of the input pixel. Every other case: one thread per
@@ -32,11 +36,18 @@ struct alignas(sizeof(Bits) * N) Pack {
   Bits v[N];
 };
 
-template <typename Bits, int F, typename Index>
+// Columns per thread for 32-byte runs of output (at least 1).
+template <typename Bits, int F>
+constexpr int kRowVec = kBytesPerThread / (F * sizeof(Bits)) > 0 ? kBytesPerThread / (F * sizeof(Bits)) : 1;
+
+// Bytes per store of a thread's run of F * VEC output elements: 16, or the whole run when shorter.
+template <typename Bits, int F, int VEC>
+constexpr int kStoreBytes = F * VEC * sizeof(Bits) < 16 ? F * VEC * sizeof(Bits) : 16;
+
+template <typename Bits, int F, int VEC, typename Index>
 __global__ void shuffle_rows_nchw(const Bits* __restrict__ x, Bits* __restrict__ out, Strides4 s, Index channels_out,
                                   Index out_height, Index width_blocks, Index offset, Index total_threads,
                                   bool vector_loads, bool vector_stores) {
-  constexpr int VEC = kBytesPerThread / (F * sizeof(Bits)) > 0 ? kBytesPerThread / (F * sizeof(Bits)) : 1;
   const Index chunks = (width_blocks + VEC - 1) / VEC;
   for (Index t = blockIdx.x * (Index)blockDim.x + threadIdx.x; t < total_threads;
        t += (Index)gridDim.x * blockDim.x) {
@@ -64,12 +75,12 @@ __global__ void shuffle_rows_nchw(const Bits* __restrict__ x, Bits* __restrict__
       }
     }
     Bits* dst = out + ((n * channels_out + c) * out_height + oh) * (width_blocks * F) + j0 * F;
-    if (vector_stores && valid == VEC) {
-      constexpr int kPacks = (F * VEC * sizeof(Bits)) / 16;
-      if constexpr (kPacks > 0 && (F * VEC * sizeof(Bits)) % 16 == 0) {
-        constexpr int kPer = 16 / sizeof(Bits);
+    constexpr int kStore = kStoreBytes<Bits, F, VEC>;
+    if constexpr ((F * VEC * sizeof(Bits)) % kStore == 0 && (kStore & (kStore - 1)) == 0) {
+      if (vector_stores && valid == VEC) {
+        constexpr int kPer = kStore / sizeof(Bits);
 #pragma unroll
-        for (int p = 0; p < kPacks; ++p) {
+        for (int p = 0; p < F * VEC / kPer; ++p) {
           Pack<Bits, kPer> pk;
 #pragma unroll
           for (int e = 0; e < kPer; ++e) pk.v[e] = buf[p * kPer + e];
@@ -129,21 +140,29 @@ inline int grid_for(int64_t work) {
   return static_cast<int>(blocks < 65535 * 32 ? (blocks > 0 ? blocks : 1) : 65535 * 32);
 }
 
-template <typename Bits, int F, typename Index>
-void launch_rows(const at::Tensor& x, at::Tensor& out, const ShuffleGeometry& g, cudaStream_t stream) {
-  constexpr int VEC = kBytesPerThread / (F * sizeof(Bits)) > 0 ? kBytesPerThread / (F * sizeof(Bits)) : 1;
+template <typename Bits, int F, int VEC, typename Index>
+void launch_rows_of(const at::Tensor& x, at::Tensor& out, const ShuffleGeometry& g, cudaStream_t stream) {
   const int64_t chunks = (g.width_blocks + VEC - 1) / VEC;
   const int64_t total = g.batch * g.channels_out * g.height_blocks * F * chunks;
   const Strides4 s{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const auto x_addr = reinterpret_cast<uintptr_t>(x.const_data_ptr());
   const auto o_addr = reinterpret_cast<uintptr_t>(out.const_data_ptr());
-  const bool vector_loads = s.w == 1 && g.phase_offset == 0 && g.width_blocks % VEC == 0 && s.h % VEC == 0 &&
-                            s.c % VEC == 0 && s.n % VEC == 0 && x_addr % (VEC * sizeof(Bits)) == 0;
-  const bool vector_stores = g.width_blocks % VEC == 0 && o_addr % 16 == 0;
-  shuffle_rows_nchw<Bits, F, Index><<<grid_for(total), kThreads, 0, stream>>>(
+  const bool vector_loads = VEC > 1 && s.w == 1 && g.phase_offset == 0 && g.width_blocks % VEC == 0 &&
+                            s.h % VEC == 0 && s.c % VEC == 0 && s.n % VEC == 0 && x_addr % (VEC * sizeof(Bits)) == 0;
+  const bool vector_stores = g.width_blocks % VEC == 0 && o_addr % kStoreBytes<Bits, F, VEC> == 0;
+  shuffle_rows_nchw<Bits, F, VEC, Index><<<grid_for(total), kThreads, 0, stream>>>(
       static_cast<const Bits*>(x.const_data_ptr()), static_cast<Bits*>(out.mutable_data_ptr()), s,
       (Index)g.channels_out, (Index)(g.height_blocks * F), (Index)g.width_blocks, (Index)g.phase_offset,
       (Index)total, vector_loads, vector_stores);
+}
+
+template <typename Bits, int F, typename Index>
+void launch_rows(const at::Tensor& x, at::Tensor& out, const ShuffleGeometry& g, cudaStream_t stream) {
+  constexpr int VEC = kRowVec<Bits, F>;
+  // 32-byte runs need rows of whole runs and a 16-byte aligned output; otherwise one column per thread.
+  if (VEC == 1 || (g.width_blocks % VEC == 0 && reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0))
+    return launch_rows_of<Bits, F, VEC, Index>(x, out, g, stream);
+  launch_rows_of<Bits, F, 1, Index>(x, out, g, stream);
 }
 
 template <typename Bits, typename Index>
