@@ -112,16 +112,21 @@ def _chunk_calls(monkeypatch, name: str) -> list:
     return calls
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # bench/gpu_run.sh runs these on a GPU
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("rows", [1, 5, 12])
-def test_norm_act_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channels_last):
+def test_norm_act_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channels_last, device):
     """From CHUNKED_BYTES of input, GroupNorm + SiLU + 3x3 conv runs a few rows at a time with statistics over all
     rows: the result of the whole (up to float summation order), in its layout."""
     torch.manual_seed(0)
-    norm, conv = torch.nn.GroupNorm(4, 8, eps=1e-6), torch.nn.Conv2d(8, 6, 3, padding=1)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs on a GPU, as on the CPU
+    norm, conv = torch.nn.GroupNorm(4, 8, eps=1e-6).to(device), torch.nn.Conv2d(8, 6, 3, padding=1).to(device)
     torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
-    x = torch.randn(2, 8, rows, 7) * 3 + 5  # offset data: statistics merged over chunks must not cancel
+    x = torch.randn(2, 8, rows, 7, device=device) * 3 + 5  # offset data: statistics merged over chunks must not cancel
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=layout)
     expected = conv(F.silu(F.group_norm(x, 4, norm.weight, norm.bias, 1e-6)))
@@ -135,13 +140,15 @@ def test_norm_act_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channel
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 9])
-def test_upsample_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channels_last):
+def test_upsample_conv_in_row_chunks_equals_the_whole(monkeypatch, rows, channels_last, device):
     torch.manual_seed(1)
-    layer = UpsampleConv(3, 5)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs on a GPU, as on the CPU
+    layer = UpsampleConv(3, 5).to(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(1, 3, rows, 6).contiguous(memory_format=layout)
+    x = torch.randn(1, 3, rows, 6, device=device).contiguous(memory_format=layout)
     expected = upsample_then_conv(x, layer.weight, layer.bias)
     made = x.nbytes * 20 // 3  # the folded conv's output: 4 phases of 5 channels from 3
     monkeypatch.setattr(layers, "CHUNKED_BYTES", made)
