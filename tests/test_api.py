@@ -411,6 +411,27 @@ def test_default_decoder_by_channel_count_is_loaded_once(offline, monkeypatch):
     assert api._cached_decoder.cache_info().currsize == 1
 
 
+def test_decoders_loaded_by_name_on_cuda_take_the_layout_the_gpu_benchmarks_time(monkeypatch):
+    """2-D conv decoders run channels_last on a GPU, as the benchmarks time them (a CPU model stands in for the
+    CUDA one here); video decoders (Conv3d) keep the default layout; on the CPU nothing changes."""
+    from fastdec.bench.contenders import Contender
+    from fastdec.models.wan import WanDecoder
+
+    wan = WanDecoder(base_dim=8, z_dim=4, dim_mult=(1, 1), num_res_blocks=1, temporal_downsample=(False,),
+                     latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+    built = {"taesd": tiny_taesd(blocks=None), "wan": wan}
+    monkeypatch.setattr(api, "load", lambda name, device, dtype: built[name])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    image = api._cached_decoder("taesd", cuda, torch.float32)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in image.parameters() if p.dim() == 4)
+    assert Contender("taesd", image, None, "", None).channels_last
+    video = api._cached_decoder("wan", cuda, torch.float32)
+    assert all(p.is_contiguous() for p in video.parameters())
+    assert not Contender("wan", video, None, "", None).channels_last
+    built["taesd"] = tiny_taesd(blocks=None)
+    assert all(p.is_contiguous() for p in api._cached_decoder("taesd", cpu, torch.float32).parameters())
+
+
 @pytest.mark.parametrize("channels, name", [(16, "taef1"), (32, "taef2")])
 def test_default_decoder_names_for_16_and_32_channels(channels, name):
     with pytest.raises(FileNotFoundError, match=f"load\\('{name}'\\)"):

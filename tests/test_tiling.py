@@ -122,6 +122,17 @@ def test_tiled_equals_untiled(name):
         _check_tiled_equals_untiled(name, decoder, latents)
 
 
+@pytest.mark.parametrize("name", [name for name, decoder in families().items() if decoder.channels_last_on_cuda])
+@torch.no_grad()
+def test_tiled_equals_untiled_channels_last(name):
+    """The layout fastdec.decode gives these decoders on a GPU (Decoder.channels_last_on_cuda)."""
+    torch.manual_seed(0)
+    decoder = families()[name].eval().to(memory_format=torch.channels_last)
+    latents = _latents(decoder, rows=LATENT_ROWS.get(name, 10), cols=3 if name.startswith("dcae") else 6)
+    with ops.reference_ops():
+        _check_tiled_equals_untiled(name, decoder, latents)
+
+
 def _check_tiled_equals_untiled(name, decoder, latents):
     reference = decoder.decode(latents)
     h = latents.shape[-2]

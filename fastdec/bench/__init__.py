@@ -13,8 +13,8 @@ For each decoder, image size, batch and dtype it runs these variants on the same
   and replayed, which shows what the per-op host work (Python, dispatch, launches) costs; its capture time is
   reported as compile time.
 
-The diffusers model gets the fastdec model's weights. On CUDA the fastdec conv decoders run channels_last (their
-preferred layout), diffusers runs as shipped (contiguous).
+The diffusers model gets the fastdec model's weights. On CUDA the fastdec 2-D conv decoders run channels_last
+(``Decoder.channels_last_on_cuda``, as in ``fastdec.decode`` with a decoder named), diffusers runs as shipped.
 
 How each figure is measured:
 

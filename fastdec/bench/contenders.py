@@ -26,7 +26,7 @@ class Contender:
     @property
     def channels_last(self) -> bool:
         """Whether fastdec's model runs channels_last on CUDA (its preferred layout: convolutional decoders)."""
-        return self.entry.channels_last
+        return type(self.model).channels_last_on_cuda
 
 
 def fastdec_model(name: str, weights: str | None = None) -> Decoder:

@@ -66,7 +66,6 @@ class BenchDecoder:
     downsample: int = 8  # pixels per latent along a side
     side_multiple: int = 8  # image sides must be multiples of this (e.g. 16 for 2x2-latent patches)
     latent_shape: Callable[[Decoder, int, int, int], tuple[int, ...]] = image_latent_shape  # (model, side, batch, ds)
-    channels_last: bool = True  # fastdec runs it channels_last on CUDA (convolutional decoders)
     lightweight: bool = False  # a replacement for the SD VAE (SD latents): pipeline share, the 25x goal
     goals: tuple[Goal, ...] = ()  # GPU goals on this decoder's rows
     order: int = 100  # position in the default --decoders list (ties: module name, then ENTRIES order)

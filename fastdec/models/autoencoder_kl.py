@@ -152,6 +152,8 @@ class AutoencoderKLDecoder(Decoder):
     the module runs in whatever dtype it is given.
     """
 
+    channels_last_on_cuda = True
+
     def __init__(
         self,
         latent_channels: int = 4,

@@ -48,6 +48,9 @@ class Decoder(nn.Module):
     per_frame_latents: bool = False  # a video decoder that pipelines hand (B*T, C, h, w) and num_frames (SVD)
     input_options: tuple[str, ...] = ()  # options of prepare(), e.g. FLUX.2's image_size (token unpacking)
     decode_options: tuple[str, ...] = ()  # options of decode_checked(), e.g. chunk_frames, progress
+    # A 2-D conv decoder whose faster layout on a GPU is channels_last: the GPU benchmarks run it so, and so does
+    # fastdec.decode with a decoder it loads by name (Conv3d and ViT decoders keep the default layout).
+    channels_last_on_cuda: bool = False
 
     def decode(self, latents: Tensor, check_finite: bool | None = None, **options) -> Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], or video latents (B, C, T, h, w) ->

@@ -240,6 +240,8 @@ class DCAEDecoder(Decoder):
     for all stages). ``fused=True`` builds the inference form of a BatchNorm model (``fuse_for_inference``).
     """
 
+    channels_last_on_cuda = True
+
     def __init__(
         self,
         latent_channels: int = 32,

@@ -147,6 +147,8 @@ def stage_widths(width: int | Sequence[int], stages: int) -> tuple[int, ...]:
 class TAESDDecoder(Decoder, nn.Sequential):
     """Latents (B, C, h, w) -> RGB (B, 3, h * 2**(stages-1), ...) in about [0, 1] (madebyollin's Decoder)."""
 
+    channels_last_on_cuda = True
+
     output_range = "0,1"
 
     def __init__(

@@ -4,9 +4,9 @@ svd is the exact fast path of diffusers' AutoencoderKLTemporalDecoder, timed aga
 decode_chunk_size: both decode the whole clip in one call (StableVideoDiffusionPipeline's default chunk, 14, is its
 default clip length). tae-temporal (the paper's temporal decoder) has no diffusers twin.
 
-Both run in the default layout on CUDA too (channels_last=False: Module.to(channels_last) refuses the Conv3d
-weights). Clip length: 14 frames (SVD's clip) at the GPU sizes (512 px and up), 2 at the CPU sizes (128 and 256 px),
-1 in CI's tiny pytest-benchmark suite (32 px).
+Both run in the default layout on CUDA too (Module.to(channels_last) refuses the Conv3d weights). Clip length: 14
+frames (SVD's clip) at the GPU sizes (512 px and up), 2 at the CPU sizes (128 and 256 px), 1 in CI's tiny
+pytest-benchmark suite (32 px).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def twin_decode(vae: nn.Module, z: Tensor) -> Tensor:
 
 ENTRIES = (
     BenchDecoder("svd", build_svd, "SVDDecoder", twin, twin_decode=twin_decode, latent_shape=video_latent_shape,
-                 channels_last=False, order=60, quick=True, kind="exact video VAE"),
+                 order=60, quick=True, kind="exact video VAE"),
     BenchDecoder("tae-temporal", build_tae_temporal, "TAETemporalDecoder", latent_shape=video_latent_shape,
                  no_twin_reason="no diffusers implementation (a TAESD decoder with SVD's temporal mid-block)",
-                 channels_last=False, order=60, kind="paper decoder (temporal)"),
+                 order=60, kind="paper decoder (temporal)"),
 )

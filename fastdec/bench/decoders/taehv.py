@@ -48,7 +48,7 @@ def _entry(name: str, frames: int, chunk_frames: int, twin: bool = False, quick:
     other = {"twin": wan_twin, "twin_decode": wan_decode, "twin_is_other_model": True} if twin else {
         "no_twin_reason": "the AutoencoderKLWan comparison is on the taew2_1 row (3 latent frames)"}
     return BenchDecoder(name, _taew2_1(chunk_frames), "TAEHVDecoder", latent_shape=_latent_shape(frames),
-                        channels_last=False, order=60, quick=quick, kind="tiny video decoder", **other)
+                        order=60, quick=quick, kind="tiny video decoder", **other)
 
 
 ENTRIES = (

@@ -15,6 +15,6 @@ def _preset(name: str):
     return build
 
 
-ENTRIES = tuple(BenchDecoder(name, _preset(name), "ViTDecoder", side_multiple=16, channels_last=False,
+ENTRIES = tuple(BenchDecoder(name, _preset(name), "ViTDecoder", side_multiple=16,
                              lightweight=True, order=40, kind="paper decoder (ViT)")
                 for name in ("vit-s", "vit-b"))

@@ -45,7 +45,7 @@ def latent_shape(model: Decoder, side: int, batch: int, downsample: int) -> tupl
 
 ENTRIES = (
     BenchDecoder(
-        "wan2.1", build, "WanDecoder", twin, latent_shape=latent_shape, channels_last=False, order=200,
+        "wan2.1", build, "WanDecoder", twin, latent_shape=latent_shape, order=200,
         kind="exact video VAE",
         default=False,
     ),
