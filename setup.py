@@ -98,6 +98,7 @@ setup(
     # (through the link fastdec/kernels) and the trained decoders in weights/ as fastdec/weights/ (package data;
     # fastdec.load finds them by name).
     packages=["fastdec", *(f"fastdec.{name}" for name in find_packages("fastdec")), "fastdec.kernels",
+              "fastdec.kernels.support",
               "fastdec.weights"],
     package_dir={"fastdec": "fastdec", "fastdec.weights": "weights"},
     package_data={"fastdec.weights": ["*/config.json", "*/model.safetensors", "*/model_card.json", "*.md"]},

@@ -1,5 +1,5 @@
 """Which launches of the split-head-dim attention kernel are wrong on a GPU (issue 21: the H200 runs found head dims
-96 and 384 wrong with a masked key tail, cause unknown; kernels/_attention_config.py ``key_tail_unverified``).
+96 and 384 wrong with a masked key tail, cause unknown; kernels/support/attention_config.py ``key_tail_unverified``).
 
 Runs the kernel itself (``attention._launch``, no routing to the reference) for the calls that failed there, across
 key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D), D
@@ -54,8 +54,8 @@ def launches() -> list[dict]:
 
 def run_one(spec: dict) -> dict:
     """One launch, in this process (a fresh one: see the module docstring)."""
-    from fastdec.kernels import _attention_config as config
     from fastdec.kernels import attention as attn
+    from fastdec.kernels.support import attention_config as config
 
     (batch, heads, seq_q, head_dim), dtype_name, strided = CALLS[spec["call"]]
     dtype, keys = getattr(torch, dtype_name), spec["keys"]

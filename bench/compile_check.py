@@ -43,8 +43,8 @@ from unittest import mock
 import torch
 
 from fastdec import ops
-from fastdec.kernels import _attention_config as attention_config
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton, triton_interpreting
+from fastdec.kernels.support import attention_config
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
 # Each op file's compile_cases(quick): launcher calls at decoder shapes (kernels/<op>.py, "the calls its checks make").
 KERNEL_MODULES = tuple(module for module in ops.OP_MODULES.values() if hasattr(module, "compile_cases"))

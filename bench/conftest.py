@@ -22,7 +22,7 @@ import torch
 
 import fastdec
 from fastdec import ops
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
 
 def timed(fn: Callable[[], Any], every: int = 1) -> Callable[[], Any]:

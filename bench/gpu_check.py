@@ -28,7 +28,7 @@ import torch
 
 import fastdec
 from fastdec import ops
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_OPS = tuple(name for name, module in ops.OP_MODULES.items() if hasattr(module, "gpu_cases"))

@@ -115,7 +115,7 @@ if [ $SMOKE -eq 1 ]; then
     --no-compile --device cpu --out "$OUT/decoders"
 else
   # Only when named (--only ...,attention_probe): the split-head-dim attention launches found wrong on an H200,
-  # across keys and tiles (kernels/_attention_config.py key_tail_unverified), one line per launch with its error.
+  # across keys and tiles (kernels/support/attention_config.py key_tail_unverified), one line per launch with its error.
   # 83 s for 63 launches on an H200; fastdec pads D for those calls since the third session's probe.
   [[ ",$ONLY," == *",attention_probe,"* ]] && \
     step attention_probe 150 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
@@ -141,8 +141,8 @@ else
   step tiling 120 "$PYTHON" -m fastdec.bench --tiling --resolution 4096 --device cuda --dtype bf16 --out "$OUT/tiling"
 fi
 if [ $TUNE -eq 1 ]; then
-  cp "$ROOT/kernels/_attention_table.py" "$OUT/_attention_table.py"
-  step tune 120 "$PYTHON" bench/tune_attention.py --out "$OUT/_attention_table.py"
+  cp "$ROOT/kernels/support/attention_table.py" "$OUT/attention_table.py"
+  step tune 120 "$PYTHON" bench/tune_attention.py --out "$OUT/attention_table.py"
 fi
 
 "$PYTHON" bench/gpu_run_report.py "$OUT" $([ $SMOKE -eq 1 ] && echo --smoke)

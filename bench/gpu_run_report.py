@@ -3,7 +3,7 @@
     python bench/gpu_run_report.py OUT_DIR [--smoke]
 
 Reads what the steps left in OUT_DIR (steps.tsv, tests.xml, gpu_check/*.json, decoders/, video/ and tiling/ from
-fastdec bench, _attention_table.py from --tune) and writes OUT_DIR/gpu_run.json (every report embedded, so the one
+fastdec bench, attention_table.py from --tune) and writes OUT_DIR/gpu_run.json (every report embedded, so the one
 file holds the whole run) and OUT_DIR/gpu_run.md (the environment, the steps, then each report's own markdown).
 Exit status 1 when a step failed or timed out, a test failed or a gpu_check row is wrong.
 """
@@ -67,7 +67,7 @@ def build(out: Path, smoke: bool) -> tuple[dict, str]:
     gpu_check = _gpu_check()
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     steps, tests, reports = read_steps(out), read_tests(out), read_reports(out)
-    table = out / "_attention_table.py"
+    table = out / "attention_table.py"
     rows = reports.get("gpu_check", ({}, ""))[0].get("rows", [])
     problems = [f"step {s['step']}: {s['status']}" for s in steps if s["status"] != "ok"]
     if tests is not None and (tests["failures"] or tests["errors"]):
@@ -103,7 +103,7 @@ def build(out: Path, smoke: bool) -> tuple[dict, str]:
                          f"{r.get('key_tail', '?')} | "
                          f"{r.get('max_abs_error', r.get('error'))} | {r['correct']} |")
     if report["attention_table"] is not None:
-        lines += ["", "## attention table (--tune): copy to kernels/_attention_table.py", "", "```python",
+        lines += ["", "## attention table (--tune): copy to kernels/support/attention_table.py", "", "```python",
                   report["attention_table"].strip(), "```"]
     return report, "\n".join(lines) + "\n"
 

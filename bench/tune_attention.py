@@ -1,10 +1,10 @@
 """Time every attention launch candidate on this GPU and write the winners into the committed table
-(kernels/_attention_table.py), the only place fastdec.attention's configurations are timed.
+(kernels/support/attention_table.py), the only place fastdec.attention's configurations are timed.
 
-    python bench/tune_attention.py [--out kernels/_attention_table.py] [--dtypes bf16,fp16,fp32-tf32,fp32-ieee]
+    python bench/tune_attention.py [--out kernels/support/attention_table.py] [--dtypes bf16,fp16,fp32-tf32,fp32-ieee]
 
 The shapes are every family's decode call (kernels/attention.py DECODE_SHAPES) and the benchmark shapes; each
-lands in its bucket (kernels/_attention_config.py ``bucket``) for this GPU's architecture, keeping the entries of
+lands in its bucket (kernels/support/attention_config.py ``bucket``) for this GPU's architecture, keeping the entries of
 other architectures and buckets already in the file. Needs a CUDA GPU; bench/gpu_run.sh --tune runs it.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from fastdec.kernels import _attention_config as config
 from fastdec.kernels import attention as attn
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton
+from fastdec.kernels.support import attention_config as config
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE_FILE = ROOT / "kernels" / "_attention_table.py"
+TABLE_FILE = ROOT / "kernels" / "support" / "attention_table.py"
 DTYPES = {"bf16": (torch.bfloat16, "tf32"), "fp16": (torch.float16, "tf32"), "fp32-tf32": (torch.float32, "tf32"),
           "fp32-ieee": (torch.float32, "ieee")}
 

@@ -1,16 +1,16 @@
 """fastdec's fused ops, ``torch.ops.fastdec.*``: found in kernels/, one file per op, and which backend runs each where.
 
-Every kernels/<name>.py that is not a _private helper is an op file. Importing it registers
-``torch.ops.fastdec.<name>`` (schema, CPU and CUDA kernels, a fake kernel that keeps shape, dtype and layout, an
-autograd formula), and it declares:
+Every kernels/<name>.py is an op file (what op files share or split out lives in kernels/support/). Importing it
+registers ``torch.ops.fastdec.<name>`` (schema, CPU and CUDA kernels, a fake kernel that keeps shape, dtype and
+layout, an autograd formula), and it declares:
 
 * ``<name>``: the Python entry, here as ``ops.<name>``, and ``<name>_reference``: the eager reference;
 * ``FUSED``: what runs the fused path: "triton" (the launcher is ``<name>_triton``) or "extension" (fastdec._C);
 * ``check_call(r)``: the call ``fastdec check`` makes; ``compile_cases(quick)`` for bench/compile_check.py (Triton
   ops) and ``gpu_cases(device, dtype, smoke)`` with ``GPU_DTYPE`` for bench/gpu_check.py, when it has them.
 
-So adding an op is its file plus its tests. Dispatch (kernels/_dispatch.py): CUDA tensors run the fused kernel; CPU
-tensors run the C++ kernel or the eager reference, or with ``FASTDEC_TRITON_INTERPRET=1`` (plus
+So adding an op is its file plus its tests. Dispatch (kernels/support/dispatch.py): CUDA tensors run the fused
+kernel; CPU tensors run the C++ kernel or the eager reference, or with ``FASTDEC_TRITON_INTERPRET=1`` (plus
 ``TRITON_INTERPRET=1``, which fastdec sets if triton is not imported yet) the real Triton kernel through triton's
 interpreter, which is how CI checks the kernel code on a machine without a GPU; inside ``with reference_ops():`` the
 Triton ops run their eager reference on every device (for parity tests).
@@ -25,10 +25,10 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-from fastdec.kernels._dispatch import interpreter_requested, reference_ops  # noqa: F401 (part of this API)
-from fastdec.kernels._extension import EXTENSION as _C
-from fastdec.kernels._extension import EXTENSION_ERROR
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton_interpreting
+from fastdec.kernels.support.dispatch import interpreter_requested, reference_ops  # noqa: F401 (part of this API)
+from fastdec.kernels.support.extension import EXTENSION as _C
+from fastdec.kernels.support.extension import EXTENSION_ERROR
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton_interpreting
 
 KERNELS_PACKAGE = "fastdec.kernels"
 
@@ -37,8 +37,8 @@ def _op_files() -> dict[str, ModuleType]:
     """Imports (and so registers) every op file of fastdec.kernels, by op name in name order."""
     package = importlib.import_module(KERNELS_PACKAGE)
     found = {}
-    for name in sorted(info.name for info in pkgutil.iter_modules(package.__path__)):
-        if name.startswith("_"):
+    for name in sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.ispkg):
+        if name.startswith("_"):  # not an op's name
             continue
         module = importlib.import_module(f"{KERNELS_PACKAGE}.{name}")
         missing = [attr for attr in (name, f"{name}_reference", "check_call") if not hasattr(module, attr)]

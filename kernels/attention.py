@@ -24,7 +24,7 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
   accumulator columns (128 registers per thread; ptxas: no spills); q stays in shared memory (64 KiB) next to two
   stages of the 32x512 k and v tiles: 192 KiB of Hopper's 228 KiB.
 * The configuration of a call comes from a committed table per GPU architecture and shape bucket, else a
-  heuristic (kernels/_attention_config.py): nothing is timed in the decode path; ``bench/tune_attention.py`` is
+  heuristic (kernels/support/attention_config.py): nothing is timed in the decode path; ``bench/tune_attention.py`` is
   the explicit command that times the candidates and writes the table.
 * fp32 follows torch's TF32 switch as SDPA does: with ``torch.backends.cuda.matmul.allow_tf32`` (or
   ``torch.set_float32_matmul_precision("high")``) the dots run TF32 on tensor cores; otherwise ``"ieee"``, exact fp32
@@ -43,18 +43,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels import _attention_config as _config
-from fastdec.kernels import _cases
-from fastdec.kernels._attention_config import (  # noqa: F401 (MAX_HEAD_DIM, SUPPORTED_DTYPES: the op's limits)
+from fastdec.kernels.support import attention_config as _config
+from fastdec.kernels.support.attention_config import (  # noqa: F401 (MAX_HEAD_DIM, SUPPORTED_DTYPES: the op's limits)
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     AttentionConfig,
     check_attention,
 )
-from fastdec.kernels._attention_table import TABLE
-from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
-from fastdec.kernels._triton import cdiv, tl, triton, triton_interpreting
+from fastdec.kernels.support.attention_table import TABLE
+from fastdec.kernels.support.cases import DTYPES, CompileCase, GpuCase, cuda_empty, shape_label
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels.support.triton_import import cdiv, tl, triton, triton_interpreting
 
 _LOG2_E = 1.4426950408889634
 
@@ -294,7 +293,7 @@ _INTERPRETER_CONFIG = AttentionConfig(block_m=32, block_n=32, block_dv=256)
 
 
 def _qk_chunk(q: torch.Tensor, block_d: int, block_m: int) -> int:
-    """The launch's q k^T D chunk (kernels/_attention_config.py qk_chunk; block_d: D's main part, which keeps q
+    """The launch's q k^T D chunk (kernels/support/attention_config.py qk_chunk; block_d: D's main part, which keeps q
     resident) for q's device and dtype."""
     capability = _config.device_facts(_device_index(q.device))[0] if q.is_cuda else None
     return _config.qk_chunk(q.dtype, _config.dot_precision(q.dtype, triton_interpreting()), q.shape[-1], block_m,
@@ -355,7 +354,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Triton flash attention (see the module docstring); any strides in, contiguous (B, H, N_q, D) out. The
-    configuration is a table lookup or the heuristic (kernels/_attention_config.py), never a timing."""
+    configuration is a table lookup or the heuristic (kernels/support/attention_config.py), never a timing."""
     check_attention(q, k, v, scale)
     if triton_interpreting():
         return _launch(q, k, v, scale, _INTERPRETER_CONFIG)
@@ -455,7 +454,7 @@ def compile_cases(quick: bool) -> list[CompileCase]:
         if quick:
             continue
         capability, num_sms, shared = _config.device_facts(0)
-        chosen = _config.heuristic_configs(_cases.DTYPES[dtype], precision, shape[0] * shape[1], shape[2], shape[2],
+        chosen = _config.heuristic_configs(DTYPES[dtype], precision, shape[0] * shape[1], shape[2], shape[2],
                                            shape[3], capability, num_sms, shared)
         found += [CompileCase(f"{name} candidates", functools.partial(run, shape, dtype, precision, c), tuned=True)
                   for c in chosen[1:]]

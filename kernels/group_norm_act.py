@@ -39,9 +39,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel, device_kernel
-from fastdec.kernels._group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
+from fastdec.kernels.support.cases import CompileCase, GpuCase, cuda_empty, shape_label
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, device_kernel
+from fastdec.kernels.support.group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
     COMBINE_CHUNKS,
     COMBINE_GROUPS,
     MIN_CHUNK_ELEMENTS,
@@ -49,7 +49,7 @@ from fastdec.kernels._group_norm_plan import (  # noqa: F401 (plan_launch, Launc
     plan_launch,
     program_target,
 )
-from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
+from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
     ACTIVATIONS,
     TILE_ELEMENTS,
     activate,
@@ -60,7 +60,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     compute_dtype,
     flat_views,
 )
-from fastdec.kernels._triton import cdiv, tl, triton
+from fastdec.kernels.support.triton_import import cdiv, tl, triton
 
 
 def check_group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

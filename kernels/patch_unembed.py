@@ -35,9 +35,9 @@ import itertools
 import torch
 from torch import Tensor
 
-from fastdec.kernels._cases import DTYPES, CompileCase, GpuCase, cuda_empty
-from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
-from fastdec.kernels._triton import cdiv, next_power_of_2, tl, triton
+from fastdec.kernels.support.cases import DTYPES, CompileCase, GpuCase, cuda_empty
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels.support.triton_import import cdiv, next_power_of_2, tl, triton
 
 OUT_MODES = ("identity", "to_unit")
 TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

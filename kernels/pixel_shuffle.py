@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels._cases import GpuCase
-from fastdec.kernels._extension import EXTENSION
+from fastdec.kernels.support.cases import GpuCase
+from fastdec.kernels.support.extension import EXTENSION
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

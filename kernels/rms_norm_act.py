@@ -33,9 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels._dispatch import cpu_kernel, cuda_kernel
-from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
+from fastdec.kernels.support.cases import CompileCase, GpuCase, cuda_empty, shape_label
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
     ACTIVATIONS,
     TILE_ELEMENTS,
     activate,
@@ -46,7 +46,7 @@ from fastdec.kernels._norm import (  # noqa: F401 (ACTIVATIONS: the acts this op
     compute_dtype,
     frame_views,
 )
-from fastdec.kernels._triton import cdiv, next_power_of_2, tl, triton
+from fastdec.kernels.support.triton_import import cdiv, next_power_of_2, tl, triton
 
 EPS_MODES = ("add", "clamp")
 

@@ -15,9 +15,9 @@ from helpers import needs_triton, record_kernel_launches, triton_devices
 from tolerances import ATTENTION
 
 from fastdec import ops
-from fastdec.kernels import _attention_config as config
 from fastdec.kernels import attention as attn
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton
+from fastdec.kernels.support import attention_config as config
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
@@ -185,7 +185,7 @@ def test_split_head_dim_with_a_key_tail_pads_d_on_gpus(gpu_launches):
 
 
 def test_the_tuning_command_writes_a_table_the_dispatch_reads(tmp_path):
-    """bench/tune_attention.py (needs a GPU to time) writes kernels/_attention_table.py's form; its TABLE reads
+    """bench/tune_attention.py (needs a GPU to time) writes kernels/support/attention_table.py's form; its TABLE reads
     back as written and keeps the module docstring."""
     spec = importlib.util.spec_from_file_location("tune_attention", ROOT / "bench" / "tune_attention.py")
     tune = importlib.util.module_from_spec(spec)

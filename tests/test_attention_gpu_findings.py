@@ -5,8 +5,8 @@ With D split into D_MAIN + D_TAIL (head_dim 96 = 64 + 32, Wan's 384 = 256 + 128)
 step gave outputs far off SDPA, while Triton's interpreter runs the same tiles right (checked on CPU with these
 configs) and the same head_dims without a key tail passed. The cause is not found. The second H200 session
 (bench/results/2026-12-04-gpu-run-h200-call5-7/) found D padded to one power of two right in each of these calls, so
-fastdec launches them padded (kernels/_attention_config.py ``key_tail_unverified``; the routing is tested on CPU in
-tests/test_attention_dispatch.py, the result here). An XPASS of the split launch means it may take them again.
+fastdec launches them padded (kernels/support/attention_config.py ``key_tail_unverified``; the routing is tested on
+CPU in tests/test_attention_dispatch.py, the result here). An XPASS of the split launch means it may take them again.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import torch
 from tolerances import ATTENTION
 
-from fastdec.kernels import _attention_config as config
 from fastdec.kernels import attention as attn
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR
+from fastdec.kernels.support import attention_config as config
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR
 
 # (q shape, keys, dtype): the calls that failed there (tests/test_attention.py, tests/test_attention_dispatch.py)
 FAILED_ON_H200 = [

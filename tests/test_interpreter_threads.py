@@ -10,7 +10,8 @@ import torch
 from helpers import needs_interpreter
 
 from fastdec import ops
-from fastdec.kernels import _dispatch, attention, group_norm_act, patch_unembed, rms_norm_act
+from fastdec.kernels import attention, group_norm_act, patch_unembed, rms_norm_act
+from fastdec.kernels.support import dispatch
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 
 THREADS = 4
@@ -38,10 +39,10 @@ def run_in_threads(work) -> list[str]:
 
 
 def test_every_triton_op_runs_on_cpu_through_the_locked_launcher():
-    """Each Triton op's CPU kernel (in its kernels/<op>.py) picks its launcher through _dispatch.cpu_kernel (the
+    """Each Triton op's CPU kernel (in its kernels/<op>.py) picks its launcher through dispatch.cpu_kernel (the
     lock), never directly."""
     sources = {name: inspect.getsource(module) for name, module in ops.OP_MODULES.items()}
-    source = inspect.getsource(ops) + inspect.getsource(_dispatch) + "".join(sources.values())
+    source = inspect.getsource(ops) + inspect.getsource(dispatch) + "".join(sources.values())
     assert source.count("if triton_on_cpu() else") == 1, "a CPU kernel picks its Triton launcher without the lock"
     assert all(f"cpu_kernel({name}_triton, {name}_reference)" in sources[name] for name in ops.TRITON_OPS)
 

@@ -51,9 +51,9 @@ from __future__ import annotations
 
 import torch
 
-from fastdec.kernels._cases import CompileCase, GpuCase, cuda_empty
-from fastdec.kernels._dispatch import cpu_kernel
-from fastdec.kernels._triton import tl, triton
+from fastdec.kernels.support.cases import CompileCase, GpuCase, cuda_empty
+from fastdec.kernels.support.dispatch import cpu_kernel
+from fastdec.kernels.support.triton_import import tl, triton
 
 
 @triton.jit
@@ -129,8 +129,9 @@ def package_with(folder: Path, name: str, op_file: str) -> None:
         if entry.name not in ("kernels", "__pycache__"):
             (package / entry.name).symlink_to(entry)
     (package / "kernels").mkdir()
-    for source in (ROOT / "kernels").glob("*.py"):
-        (package / "kernels" / source.name).symlink_to(source)
+    for source in (ROOT / "kernels").iterdir():  # the op files and support/
+        if source.name != "__pycache__":
+            (package / "kernels" / source.name).symlink_to(source)
     (package / "kernels" / name).write_text(op_file)
 
 
@@ -156,11 +157,11 @@ def test_an_op_file_without_its_declarations_is_refused(tmp_path):
 
 
 def test_host_side_launch_arithmetic_matches_triton():
-    """Launchers size grids with kernels/_triton.py's cdiv and next_power_of_2 (plain Python: triton.cdiv is a
-    constexpr function costing microseconds per host call); both agree with triton's."""
+    """Launchers size grids with kernels/support/triton_import.py's cdiv and next_power_of_2 (plain Python:
+    triton.cdiv is a constexpr function costing microseconds per host call); both agree with triton's."""
     import pytest
 
-    from fastdec.kernels._triton import TRITON_IMPORT_ERROR, cdiv, next_power_of_2, triton
+    from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, cdiv, next_power_of_2, triton
 
     if TRITON_IMPORT_ERROR is not None:
         pytest.skip(TRITON_IMPORT_ERROR)

@@ -18,7 +18,7 @@ from fastdec.machine import cpu_name
 
 def environment(device: torch.device) -> dict:
     """Device, driver and library versions, for comparing runs."""
-    from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton
+    from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
     try:
         import diffusers

@@ -3,7 +3,7 @@ fp32 precision, and the launch configuration, with no timing in the decode path.
 
 A call's configuration comes from, in order:
 
-1. the committed table ``kernels/_attention_table.py`` (``TABLE[arch][bucket]``), which only the explicit command
+1. the committed table ``kernels/support/attention_table.py`` (``TABLE[arch][bucket]``), which only the explicit command
    ``python bench/tune_attention.py`` writes, after timing every candidate on the GPU it runs on;
 2. otherwise the heuristic: the first candidate of the padded head_dim's list whose shared memory fits the GPU
    (estimated from the tile sizes; pre-Hopper parts skip the candidates that spill there), with key splits when the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdec.kernels._triton import cdiv, next_power_of_2
+from fastdec.kernels.support.triton_import import cdiv, next_power_of_2
 
 MAX_HEAD_DIM = 512
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from fastdec.kernels._triton import tl, triton, triton_interpreting
+from fastdec.kernels.support.triton_import import tl, triton, triton_interpreting
 
 ACTIVATIONS = ("none", "silu", "relu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -3,8 +3,8 @@
 * CUDA tensors run the Triton launcher (``cuda_kernel``), or the eager reference when triton is missing or in
   interpreter mode.
 * CPU tensors run the eager reference, or the launcher through triton's interpreter when FASTDEC_TRITON_INTERPRET=1
-  (and TRITON_INTERPRET=1, which kernels/_triton.py sets if triton is not imported yet), one launch at a time
-  (``cpu_kernel``).
+  (and TRITON_INTERPRET=1, which kernels/support/triton_import.py sets if triton is not imported yet), one launch at
+  a time (``cpu_kernel``).
 * Inside ``with reference_ops():`` every Triton op runs its eager reference on every device (parity tests).
 
 ``fastdec.ops`` re-exports ``reference_ops`` and says which of these runs where (``backends()``).
@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from fastdec.kernels._triton import TRITON_IMPORT_ERROR, triton_interpreting
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton_interpreting
 
 _force_reference = False
 

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from fastdec.kernels._norm import TILE_ELEMENTS
-from fastdec.kernels._triton import cdiv, next_power_of_2
+from fastdec.kernels.support.norm import TILE_ELEMENTS
+from fastdec.kernels.support.triton_import import cdiv, next_power_of_2
 
 MIN_CHUNK_ELEMENTS = 4096  # a split-path program handles at least this many elements (amortizes the combine)
 COMBINE_GROUPS, COMBINE_CHUNKS = 16, 64  # combine pass: groups per program, partials per step
