@@ -1,12 +1,12 @@
 """Which launches of the split-head-dim attention kernel are wrong on a GPU (issue 21: the H200 runs found head dims
 96 and 384 wrong with a masked key tail, cause unknown; kernels/support/attention_config.py ``key_tail_unverified``).
 
-Runs the kernel itself (``attention._launch``, no routing to the reference) for the calls that failed there, across
-key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D), D
-split in two parts or padded to one power of two, and the key tail peeled after the loop or masked in every step
-(is the peeled step after a pipelined loop what goes wrong? the third H200 session's rows suggest it). It prints one
-JSON line per launch with its error against float64 SDPA. Each launch runs in a process of its own: the second H200
-run hit an illegal memory access, after which every later launch in the same process failed too.
+Runs the kernel itself (``attention.launch_with_config``, no routing to the reference) for the calls that failed there,
+across key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D), D
+split in two parts or padded to one power of two, and the key tail peeled after the loop or masked in every step (is the
+peeled step after a pipelined loop what goes wrong? the third H200 session's rows suggest it). It prints one JSON line
+per launch with its error against float64 SDPA. Each launch runs in a process of its own: the second H200 run hit an
+illegal memory access, after which every later launch in the same process failed too.
 
     python bench/attention_key_tail_probe.py [--out probe.json] [--workers 8]
 """
@@ -75,7 +75,7 @@ def run_one(spec: dict) -> dict:
     tile = dataclasses.replace(tile, **change)
     row = {**spec, **dataclasses.asdict(tile), "key_tail": keys % tile.block_n != 0}
     try:
-        out = attn._launch(q, k, v, None, tile, split_head_dim=spec["split"], peel_key_tail=spec["peel"])
+        out = attn.launch_with_config(q, k, v, None, tile, split_head_dim=spec["split"], peel_key_tail=spec["peel"])
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - a failed launch is this probe's finding
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}", "correct": False}

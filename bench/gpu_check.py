@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         parser.error("no CUDA device: gpu_check needs a GPU (use --smoke to exercise it on CPU)")
-    if device.type == "cuda" and (ops._C is None or not ops._C.built_with_cuda()):
+    if device.type == "cuda" and (ops.EXTENSION is None or not ops.EXTENSION.built_with_cuda()):
         print(f"WARNING: fastdec._C has no CUDA kernels here: {ops.backends()['pixel_shuffle']}", flush=True)
     torch.manual_seed(0)
     started = time.perf_counter()

@@ -49,8 +49,9 @@ def tune(shape: tuple, dtype: torch.dtype, precision: str, device: torch.device
     with config.tf32(precision == "tf32"), torch.cuda.device(device):
         for candidate in candidates(dtype, precision, shape, device.index or 0):
             try:
-                timings[candidate] = triton.testing.do_bench(lambda c=candidate: attn._launch(*inputs, None, c),
-                                                             warmup=25, rep=100, return_mode="median")
+                timings[candidate] = triton.testing.do_bench(
+                    lambda c=candidate: attn.launch_with_config(*inputs, None, c), warmup=25, rep=100,
+                    return_mode="median")
             except triton.runtime.errors.OutOfResources:
                 continue
     if not timings:

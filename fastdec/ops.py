@@ -26,8 +26,7 @@ import pkgutil
 from types import ModuleType
 
 from fastdec.kernels.support.dispatch import interpreter_requested, reference_ops  # noqa: F401 (part of this API)
-from fastdec.kernels.support.extension import EXTENSION as _C
-from fastdec.kernels.support.extension import EXTENSION_ERROR
+from fastdec.kernels.support.extension import EXTENSION, EXTENSION_ERROR  # noqa: F401 (part of this API)
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton_interpreting
 
 KERNELS_PACKAGE = "fastdec.kernels"
@@ -77,10 +76,10 @@ def _triton_backends() -> dict[str, str]:
 
 
 def _extension_backends() -> dict[str, str]:
-    if _C is None:
+    if EXTENSION is None:
         reason = f"eager reference: {EXTENSION_ERROR}"
         return {"cpu": reason, "cuda": reason}
-    cuda = "CUDA (fastdec._C)" if _C.built_with_cuda() else "eager reference: fastdec._C built without CUDA"
+    cuda = "CUDA (fastdec._C)" if EXTENSION.built_with_cuda() else "eager reference: fastdec._C built without CUDA"
     return {"cpu": "C++ (fastdec._C)", "cuda": cuda}
 
 

@@ -304,9 +304,10 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else 0  # CUDA tensors carry their index (fake ones may not)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, config: AttentionConfig,
-            split_head_dim: bool = True, peel_key_tail: bool = True):
-    """split_head_dim=False pads D to one power of two even where two parts would pad less; peel_key_tail=False
+def launch_with_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                       config: AttentionConfig, split_head_dim: bool = True, peel_key_tail: bool = True):
+    """The kernel at an explicit configuration, no routing (the tuner, the GPU probe and tests call it).
+    split_head_dim=False pads D to one power of two even where two parts would pad less; peel_key_tail=False
     masks every key step instead of one peeled step after the loop (bench/attention_key_tail_probe.py compares
     them on a GPU)."""
     batch, heads, seq_q, head_dim = q.shape
@@ -357,7 +358,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     configuration is a table lookup or the heuristic (kernels/support/attention_config.py), never a timing."""
     check_attention(q, k, v, scale)
     if triton_interpreting():
-        return _launch(q, k, v, scale, _INTERPRETER_CONFIG)
+        return launch_with_config(q, k, v, scale, _INTERPRETER_CONFIG)
     index = _device_index(q.device)
     call = (index, q.dtype, _config.dot_precision(q.dtype, False), q.shape[0] * q.shape[1], q.shape[2], k.shape[2],
             q.shape[3])
@@ -367,7 +368,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             split = not _config.key_tail_unverified(q.dtype, call[2], q.shape[3], k.shape[2], config.block_m,
                                                     config.block_n, _config.device_facts(index)[0])
             try:
-                return _launch(q, k, v, scale, config, split_head_dim=split)
+                return launch_with_config(q, k, v, scale, config, split_head_dim=split)
             except triton.runtime.errors.OutOfResources:
                 if not _config.demote(*call):  # the estimate was off: the next candidate, once per bucket
                     raise
@@ -445,7 +446,7 @@ def compile_cases(quick: bool) -> list[CompileCase]:
         with _config.tf32(precision == "tf32"):
             if config is None:
                 return attention_triton(*_inputs(shape, dtype))
-            return _launch(*_inputs(shape, dtype), None, config)
+            return launch_with_config(*_inputs(shape, dtype), None, config)
 
     found = []
     for dtype, precision, _label, shape in cases:

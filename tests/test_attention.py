@@ -176,7 +176,7 @@ def test_launch_paths(device, config, dtype, launches, poisoned_buffers):
     q = make_input((2, 2, 37, 96), dtype, device, seed=1)
     k = make_input((2, 2, 97, 96), dtype, device, "tokens_major", seed=2)
     v = make_input((2, 2, 97, 96), dtype, device, "strided_head_dim", seed=3)
-    out = attn._launch(q, k, v, 0.2, config)
+    out = attn.launch_with_config(q, k, v, 0.2, config)
     assert_matches_reference(out, q, k, v, 0.2)
     (grid,) = launches["attention_forward"].grids
     kv_per_split = math.ceil(math.ceil(97 / config.kv_splits) / config.block_n) * config.block_n
@@ -197,7 +197,7 @@ def test_the_probes_launch_paths_agree(device, dtype, launches, poisoned_buffers
     k, v = (make_input((1, 2, 45, 96), dtype, device, seed=s) for s in (2, 3))
     config = attn.AttentionConfig(32, 32)
     for split, peel in ((True, True), (False, True), (True, False), (False, False)):
-        out = attn._launch(q, k, v, None, config, split_head_dim=split, peel_key_tail=peel)
+        out = attn.launch_with_config(q, k, v, None, config, split_head_dim=split, peel_key_tail=peel)
         assert_matches_reference(out, q, k, v)
 
 
@@ -209,7 +209,7 @@ def test_chunked_qk_for_16_bit_inputs(device, dtype, launches, poisoned_buffers,
     monkeypatch.setattr(attn, "_qk_chunk", lambda q, block_d, block_m: 32)
     q = make_input((1, 2, 37, 80), dtype, device, "tokens_major", seed=1)
     k, v = (make_input((1, 2, 45, 80), dtype, device, seed=s) for s in (2, 3))
-    assert_matches_reference(attn._launch(q, k, v, None, attn.AttentionConfig(32, 32)), q, k, v)
+    assert_matches_reference(attn.launch_with_config(q, k, v, None, attn.AttentionConfig(32, 32)), q, k, v)
 
 
 @needs_kernel
@@ -218,7 +218,7 @@ def test_head_dim_512_key_splits(device, launches, poisoned_buffers):
     q = make_input((1, 1, 20, 512), torch.bfloat16, device, seed=1)
     k = make_input((1, 1, 50, 512), torch.bfloat16, device, seed=2)
     v = make_input((1, 1, 50, 512), torch.bfloat16, device, seed=3)
-    out = attn._launch(q, k, v, None, attn.AttentionConfig(32, 16, block_dv=512, kv_splits=3))
+    out = attn.launch_with_config(q, k, v, None, attn.AttentionConfig(32, 16, block_dv=512, kv_splits=3))
     assert len(launches["combine_splits"].grids) == 1
     assert_matches_reference(out, q, k, v)
 

@@ -80,7 +80,7 @@ def test_a_table_entry_wins_over_the_heuristic(gpu_launches, monkeypatch):
 @needs_triton_module
 def test_a_plan_that_does_not_fit_falls_back_once(gpu_launches, monkeypatch):
     """A configuration whose resources the estimate got wrong: the next candidate, remembered for the bucket."""
-    real = attn._launch
+    real = attn.launch_with_config
     refused = []
 
     def launch(q, k, v, scale, chosen, split_head_dim=True):
@@ -89,7 +89,7 @@ def test_a_plan_that_does_not_fit_falls_back_once(gpu_launches, monkeypatch):
             raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
         return real(q, k, v, scale, chosen, split_head_dim)
 
-    monkeypatch.setattr(attn, "_launch", launch)
+    monkeypatch.setattr(attn, "launch_with_config", launch)
     monkeypatch.setattr(attn, "triton_interpreting", lambda: False)
     shape = (1, 4, 2048, 64)
     with compile_check.recorded_launches(attn, 90) as launches:
@@ -160,7 +160,8 @@ def test_head_dim_384_in_wans_layout_matches_sdpa(device, dtype, whole_d, monkey
     # 64 tokens: no key tail, so the split D runs on GPUs too (key_tail_unverified)
     q, k, v = config.wan_qkv((2, 1, 64, 384), lambda s: torch.randn(s, generator=generator).to(device, dtype))
     with config.tf32(False):  # fp32 on a GPU: the exact path, which ATTENTION's fp32 tolerance is for
-        out = attn._launch(q, k, v, None, attn.AttentionConfig(32, 32)) if whole_d else ops.attention(q, k, v)
+        whole = attn.AttentionConfig(32, 32)
+        out = attn.launch_with_config(q, k, v, None, whole) if whole_d else ops.attention(q, k, v)
     assert launches["forward"].launches == 1
     expected = REFERENCE(q.float(), k.float(), v.float())
     torch.testing.assert_close(out.float(), expected, **ATTENTION[dtype])

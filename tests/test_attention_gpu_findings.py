@@ -53,7 +53,7 @@ def test_split_head_dim_key_tail_in_the_kernel(shape, keys, dtype):
     batch, heads, seq_q, head_dim = shape
     chosen = config.choose(attn.TABLE, q.device.index or 0, dtype, config.dot_precision(dtype, False),
                            batch * heads, seq_q, keys, head_dim)
-    torch.testing.assert_close(attn._launch(q, k, v, None, chosen).double(), expected, **ATTENTION[dtype])
+    torch.testing.assert_close(attn.launch_with_config(q, k, v, None, chosen).double(), expected, **ATTENTION[dtype])
 
 
 @needs_gpu

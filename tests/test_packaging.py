@@ -55,7 +55,7 @@ def test_diffusers_imports_from_the_root():
 def test_editable_install_maps_kernels_folder():
     assert [Path(p).resolve() for p in fastdec.kernels.__path__] == [ROOT / "kernels"]
     assert Path(fastdec.kernels.attention.__file__).resolve().parent == ROOT / "kernels"
-    assert fastdec.ops._C is not None, fastdec.ops.EXTENSION_ERROR
+    assert fastdec.ops.EXTENSION is not None, fastdec.ops.EXTENSION_ERROR
     assert ops.backends()["attention"]
 
 
