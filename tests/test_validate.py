@@ -15,7 +15,7 @@ from helpers import compile_fullgraph
 
 import fastdec
 import fastdec.models
-from fastdec.models import dcae
+from fastdec.models import dcae, layers
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.base import Decoder
 from fastdec.models.dcae import DCAEDecoder
@@ -152,10 +152,25 @@ def test_compiled_decode_skips_the_nan_check(decoders):
         fastdec.decode(poisoned(float("nan")), decoder)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU (none here)")
+@torch.no_grad()
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_fastdec_decode_is_captured_in_a_cuda_graph(family):
-    """No host synchronisation during capture (a sync would make capture fail) and replay matches eager."""
+def test_decode_in_row_chunks_equals_the_whole(family, monkeypatch):
+    """The row chunks of large decodes (models.layers.CHUNKED_BYTES), taken at every layer that has them."""
+    decoder, channels = build(family), FAMILIES[family][1]
+    latents = good_latents(channels=channels)
+    whole = fastdec.decode(latents, decoder=decoder)
+    monkeypatch.setattr(layers, "CHUNKED_BYTES", 1024)
+    torch.testing.assert_close(fastdec.decode(latents, decoder=decoder), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU (none here)")
+@pytest.mark.parametrize("row_chunks", [False, True])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fastdec_decode_is_captured_in_a_cuda_graph(family, row_chunks, monkeypatch):
+    """No host synchronisation during capture (a sync would make capture fail) and replay matches eager; also with
+    the row chunks of large decodes (models.layers.CHUNKED_BYTES) taken at every layer that has them."""
+    if row_chunks:
+        monkeypatch.setattr(layers, "CHUNKED_BYTES", 1024)
     decoder, channels = build(family).cuda(), FAMILIES[family][1]
     static = good_latents(channels=channels).cuda()
     side = torch.cuda.Stream()
