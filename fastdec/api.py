@@ -184,7 +184,8 @@ def decode(
     ``decoder``: None picks the TAESD-family decoder for the channel count (4: taesd, 16: taef1, 32: taef2; for SD3
     latents pass ``decoder="taesd3"``), loaded on the latents' device in ``default_dtype`` and cached. A name is
     loaded the same way and cached; a path or module goes through ``load`` on every call (load it once yourself
-    and pass the Decoder); a Decoder is used as is. Cached decoders are shared: do not modify them.
+    and pass the Decoder); a Decoder is used as is. Cached decoders are shared: do not modify them. On CUDA a
+    decoder loaded by name runs channels_last where that is its faster layout (``Decoder.channels_last_on_cuda``).
 
     ``output``: "tensor": (B, 3, H, W) in the decoder's dtype; "uint8": (B, H, W, 3) uint8, round(255 * x);
     "pil": a list of PIL images. An unbatched (C, h, w) input gives one image: (3, H, W), (H, W, 3) or an Image.
