@@ -5,6 +5,8 @@ latent convention and decode_chunk_size, bad input, torch.compile, and swap_vae 
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -268,3 +270,18 @@ def test_per_frame_decoders_need_num_frames(vae):
     with torch.no_grad(), ops.reference_ops():
         out = wrapper.decode(latents(4, 4, 4, 4), num_frames=2).sample
         assert relative_error(out, vae.decode(latents(4, 4, 4, 4), num_frames=2).sample) <= DECODER_FP32_REL
+
+
+@torch.no_grad()
+def test_no_up_block_input_outlives_its_first_layer():
+    """At 14 frames of 576x1024 the last up block's input is 4 GiB and each clip-layout copy 2 GiB; the H200 run
+    peaked at 16 GiB, as diffusers. The decoder runs layer by layer (each resnet as its spatial and temporal halves),
+    so a block's input is freed once the spatial half of its first resnet has run."""
+    model = SVDDecoder(block_out_channels=(32, 32), layers_per_block=1).eval()
+    first = model.decoder.up_blocks[-1].resnets[0]
+    block_input, alive_in_temporal_half = {}, []
+    first.spatial_res_block.register_forward_pre_hook(lambda module, args: block_input.update(x=weakref.ref(args[0])))
+    first.temporal_res_block.conv1.register_forward_pre_hook(
+        lambda module, args: alive_in_temporal_half.append(block_input["x"]() is not None))
+    model.decode(torch.randn(1, 4, 2, 4, 4), check_finite=False)
+    assert alive_in_temporal_half == [False]

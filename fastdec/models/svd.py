@@ -20,6 +20,8 @@ which ``fastdec.diffusers.swap_vae`` uses for StableVideoDiffusionPipeline. In c
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,10 +91,22 @@ class SpatioTemporalResBlock(nn.Module):
         self.temporal_res_block = TemporalResnetBlock(out_channels)
         self.time_mixer = AlphaBlender()
 
+    def spatial(self, x: Tensor, num_frames: int) -> Tensor:
+        """Frames (B*T, C, H, W) -> the spatial block's output as clips (B, C, T, H, W)."""
+        return frames_to_clips(self.spatial_res_block(x), num_frames)
+
+    def temporal(self, clips: Tensor) -> Tensor:
+        """Clips -> the blend with the temporal block's output, as frames."""
+        return clips_to_frames(clips + self.temporal_res_block.residual(clips, self.time_mixer.temporal_share()))
+
+    def layers(self, num_frames: int) -> list[Callable[[Tensor], Tensor]]:
+        """The two halves forward runs in order, as one-tensor calls (so that a caller can drop each input)."""
+        return [functools.partial(self.spatial, num_frames=num_frames), self.temporal]
+
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        clips = frames_to_clips(self.spatial_res_block(x), num_frames)
-        mixed = clips + self.temporal_res_block.residual(clips, self.time_mixer.temporal_share())
-        return clips_to_frames(mixed)
+        for layer in self.layers(num_frames):
+            x = layer(x)
+        return x
 
 
 class TemporalMidBlock(nn.Module):
@@ -126,10 +140,14 @@ class TemporalUpBlock(nn.Module):
         self.resnets = nn.ModuleList(SpatioTemporalResBlock(width, out_channels) for width in widths_in)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
+    def layers(self, num_frames: int) -> list[Callable[[Tensor], Tensor]]:
+        """The resnets (over clips of ``num_frames``), then the upsampler if any: what forward runs in order."""
+        return [*(layer for resnet in self.resnets for layer in resnet.layers(num_frames)), *(self.upsamplers or ())]
+
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, num_frames)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        for layer in self.layers(num_frames):
+            x = layer(x)
+        return x
 
 
 class TemporalDecoder(nn.Module):
@@ -151,8 +169,10 @@ class TemporalDecoder(nn.Module):
 
     def forward(self, z: Tensor, num_frames: int) -> Tensor:
         x = self.mid_block(self.conv_in(z), num_frames)
-        for up_block in self.up_blocks:
-            x = up_block(x, num_frames)
+        # Layer by layer, so that no block's input outlives its first layer (as in autoencoder_kl.VAEDecoder): at 14
+        # frames of 576x1024 the last block's input alone is 4 GiB, each clip-layout copy 2 GiB.
+        for layer in [layer for up_block in self.up_blocks for layer in up_block.layers(num_frames)]:
+            x = layer(x)
         x = self.conv_out(norm_act(self.conv_norm_out, x, "silu"))
         frames = clips_to_frames(self.time_conv_out(frames_to_clips(x, num_frames)))
         # Keep the caller's layout (a one-frame clip has ambiguous strides, and conv3d then picks NCTHW).
