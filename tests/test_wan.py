@@ -363,3 +363,18 @@ def test_residual_block_frees_conv1s_output_before_conv2():
     with torch.no_grad(), ops.reference_ops(), ConvOutputsAlive() as convs:
         block(torch.randn(1, 8, 3, 6, 6), None)
     assert convs.alive_at_each == [0, 0]
+
+
+@torch.no_grad()
+def test_no_up_block_input_outlives_its_first_layer():
+    """The decoder runs layer by layer, so that an up block's input (a chunk of frames at the block's resolution) is
+    freed once the block's first resnet has run, not held through the block."""
+    decoder = wan.WanDecoder(base_dim=8, z_dim=4, dim_mult=(1, 1), num_res_blocks=1, temporal_downsample=(False,),
+                             latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4).eval()
+    block = decoder.decoder.up_blocks[-1]
+    block_input, alive_at_second = {}, []
+    block.resnets[0].register_forward_pre_hook(lambda module, args: block_input.update(x=weakref.ref(args[0])))
+    block.resnets[1].register_forward_pre_hook(
+        lambda module, args: alive_at_second.append(block_input["x"]() is not None))
+    decoder.decode(torch.randn(1, 4, 2, 4, 4), check_finite=False)
+    assert alive_at_second and not any(alive_at_second)

@@ -184,10 +184,14 @@ class UpBlock(nn.Module):
             nn.ModuleList([Upsample(out_channels, temporal=upsample == "3d")]) if upsample is not None else None
         )
 
+    def layers(self) -> list[nn.Module]:
+        """The resnets, then the upsampler if any: what forward runs in order (each called with the cache)."""
+        return [*self.resnets, *(self.upsamplers or ())]
+
     def forward(self, x: Tensor, cache: TimeCache) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, cache)
-        return x if self.upsamplers is None else self.upsamplers[0](x, cache)
+        for layer in self.layers():
+            x = layer(x, cache)
+        return x
 
 
 class WanDecoderBody(nn.Module):
@@ -220,8 +224,9 @@ class WanDecoderBody(nn.Module):
 
     def forward(self, x: Tensor, cache: TimeCache) -> Tensor:
         x = self.mid_block(self.conv_in(x, cache), cache)
-        for up_block in self.up_blocks:
-            x = up_block(x, cache)
+        # Layer by layer, so that no block's input outlives its first layer (as in autoencoder_kl.VAEDecoder).
+        for layer in [layer for up_block in self.up_blocks for layer in up_block.layers()]:
+            x = layer(x, cache)
         return self.conv_out(self.norm_out(x), cache)
 
 
