@@ -227,8 +227,9 @@ class DCDecoder(nn.Module):
         x = self.conv_in(z)
         if self.in_shortcut_repeats:
             x = x + z.repeat_interleave(self.in_shortcut_repeats, dim=1)
-        for up_block in reversed(self.up_blocks):
-            x = up_block(x)
+        # Layer by layer, so that no stage's input outlives its first layer (as in autoencoder_kl.VAEDecoder).
+        for layer in [layer for up_block in reversed(self.up_blocks) for layer in up_block]:
+            x = layer(x)
         return self.conv_out(self.norm_out(x, self.conv_act_fn))
 
 
