@@ -11,7 +11,7 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
   where that pads less, a power of two plus a power-of-two tail (D_MAIN + D_TAIL: Wan's 384 = 256 + 128, not
   512; 96 = 64 + 32), with masked loads only where a part overhangs D. On GPUs a split D with a key tail pads D
   to one power of two instead: on an H200 the split launch was wrong there at most tiles, the padded one right
-  in every such call tried, at the dispatch's tile (``_attention_config.key_tail_unverified``).
+  in every such call tried, at the dispatch's tile (kernels/support/attention_config.py ``key_tail_unverified``).
 * Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens): the accumulator is
   BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid therefore has
   two more axes besides (batch*head, query block):

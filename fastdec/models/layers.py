@@ -90,14 +90,18 @@ def row_chunks(rows: int, nbytes: int) -> list[tuple[int, int, int, int]]:
     return [(top, min(top + step, rows), max(top - 1, 0), min(top + step + 1, rows)) for top in range(0, rows, step)]
 
 
+def suggested_format(x: Tensor) -> torch.memory_format:
+    """channels_last for a channels_last tensor that is not also plain contiguous, else contiguous_format."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def into_rows(out: Tensor | None, chunk: Tensor, top: int, rows: int, like: Tensor) -> Tensor:
     """Writes ``chunk`` at row ``top`` of ``out``: a tensor of ``rows`` rows in the memory layout of ``like`` (the
     layer's input, whose layout a conv keeps), made by the first chunk (``out`` None)."""
     if out is None:
-        layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) \
-            and not like.is_contiguous() else torch.contiguous_format
         out = torch.empty((*chunk.shape[:2], rows, chunk.shape[-1]), dtype=chunk.dtype, device=chunk.device,
-                          memory_format=layout)
+                          memory_format=suggested_format(like))
     out[..., top:top + chunk.shape[-2], :] = chunk
     return out
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fastdec.models.autoencoder_kl import NORM_EPS, ResnetBlock, SelfAttention, Upsample
 from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
-from fastdec.models.layers import norm_act
+from fastdec.models.layers import norm_act, suggested_format
 from fastdec.models.registry import Family, Weights, register
 
 GROUPS = 32  # diffusers hard-codes 32 groups in every norm of the temporal decoder
@@ -41,11 +41,6 @@ def frames_to_clips(x: Tensor, num_frames: int) -> Tensor:
     """(B*T, C, H, W) -> (B, C, T, H, W): a view in channels_last (it is then channels_last_3d), else one copy."""
     clips = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
     return clips if suggested_format(x) == torch.channels_last else clips.contiguous()
-
-
-def suggested_format(x: Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def clips_to_frames(x: Tensor) -> Tensor:
