@@ -15,13 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_bench import case, compiled, dtype_name, skip_untimed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdec import ops
 from fastdec.kernels import attention as attn
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
 SDPA_BACKENDS = {
     "sdpa_math": SDPBackend.MATH,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -29,11 +28,6 @@ SDPA_BACKENDS = {
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 IMPLS = ["fastdec", *SDPA_BACKENDS, "compiled"]
-
-
-def case(device, shape, dtype):
-    name = f"{device}-{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}"
-    return pytest.param(device, shape, dtype, id=name, marks=needs_cuda if device == "cuda" else ())
 
 
 CASES = [
@@ -53,21 +47,18 @@ def eager_attention(q, k, v):
 def test_attention(benchmark, measure, impl, device, shape, dtype):
     if device == "cpu" and impl not in ("fastdec", "sdpa_math"):
         pytest.skip("on CPU only the reference path and SDPA's math backend are timed (tiny CI case)")
-    if impl == "fastdec" and device == "cpu" and ops.backends()["attention"]["cpu"] != "eager reference":
-        pytest.skip("fastdec on CPU runs triton's interpreter here, which is far too slow to benchmark")
+    skip_untimed("attention", impl, device)
     batch, heads, tokens, head_dim = shape
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    size, dtype_name = "x".join(map(str, shape)), str(dtype).removeprefix("torch.")
-    benchmark.group = f"attention {device} {size} {dtype_name}"
+    benchmark.group = f"attention {device} {'x'.join(map(str, shape))} {dtype_name(dtype)}"
     benchmark.extra_info["impl"] = impl
 
     if impl == "fastdec":
         fn = lambda: ops.attention(q, k, v)  # noqa: E731
     elif impl == "compiled":
-        torch._dynamo.reset()  # one compiled graph per case: stay under dynamo's recompile limit
-        compiled = torch.compile(eager_attention, fullgraph=True, dynamic=False)
-        fn = lambda: compiled(q, k, v)  # noqa: E731
+        compiled_attention = compiled(eager_attention)
+        fn = lambda: compiled_attention(q, k, v)  # noqa: E731
     else:
         backend = SDPA_BACKENDS[impl]
 

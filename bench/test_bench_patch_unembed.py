@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_bench import case as op_case
+from op_bench import compiled, dtype_name, skip_untimed
 
 from fastdec import ops
 from fastdec.kernels import patch_unembed as pu
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def case(device, batch, side, patch, channels, dtype, out_dtype, out, has_bias):
-    """One benchmark configuration with a readable id; CUDA cases skip without CUDA."""
     name = (
         f"{device}-B{batch}-{side}px-p{patch}-C{channels}-{dtype_name(dtype)}-to-{dtype_name(out_dtype)}-{out}"
         f"{'-bias' if has_bias else ''}"
     )
-    marks = needs_cuda if device == "cuda" else ()
-    return pytest.param(device, batch, side, patch, channels, dtype, out_dtype, out, has_bias, id=name, marks=marks)
+    return op_case(device, batch, side, patch, channels, dtype, out_dtype, out, has_bias, id=name)
 
 
 CASES = [
@@ -52,8 +45,7 @@ IMPLS = ["fastdec", "eager", "compiled", "device_copy"]
 def test_patch_unembed(
     benchmark, measure, impl, device, batch, side, patch, channels, dtype, out_dtype, out, has_bias
 ):
-    if impl == "compiled" and device == "cpu":
-        pytest.skip("torch.compile (inductor) is benchmarked on CUDA only: CPU compiles are slow in CI")
+    skip_untimed("patch_unembed", impl, device, interpreter=True)
     grid = side // patch
     features = patch * patch * channels
     tokens = torch.randn(batch, grid * grid, features, device=device).to(dtype)
@@ -73,8 +65,7 @@ def test_patch_unembed(
         measure(lambda: target.copy_(source), nbytes=source.numel() * source.element_size() + image_bytes)
         return
     if impl == "compiled":
-        torch._dynamo.reset()  # one compiled graph per case: stay under dynamo's recompile limit
-        fn = torch.compile(pu.patch_unembed_reference, fullgraph=True, dynamic=False)
+        fn = compiled(pu.patch_unembed_reference)
     else:
         fn = ops.patch_unembed if impl == "fastdec" else pu.patch_unembed_reference
 

@@ -11,16 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_bench import case, compiled, dtype_name, skip_untimed
 
 from fastdec import ops
 from fastdec.kernels import pixel_shuffle as ps
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def sliced_pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -32,12 +26,6 @@ def sliced_pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
         phases[:, :, a * factor + b, a : a + out_h, b : b + out_w] for a in range(factor) for b in range(factor)
     ]
     return F.pixel_shuffle(torch.stack(shifted, dim=2).flatten(1, 2), factor)
-
-
-def case(device: str, shape: tuple[int, ...], dtype: torch.dtype):
-    """(device, input shape, dtype) with a readable id; CUDA cases skip without CUDA."""
-    name = f"{device}-{'x'.join(map(str, shape))}-{dtype_name(dtype)}"
-    return pytest.param(device, shape, dtype, id=name, marks=needs_cuda if device == "cuda" else ())
 
 
 SHUFFLE_CASES = [case("cuda", shape, torch.float16) for shape in ps.BENCH_SHAPES] + [
@@ -55,23 +43,17 @@ PHASE_CASES = [
 FACTOR = 2
 
 
-def compiled_on_cuda(fn, device: str):
-    if device == "cpu":
-        pytest.skip("torch.compile (inductor) is benchmarked on CUDA only: CPU compiles are slow in CI")
-    torch._dynamo.reset()  # one compiled graph per case: stay under dynamo's recompile limit
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
 @pytest.mark.parametrize("impl", ["fastdec", "torch", "compiled"])
 @pytest.mark.parametrize(("device", "shape", "dtype"), SHUFFLE_CASES)
 def test_pixel_shuffle(benchmark, measure, impl, device, shape, dtype):
+    skip_untimed("pixel_shuffle", impl, device)
     x = torch.randn(shape, device=device).to(dtype)
     benchmark.group = f"pixel_shuffle {device} {tuple(shape)} {dtype_name(dtype)} x{FACTOR}"
     benchmark.extra_info["impl"] = impl
     fn = {
         "fastdec": lambda t: ops.pixel_shuffle(t, FACTOR),
         "torch": lambda t: F.pixel_shuffle(t, FACTOR),
-    }.get(impl) or compiled_on_cuda(lambda t: F.pixel_shuffle(t, FACTOR), device)
+    }.get(impl) or compiled(lambda t: F.pixel_shuffle(t, FACTOR))
 
     expected = F.pixel_shuffle(x, FACTOR)
 
@@ -83,13 +65,14 @@ def test_pixel_shuffle(benchmark, measure, impl, device, shape, dtype):
 @pytest.mark.parametrize("impl", ["fastdec", "eager_sliced", "compiled_sliced"])
 @pytest.mark.parametrize(("device", "shape", "dtype"), PHASE_CASES)
 def test_pixel_shuffle_phase_offset(benchmark, measure, impl, device, shape, dtype):
+    skip_untimed("pixel_shuffle", impl.removesuffix("_sliced"), device)  # compiled_sliced: not on CPU
     x = torch.randn(shape, device=device).to(dtype)
     benchmark.group = f"pixel_shuffle phase_offset=1 {device} {tuple(shape)} {dtype_name(dtype)} x{FACTOR}"
     benchmark.extra_info["impl"] = impl
     fn = {
         "fastdec": lambda t: ops.pixel_shuffle(t, FACTOR, 1),
         "eager_sliced": lambda t: sliced_pixel_shuffle(t, FACTOR),
-    }.get(impl) or compiled_on_cuda(lambda t: sliced_pixel_shuffle(t, FACTOR), device)
+    }.get(impl) or compiled(lambda t: sliced_pixel_shuffle(t, FACTOR))
     expected = sliced_pixel_shuffle(x, FACTOR)
 
     result = measure(lambda: fn(x), nbytes=2 * expected.numel() * x.element_size())

@@ -14,18 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_bench import case, compiled, dtype_name, skip_untimed
 
 from fastdec import ops
 from fastdec.kernels import rms_norm_act as rna
-
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
-
-
-def case(device, shape, dtype, layout):
-    name = f"{device}-{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}-{layout}"
-    return pytest.param(device, shape, dtype, layout, id=name, marks=needs_cuda if device == "cuda" else ())
-
 
 CASES = [
     case("cuda", shape, torch.bfloat16, layout)
@@ -44,18 +36,14 @@ def eager_wan_norm_silu(x, gamma):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("device", "shape", "dtype", "layout"), CASES)
 def test_rms_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
-    if impl == "compiled" and device == "cpu":
-        pytest.skip("torch.compile (inductor) is benchmarked on CUDA only: CPU compiles are slow in CI")
-    if impl == "fastdec" and device == "cpu" and ops.backends()["rms_norm_act"]["cpu"] != "eager reference":
-        pytest.skip("fastdec on CPU runs triton's interpreter here, which is far too slow to benchmark")
+    skip_untimed("rms_norm_act", impl, device)
     x = torch.randn(shape, device=device).to(dtype)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last_3d)
     gamma = (torch.randn(shape[1], device=device) + 1.0).to(dtype)
     eps = 1e-12 * shape[1] ** -0.5
     nbytes = 2 * x.numel() * x.element_size()
-    size, dtype_name = "x".join(map(str, shape)), str(dtype).removeprefix("torch.")
-    benchmark.group = f"rms_norm_act {device} {size} {dtype_name} {layout}"
+    benchmark.group = f"rms_norm_act {device} {'x'.join(map(str, shape))} {dtype_name(dtype)} {layout}"
     benchmark.extra_info["impl"] = impl
 
     if impl == "device_copy":
@@ -63,8 +51,7 @@ def test_rms_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
         measure(lambda: target.copy_(x), nbytes=nbytes)
         return
     if impl == "compiled":
-        torch._dynamo.reset()  # one compiled graph per case: stay under dynamo's recompile limit
-        fn = torch.compile(eager_wan_norm_silu, fullgraph=True, dynamic=False)
+        fn = compiled(eager_wan_norm_silu)
     elif impl == "eager":
         fn = eager_wan_norm_silu
     else:
