@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -44,6 +45,7 @@ import torch
 
 from fastdec import ops
 from fastdec.kernels.support import attention_config
+from fastdec.kernels.support.cases import shape_label
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
 # Each op file's compile_cases(quick): launcher calls at decoder shapes (kernels/<op>.py, "the calls its checks make").
@@ -133,6 +135,78 @@ class Config:
     case: str
     launches: list[Launch]
     tuned: bool = False
+
+
+# Whole decodes (bench entry, image side or latent shape) whose every launch the report must hold: the families at
+# the sizes of issue 21, in bf16, plus SD/SDXL 1024^2 in fp16 and in fp32 (pipelines that keep force_upcast).
+DECODES = [("sd-vae", 512, "bf16"), ("sd-vae", 1024, "bf16"), ("sd-vae", 1024, "fp16"), ("sd-vae", 1024, "fp32"),
+           ("flux1", 1024, "bf16"), ("flux2", 1024, "bf16"), ("dc-ae", 1024, "bf16"), ("dc-ae", 2048, "bf16"),
+           ("wan2.1", (1, 16, 21, 60, 104), "bf16"), ("wan2.1", (1, 16, 21, 90, 160), "bf16"),
+           ("svd", (1, 4, 14, 72, 128), "bf16"), ("efficientvit-attn", 512, "bf16"), ("vit-s", 512, "bf16")]
+
+
+def _cudnn_memory_format(input_, weight, backend) -> torch.memory_format:
+    """The layout of a conv's output on a GPU with cuDNN: channels_last when the input or the weight is (the fake
+    conv picks by the backend it would run on this CPU-only machine, contiguous for bf16)."""
+    formats = {torch._prims_common.suggest_memory_format(t) for t in (input_, weight)}
+    return next((f for f in (torch.channels_last, torch.channels_last_3d) if f in formats), torch.contiguous_format)
+
+
+def decode_configs(arch: int) -> list[Config]:
+    """The launches of each DECODES decode on the fake GPU, in NCHW and, for the families that run channels_last
+    on a GPU (``channels_last_on_cuda``), in channels_last."""
+    from fastdec.bench.decoders import ENTRIES
+
+    configs = []
+    for (name, size, dtype), layout in itertools.product(DECODES, ("NCHW", "channels_last")):
+        recorded = _decode_launches(ENTRIES[name], size, dtype, layout == "channels_last", arch)
+        if recorded is not None:
+            launches, shape = recorded
+            label = shape_label(shape[2:]) if isinstance(size, tuple) else f"{size}x{size}"
+            configs.append(Config(f"decode {name} {label} {dtype} {layout}", launches))
+    return configs
+
+
+def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int) -> tuple[list[Launch], tuple] | None:
+    """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last). The
+    models call the launchers (the op registry would run its fake kernels), convs keep channels_last as cuDNN does,
+    and layers take their row chunks (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from fastdec.kernels.support import dispatch
+    from fastdec.kernels.support.cases import DTYPES
+    from fastdec.models import layers
+
+    launches: list[Launch] = []
+    with contextlib.ExitStack() as stack:
+        for module in KERNEL_MODULES:
+            for kernel_name, kernel in launched_kernels(module).items():
+                stack.enter_context(mock.patch.object(module, kernel_name, _RecordingKernel(kernel, launches)))
+            op = module.__name__.rpartition(".")[2]
+            stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
+        stack.enter_context(mock.patch.object(layers, "Tensor", FakeTensor))  # chunked(): type(x) is Tensor
+        stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
+        stack.enter_context(mock.patch.object(torch._C, "_conv_determine_backend_memory_format", _cudnn_memory_format))
+        stack.enter_context(mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t))  # no values
+        stack.enter_context(fake_gpu(arch))
+        stack.enter_context(torch.no_grad())
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[dtype])
+        try:
+            with torch.device("cuda"):
+                model = entry.build().eval()
+        finally:
+            torch.set_default_dtype(previous)
+        if channels_last and not model.channels_last_on_cuda:
+            return None
+        shape = size if isinstance(size, tuple) else entry.latent_shape(model, size, 1, entry.downsample)
+        latents = torch.randn(shape, device="cuda", dtype=DTYPES[dtype])
+        if channels_last:  # what model.to(memory_format=...) does (it cannot swap fake parameters)
+            for param in (p for p in model.parameters() if p.dim() == 4):
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        model.decode(latents, check_finite=False)
+    return launches, shape
 
 
 def op_configs(module, arch: int, quick: bool) -> list[Config]:
@@ -310,9 +384,10 @@ def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] =
     results: list[Result] = []
     index: dict[str, int] = {}
     configs = []
-    for arch, module in itertools.product(archs, KERNEL_MODULES):
-        op = module.__name__.rpartition(".")[2]
-        for config in op_configs(module, arch, quick):
+    ops_and_decodes = [(module.__name__.rpartition(".")[2], functools.partial(op_configs, module, quick=quick))
+                       for module in KERNEL_MODULES] + ([] if quick else [("decode", decode_configs)])
+    for arch, (op, configs_of) in itertools.product(archs, ops_and_decodes):
+        for config in configs_of(arch):
             used = []
             for launch in config.launches:
                 key = launch_key(launch, arch)

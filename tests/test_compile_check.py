@@ -182,6 +182,29 @@ def test_committed_report_covers_every_family_decode_plan(committed):
         assert any(needle in case for case in cases), needle
 
 
+def test_committed_report_holds_whole_decodes_of_every_family(committed):
+    """Issue 21 item 2: every launch of a whole decode of each family at its real sizes (recorded on the fake GPU,
+    channels_last too where the family runs so) is in the report, not only the op files' own cases."""
+    cases = {config["case"] for config in committed["configs"] if config["op"] == "decode"}
+    for name, size, dtype in compile_check.DECODES:
+        label = "x".join(map(str, size[2:])) if isinstance(size, tuple) else f"{size}x{size}"
+        assert f"decode {name} {label} {dtype} NCHW" in cases, (name, size, dtype)
+    assert "decode sd-vae 1024x1024 bf16 channels_last" in cases and "decode wan2.1 21x90x160 bf16 NCHW" in cases
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
+def test_decode_launches_take_the_row_chunks_a_gpu_takes():
+    """An SD-VAE 1024^2 bf16 decode on a (fake) GPU normalizes its largest tensors in row chunks (models.layers
+    CHUNKED_BYTES), which layers leave to whole tensors under FakeTensorMode: the recorder lets them chunk, so the
+    chunks' launch plans are the ones compiled."""
+    from fastdec.bench.decoders import ENTRIES
+
+    launches, _ = compile_check._decode_launches(ENTRIES["sd-vae"], 1024, "bf16", False, 90)
+    shapes = {tuple(arg.shape) for launch in launches if launch.kernel.__name__ == "_group_norm_act_kernel"
+              for arg in launch.args[:1] if isinstance(arg, torch.Tensor)}
+    assert any(len(shape) == 4 and shape[-2] < shape[-1] for shape in shapes), shapes  # rows of a square image
+
+
 def test_committed_report_is_not_stale(committed):
     """The launches the dispatch makes today (recorded on fake GPUs, nothing compiled) are all in the report: a
     change of a kernel, a tile table or the attention table fails here until the report is regenerated."""

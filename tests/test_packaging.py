@@ -70,8 +70,8 @@ def test_wheel_install_imports(tmp_path):
                     str(wheel)], check=True, timeout=300, capture_output=True)
     out = run_python(
         "import fastdec, fastdec.kernels.attention, fastdec.ops as o; from fastdec.api import shipped_weights; "
-        "print(fastdec.__file__, fastdec.kernels.attention.__file__, o.EXTENSION is not None, o.EXTENSION.built_with_cuda(), "
-        "sorted(shipped_weights())[0])",
+        "print(fastdec.__file__, fastdec.kernels.attention.__file__, o.EXTENSION is not None, "
+        "o.EXTENSION.built_with_cuda(), sorted(shipped_weights())[0])",
         env_extra={"PYTHONPATH": str(tmp_path / "site")}, cwd=tmp_path,
     )
     package_file, kernels_file, has_ext, with_cuda, weights = out.split()
