@@ -38,13 +38,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import torch
 
 from fastdec import ops
-from fastdec.kernels.support import attention_config
+from fastdec.bench.fake_gpu import GPUS, fake_decoder, fake_gpu, to_channels_last
 from fastdec.kernels.support.cases import shape_label
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
@@ -52,15 +51,6 @@ from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton, t
 KERNEL_MODULES = tuple(module for module in ops.OP_MODULES.values() if hasattr(module, "compile_cases"))
 DEFAULT_MAX_SPILL = 256  # bytes of spill stores or loads per thread
 
-
-@dataclasses.dataclass(frozen=True)
-class Gpu:
-    name: str
-    sms: int  # what the launchers size their grids by
-    shared_memory: int  # bytes one program may use (the opt-in maximum)
-
-
-GPUS = {90: Gpu("H100 SXM", 132, 227 * 1024), 80: Gpu("A100", 108, 163 * 1024)}
 
 _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
@@ -99,24 +89,6 @@ def launched_kernels(module) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def fake_gpu(arch: int) -> Iterator[None]:
-    """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count, compute capability and shared
-    memory of the `arch` GPU, and ``torch.cuda.device`` (the launchers' device guard) does nothing."""
-    gpu = GPUS[arch]
-    properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name,
-                                 shared_memory_per_block_optin=gpu.shared_memory)
-    attention_config.forget()  # what it read from the previous (fake) GPU
-    try:
-        with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
-              mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
-              mock.patch.object(torch.cuda, "device", lambda *_: contextlib.nullcontext()),
-              torch._subclasses.fake_tensor.FakeTensorMode()):
-            yield
-    finally:
-        attention_config.forget()
-
-
-@contextlib.contextmanager
 def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
     """Inside fake_gpu(arch), the module's kernels record their launches into the yielded list."""
     launches: list[Launch] = []
@@ -145,13 +117,6 @@ DECODES = [("sd-vae", 512, "bf16"), ("sd-vae", 1024, "bf16"), ("sd-vae", 1024, "
            ("svd", (1, 4, 14, 72, 128), "bf16"), ("efficientvit-attn", 512, "bf16"), ("vit-s", 512, "bf16")]
 
 
-def _cudnn_memory_format(input_, weight, backend) -> torch.memory_format:
-    """The layout of a conv's output on a GPU with cuDNN: channels_last when the input or the weight is (the fake
-    conv picks by the backend it would run on this CPU-only machine, contiguous for bf16)."""
-    formats = {torch._prims_common.suggest_memory_format(t) for t in (input_, weight)}
-    return next((f for f in (torch.channels_last, torch.channels_last_3d) if f in formats), torch.contiguous_format)
-
-
 def decode_configs(arch: int) -> list[Config]:
     """The launches of each DECODES decode on the fake GPU, in NCHW and, for the families that run channels_last
     on a GPU (``channels_last_on_cuda``), in channels_last."""
@@ -169,8 +134,8 @@ def decode_configs(arch: int) -> list[Config]:
 
 def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int) -> tuple[list[Launch], tuple] | None:
     """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last). The
-    models call the launchers (the op registry would run its fake kernels), convs keep channels_last as cuDNN does,
-    and layers take their row chunks (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
+    models call the launchers (the op registry would run its fake kernels), and layers take their row chunks
+    (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
     from torch._subclasses.fake_tensor import FakeTensor
 
     from fastdec.kernels.support import dispatch
@@ -186,27 +151,15 @@ def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int) ->
             stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
         stack.enter_context(mock.patch.object(layers, "Tensor", FakeTensor))  # chunked(): type(x) is Tensor
         stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
-        stack.enter_context(mock.patch.object(torch._C, "_conv_determine_backend_memory_format", _cudnn_memory_format))
-        stack.enter_context(mock.patch.object(torch.nn.init, "trunc_normal_", lambda t, *a, **k: t))  # no values
         stack.enter_context(fake_gpu(arch))
         stack.enter_context(torch.no_grad())
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(DTYPES[dtype])
-        try:
-            with torch.device("cuda"):
-                model = entry.build().eval()
-        finally:
-            torch.set_default_dtype(previous)
-        if channels_last and not model.channels_last_on_cuda:
-            return None
-        shape = size if isinstance(size, tuple) else entry.latent_shape(model, size, 1, entry.downsample)
-        latents = torch.randn(shape, device="cuda", dtype=DTYPES[dtype])
-        if channels_last:  # what model.to(memory_format=...) does (it cannot swap fake parameters)
-            for param in (p for p in model.parameters() if p.dim() == 4):
-                param.data = param.data.contiguous(memory_format=torch.channels_last)
-            latents = latents.contiguous(memory_format=torch.channels_last)
+        model, latents = stack.enter_context(fake_decoder(entry, size, DTYPES[dtype]))
+        if channels_last:
+            if not model.channels_last_on_cuda:
+                return None
+            latents = to_channels_last(model, latents)
         model.decode(latents, check_finite=False)
-    return launches, shape
+    return launches, tuple(latents.shape)
 
 
 def op_configs(module, arch: int, quick: bool) -> list[Config]:

@@ -11,6 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastdec.bench.fake_gpu import fake_decoder, fake_gpu
 from fastdec.diffusers import FastdecVAE  # noqa: F401 (the wrapper whose affine map is checked below)
 from fastdec.models.layers import ChannelConstants
 from fastdec.models.wan import WanDecoder
@@ -60,8 +61,8 @@ def test_channel_constants_stay_exact_in_fp32_and_follow_dtype_and_device():
 
 # --- a full decode of every family at real sizes, on fake CUDA tensors (no GPU, no memory) --------------------------
 
-REAL_SIZES = {  # family -> latents of the issue's decode sizes (B, C, [T,] h, w); None: the bench entry's at 1024 px
-    "sd-vae": None, "flux2": None, "dc-ae": None, "taesd": None, "vit-s": None, "tae-temporal": None,
+REAL_SIZES = {  # family -> the issue's decode size: an image side, or latents (B, C, T, h, w)
+    "sd-vae": 1024, "flux2": 1024, "dc-ae": 1024, "taesd": 1024, "vit-s": 1024, "tae-temporal": 1024,
     "wan2.1": (1, 16, 21, 60, 104),  # 81 x 480 x 832
     "taew2_1": (1, 16, 21, 60, 104),  # TAEHV, the same Wan 2.1 latents
     "svd": (1, 4, 14, 72, 128),  # 14 x 576 x 1024
@@ -69,23 +70,12 @@ REAL_SIZES = {  # family -> latents of the issue's decode sizes (B, C, [T,] h, w
 
 
 @contextlib.contextmanager
-def fake_cuda_decoder(family: str, monkeypatch) -> Iterator[tuple[torch.nn.Module, torch.Tensor]]:
-    """Inside FakeTensorMode: ``family``'s bench decoder in bf16 on (fake) CUDA and latents of its REAL_SIZES."""
+def fake_cuda_decoder(family: str) -> Iterator[tuple[torch.nn.Module, torch.Tensor]]:
+    """On a fake H100: ``family``'s bench decoder in bf16 and latents of its REAL_SIZES."""
     from fastdec.bench.decoders import ENTRIES
 
-    entry = ENTRIES[family]
-    # trunc_normal_ draws until values fall in range (data-dependent): fake weights need no values
-    monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda tensor, *args, **kwargs: tensor)
-    with FakeTensorMode():
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device("cuda"):
-                model = entry.build().eval()
-        finally:
-            torch.set_default_dtype(previous)
-        shape = REAL_SIZES[family] or entry.latent_shape(model, 1024, 1, entry.downsample)
-        yield model, torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    with fake_gpu(90), fake_decoder(ENTRIES[family], REAL_SIZES[family], torch.bfloat16) as decoder_and_latents:
+        yield decoder_and_latents
 
 
 class HostTraffic(TorchDispatchMode):
@@ -110,11 +100,11 @@ class HostTraffic(TorchDispatchMode):
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
 @pytest.mark.parametrize("family", sorted(REAL_SIZES))
-def test_a_repeated_decode_makes_no_host_copies_or_syncs(family, monkeypatch):
+def test_a_repeated_decode_makes_no_host_copies_or_syncs(family):
     """Issue 21: decode ``family`` twice at a real size on fake CUDA tensors (FakeTensorMode: shapes only); the
     second decode copies nothing from the host and waits for nothing (check_finite=False: the NaN check is the one
     sync a decode makes by default, skipped under CUDA-graph capture and torch.compile)."""
-    with fake_cuda_decoder(family, monkeypatch) as (model, latents), torch.no_grad():
+    with fake_cuda_decoder(family) as (model, latents), torch.no_grad():
         first = model.decode(latents, check_finite=False)
         with HostTraffic() as traffic:
             second = model.decode(latents, check_finite=False)
@@ -125,12 +115,12 @@ def test_a_repeated_decode_makes_no_host_copies_or_syncs(family, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 @pytest.mark.parametrize("family", sorted(REAL_SIZES))
-def test_a_decode_at_real_size_compiles_to_one_graph(family, monkeypatch):
+def test_a_decode_at_real_size_compiles_to_one_graph(family):
     """Issue 21: torch.compile sees the whole decode of ``family`` at a real size on (fake) CUDA as one graph with
     no break: the paths taken only at large sizes (row chunks, Wan's and SVD's frame chunks) and only on CUDA
     (layouts) included."""
     torch._dynamo.reset()
-    with fake_cuda_decoder(family, monkeypatch) as (model, latents), torch.no_grad():
+    with fake_cuda_decoder(family) as (model, latents), torch.no_grad():
         explained = torch._dynamo.explain(lambda z: model.decode(z, check_finite=False))(latents)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
