@@ -110,8 +110,10 @@ class Config:
 
 
 # Whole decodes (bench entry, image side or latent shape) whose every launch the report must hold: the families at
-# the sizes of issue 21, in bf16, plus SD/SDXL 1024^2 in fp16 and in fp32 (pipelines that keep force_upcast).
+# the sizes of issue 21, in bf16, plus SD/SDXL 1024^2 in fp16 and in fp32 (pipelines that keep force_upcast), and
+# SD-VAE 4096^2 untiled (the tiling bench's reference; tensors past 2^31 elements index in int64).
 DECODES = [("sd-vae", 512, "bf16"), ("sd-vae", 1024, "bf16"), ("sd-vae", 1024, "fp16"), ("sd-vae", 1024, "fp32"),
+           ("sd-vae", 4096, "bf16"),
            ("flux1", 1024, "bf16"), ("flux2", 1024, "bf16"), ("dc-ae", 1024, "bf16"), ("dc-ae", 2048, "bf16"),
            ("wan2.1", (1, 16, 21, 60, 104), "bf16"), ("wan2.1", (1, 16, 21, 90, 160), "bf16"),
            ("svd", (1, 4, 14, 72, 128), "bf16"), ("efficientvit-attn", 512, "bf16"), ("vit-s", 512, "bf16")]
