@@ -109,14 +109,16 @@ class Config:
     tuned: bool = False
 
 
-# Whole decodes (bench entry, image side or latent shape) whose every launch the report must hold: the families at
-# the sizes of issue 21, in bf16, plus SD/SDXL 1024^2 in fp16 and in fp32 (pipelines that keep force_upcast), and
-# SD-VAE 4096^2 untiled (the tiling bench's reference; tensors past 2^31 elements index in int64).
-DECODES = [("sd-vae", 512, "bf16"), ("sd-vae", 1024, "bf16"), ("sd-vae", 1024, "fp16"), ("sd-vae", 1024, "fp32"),
-           ("sd-vae", 4096, "bf16"),
-           ("flux1", 1024, "bf16"), ("flux2", 1024, "bf16"), ("dc-ae", 1024, "bf16"), ("dc-ae", 2048, "bf16"),
-           ("wan2.1", (1, 16, 21, 60, 104), "bf16"), ("wan2.1", (1, 16, 21, 90, 160), "bf16"),
-           ("svd", (1, 4, 14, 72, 128), "bf16"), ("efficientvit-attn", 512, "bf16"), ("vit-s", 512, "bf16")]
+# Whole decodes (bench entry, image side or latent shape, dtype, slab rows when tiled) whose every launch the report
+# must hold: the families at the sizes of issue 21 in bf16; SD/SDXL 1024^2 also in fp16 and fp32 (pipelines that
+# keep force_upcast); SD-VAE 4096^2 untiled (tensors past 2^31 elements index in int64) and in the tiling bench's
+# slabs of 384 rows (diffusers' 512 px tile less its blend).
+DECODES = [("sd-vae", 512, "bf16", None), ("sd-vae", 1024, "bf16", None), ("sd-vae", 1024, "fp16", None),
+           ("sd-vae", 1024, "fp32", None), ("sd-vae", 4096, "bf16", None), ("sd-vae", 4096, "bf16", 384),
+           ("flux1", 1024, "bf16", None), ("flux2", 1024, "bf16", None), ("dc-ae", 1024, "bf16", None),
+           ("dc-ae", 2048, "bf16", None), ("wan2.1", (1, 16, 21, 60, 104), "bf16", None),
+           ("wan2.1", (1, 16, 21, 90, 160), "bf16", None), ("svd", (1, 4, 14, 72, 128), "bf16", None),
+           ("efficientvit-attn", 512, "bf16", None), ("vit-s", 512, "bf16", None)]
 
 
 def decode_configs(arch: int) -> list[Config]:
@@ -125,21 +127,25 @@ def decode_configs(arch: int) -> list[Config]:
     from fastdec.bench.decoders import ENTRIES
 
     configs = []
-    for (name, size, dtype), layout in itertools.product(DECODES, ("NCHW", "channels_last")):
-        recorded = _decode_launches(ENTRIES[name], size, dtype, layout == "channels_last", arch)
+    for (name, size, dtype, tile), layout in itertools.product(DECODES, ("NCHW", "channels_last")):
+        recorded = _decode_launches(ENTRIES[name], size, dtype, layout == "channels_last", arch, tile)
         if recorded is not None:
             launches, shape = recorded
             label = shape_label(shape[2:]) if isinstance(size, tuple) else f"{size}x{size}"
-            configs.append(Config(f"decode {name} {label} {dtype} {layout}", launches))
+            configs.append(Config(f"decode {name} {label} {dtype} {layout}" + (f" tiled {tile}" if tile else ""),
+                                  launches))
     return configs
 
 
-def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int) -> tuple[list[Launch], tuple] | None:
-    """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last). The
-    models call the launchers (the op registry would run its fake kernels), and layers take their row chunks
-    (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
+def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
+                     tile: int | None = None) -> tuple[list[Launch], tuple] | None:
+    """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last),
+    ``tile``: in slabs of that many pixel rows (fastdec.tiling, its slabs waiting in pinned host memory). Untiled
+    the models call the launchers (the op registry would run its fake kernels), tiled tiling's op rules do; layers
+    take their row chunks (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    from fastdec import tiling
     from fastdec.kernels.support import dispatch
     from fastdec.kernels.support.cases import DTYPES
     from fastdec.models import layers
@@ -150,9 +156,12 @@ def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int) ->
             for kernel_name, kernel in launched_kernels(module).items():
                 stack.enter_context(mock.patch.object(module, kernel_name, _RecordingKernel(kernel, launches)))
             op = module.__name__.rpartition(".")[2]
-            stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
+            if tile is None:
+                stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
         stack.enter_context(mock.patch.object(layers, "Tensor", FakeTensor))  # chunked(): type(x) is Tensor
         stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
+        stack.enter_context(mock.patch.object(tiling.HostTiles, "settle", lambda self: None))  # waits on CUDA events
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
         stack.enter_context(fake_gpu(arch))
         stack.enter_context(torch.no_grad())
         model, latents = stack.enter_context(fake_decoder(entry, size, DTYPES[dtype]))
@@ -160,7 +169,10 @@ def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int) ->
             if not model.channels_last_on_cuda:
                 return None
             latents = to_channels_last(model, latents)
-        model.decode(latents, check_finite=False)
+        if tile is None:
+            model.decode(latents, check_finite=False)
+        else:
+            tiling.tiled_decode(model, latents, tile, check_finite=False)
     return launches, tuple(latents.shape)
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
@@ -186,10 +188,11 @@ def test_committed_report_holds_whole_decodes_of_every_family(committed):
     """Issue 21 item 2: every launch of a whole decode of each family at its real sizes (recorded on the fake GPU,
     channels_last too where the family runs so) is in the report, not only the op files' own cases."""
     cases = {config["case"] for config in committed["configs"] if config["op"] == "decode"}
-    for name, size, dtype in compile_check.DECODES:
+    for name, size, dtype, tile in compile_check.DECODES:
         label = "x".join(map(str, size[2:])) if isinstance(size, tuple) else f"{size}x{size}"
-        assert f"decode {name} {label} {dtype} NCHW" in cases, (name, size, dtype)
+        assert f"decode {name} {label} {dtype} NCHW" + (f" tiled {tile}" if tile else "") in cases, (name, size)
     assert "decode sd-vae 1024x1024 bf16 channels_last" in cases and "decode wan2.1 21x90x160 bf16 NCHW" in cases
+    assert "decode sd-vae 4096x4096 bf16 channels_last tiled 384" in cases
 
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
@@ -258,3 +261,41 @@ def test_committed_extension_report_has_no_spills_and_matches_the_sources():
     assert {arch for _, arch in entries} == {"sm_90", "sm_80"}
     assert any("shuffle_channels_last" in name for name, _ in entries)
     assert all(stores == loads == "0" for stores, loads in spills) and max(registers) <= 255
+
+
+class LargeCopies(TorchDispatchMode):
+    """Records the copies (clone, copy_, to) of tensors over 2^16 elements made inside a launcher: an input or
+    output the kernel could not read or write in place (issue 21 risk 3: Wan's per-frame views were copied)."""
+
+    def __init__(self, launcher: str, found: list):
+        super().__init__()
+        self.launcher, self.found = launcher, found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        copies = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)
+        if func in copies and args[0].numel() > 2**16:
+            self.found.append((self.launcher, str(func), tuple(args[0].shape), args[0].stride()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
+def test_no_launcher_copies_a_tensor_in_a_whole_decode(monkeypatch):
+    """Every DECODES decode on the fake GPU (each family at its real sizes, NCHW and channels_last, untiled and
+    tiled): the launchers read and write every layout the models hand them in place."""
+    from fastdec.bench.decoders import ENTRIES
+
+    found: list = []
+
+    def watched(name, launcher):
+        def run(*args, **kwargs):
+            with LargeCopies(name, found):
+                return launcher(*args, **kwargs)
+        return run
+
+    for module in compile_check.KERNEL_MODULES:
+        for name in [name for name in vars(module) if name.endswith("_triton")]:
+            monkeypatch.setattr(module, name, watched(name, getattr(module, name)))
+    for (name, size, dtype, tile), channels_last in itertools.product(compile_check.DECODES, (False, True)):
+        recorded = compile_check._decode_launches(ENTRIES[name], size, dtype, channels_last, 90, tile)
+        assert recorded is None or recorded[0], (name, size)  # launched something
+        assert found == [], (name, size, dtype, channels_last, tile, found[:4])
