@@ -36,14 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 from fastdec import ops
-from fastdec.bench.fake_gpu import GPUS, fake_decoder, fake_gpu, to_channels_last
+from fastdec.bench.fake_gpu import GPUS, Launch, decode_launches, fake_gpu, launched_kernels, recorded_launches
 from fastdec.kernels.support.cases import shape_label
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton, triton_interpreting
 
@@ -55,48 +54,6 @@ DEFAULT_MAX_SPILL = 256  # bytes of spill stores or loads per thread
 _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 _DIVISIBILITY = [["tt.divisibility", 16]]
-
-
-# --- recording the launchers' kernel launches -------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Launch:
-    kernel: object  # the @triton.jit function
-    args: tuple
-    kwargs: dict
-
-
-class _RecordingKernel:
-    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the launch, runs nothing."""
-
-    def __init__(self, kernel, launches: list[Launch]):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, args, kwargs))
-
-
-def launched_kernels(module) -> dict[str, object]:
-    """The module's launchable kernels: @triton.jit functions named _..._kernel (helpers are inlined into them),
-    compiled or, under TRITON_INTERPRET, interpreted."""
-    if TRITON_IMPORT_ERROR is not None:
-        return {}
-    from triton.runtime.interpreter import InterpretedFunction
-
-    kinds = (triton.runtime.JITFunction, InterpretedFunction)
-    return {name: obj for name, obj in vars(module).items() if name.endswith("_kernel") and isinstance(obj, kinds)}
-
-
-@contextlib.contextmanager
-def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
-    """Inside fake_gpu(arch), the module's kernels record their launches into the yielded list."""
-    launches: list[Launch] = []
-    with contextlib.ExitStack() as stack:
-        for name, kernel in launched_kernels(module).items():
-            stack.enter_context(mock.patch.object(module, name, _RecordingKernel(kernel, launches)))
-        stack.enter_context(fake_gpu(arch))
-        yield launches
 
 
 @dataclasses.dataclass
@@ -128,52 +85,13 @@ def decode_configs(arch: int) -> list[Config]:
 
     configs = []
     for (name, size, dtype, tile), layout in itertools.product(DECODES, ("NCHW", "channels_last")):
-        recorded = _decode_launches(ENTRIES[name], size, dtype, layout == "channels_last", arch, tile)
+        recorded = decode_launches(ENTRIES[name], size, dtype, layout == "channels_last", arch, tile)
         if recorded is not None:
             launches, shape = recorded
             label = shape_label(shape[2:]) if isinstance(size, tuple) else f"{size}x{size}"
             configs.append(Config(f"decode {name} {label} {dtype} {layout}" + (f" tiled {tile}" if tile else ""),
                                   launches))
     return configs
-
-
-def _decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
-                     tile: int | None = None) -> tuple[list[Launch], tuple] | None:
-    """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last),
-    ``tile``: in slabs of that many pixel rows (fastdec.tiling, its slabs waiting in pinned host memory). Untiled
-    the models call the launchers (the op registry would run its fake kernels), tiled tiling's op rules do; layers
-    take their row chunks (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    from fastdec import tiling
-    from fastdec.kernels.support import dispatch
-    from fastdec.kernels.support.cases import DTYPES
-    from fastdec.models import layers
-
-    launches: list[Launch] = []
-    with contextlib.ExitStack() as stack:
-        for module in KERNEL_MODULES:
-            for kernel_name, kernel in launched_kernels(module).items():
-                stack.enter_context(mock.patch.object(module, kernel_name, _RecordingKernel(kernel, launches)))
-            op = module.__name__.rpartition(".")[2]
-            if tile is None:
-                stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
-        stack.enter_context(mock.patch.object(layers, "Tensor", FakeTensor))  # chunked(): type(x) is Tensor
-        stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
-        stack.enter_context(mock.patch.object(tiling.HostTiles, "settle", lambda self: None))  # waits on CUDA events
-        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
-        stack.enter_context(fake_gpu(arch))
-        stack.enter_context(torch.no_grad())
-        model, latents = stack.enter_context(fake_decoder(entry, size, DTYPES[dtype]))
-        if channels_last:
-            if not model.channels_last_on_cuda:
-                return None
-            latents = to_channels_last(model, latents)
-        if tile is None:
-            model.decode(latents, check_finite=False)
-        else:
-            tiling.tiled_decode(model, latents, tile, check_finite=False)
-    return launches, tuple(latents.shape)
 
 
 def op_configs(module, arch: int, quick: bool) -> list[Config]:

@@ -202,7 +202,7 @@ def test_decode_launches_take_the_row_chunks_a_gpu_takes():
     chunks' launch plans are the ones compiled."""
     from fastdec.bench.decoders import ENTRIES
 
-    launches, _ = compile_check._decode_launches(ENTRIES["sd-vae"], 1024, "bf16", False, 90)
+    launches, _ = compile_check.decode_launches(ENTRIES["sd-vae"], 1024, "bf16", False, 90)
     shapes = {tuple(arg.shape) for launch in launches if launch.kernel.__name__ == "_group_norm_act_kernel"
               for arg in launch.args[:1] if isinstance(arg, torch.Tensor)}
     assert any(len(shape) == 4 and shape[-2] < shape[-1] for shape in shapes), shapes  # rows of a square image
@@ -296,6 +296,6 @@ def test_no_launcher_copies_a_tensor_in_a_whole_decode(monkeypatch):
         for name in [name for name in vars(module) if name.endswith("_triton")]:
             monkeypatch.setattr(module, name, watched(name, getattr(module, name)))
     for (name, size, dtype, tile), channels_last in itertools.product(compile_check.DECODES, (False, True)):
-        recorded = compile_check._decode_launches(ENTRIES[name], size, dtype, channels_last, 90, tile)
+        recorded = compile_check.decode_launches(ENTRIES[name], size, dtype, channels_last, 90, tile)
         assert recorded is None or recorded[0], (name, size)  # launched something
         assert found == [], (name, size, dtype, channels_last, tile, found[:4])

@@ -1,7 +1,7 @@
 """A GPU that is not there: CUDA tensors made fake by torch's FakeTensorMode (shapes, strides and dtypes; no memory,
 no values), with the SM count, compute capability and shared memory of a chosen card. bench/compile_check.py
-records the Triton launch plans of the ops and of whole decodes on it; the tests count the host work and graph
-breaks of decodes at real sizes on it."""
+records the Triton launch plans of the ops and of whole decodes on it (``recorded_launches``, ``decode_launches``);
+the tests count the host work, graph breaks and launcher copies of decodes at real sizes on it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,15 @@ from unittest import mock
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
-from fastdec.kernels.support import attention_config
+from fastdec import ops, tiling
+from fastdec.kernels.support import attention_config, dispatch
+from fastdec.kernels.support.cases import DTYPES
+from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
+from fastdec.models import layers
+
+TRITON_OP_MODULES = tuple(module for module in ops.OP_MODULES.values() if module.FUSED == "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +84,77 @@ def to_channels_last(model: nn.Module, latents: Tensor) -> Tensor:
     for param in (p for p in model.parameters() if p.dim() == 4):
         param.data = param.data.contiguous(memory_format=torch.channels_last)
     return latents.contiguous(memory_format=torch.channels_last)
+
+
+# --- recording what the launchers launch -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object  # the @triton.jit function
+    args: tuple
+    kwargs: dict
+
+
+class RecordingKernel:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the launch, runs nothing."""
+
+    def __init__(self, kernel, launches: list[Launch]):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, args, kwargs))
+
+
+def launched_kernels(module) -> dict[str, object]:
+    """The module's launchable kernels: @triton.jit functions named _..._kernel (helpers are inlined into them),
+    compiled or, under TRITON_INTERPRET, interpreted."""
+    if TRITON_IMPORT_ERROR is not None:
+        return {}
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kinds = (triton.runtime.JITFunction, InterpretedFunction)
+    return {name: obj for name, obj in vars(module).items() if name.endswith("_kernel") and isinstance(obj, kinds)}
+
+
+@contextlib.contextmanager
+def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
+    """Inside fake_gpu(arch), the module's kernels record their launches into the yielded list."""
+    launches: list[Launch] = []
+    with contextlib.ExitStack() as stack:
+        for name, kernel in launched_kernels(module).items():
+            stack.enter_context(mock.patch.object(module, name, RecordingKernel(kernel, launches)))
+        stack.enter_context(fake_gpu(arch))
+        yield launches
+
+
+def decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
+                    tile: int | None = None) -> tuple[list[Launch], tuple] | None:
+    """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last),
+    ``tile``: in slabs of that many pixel rows (fastdec.tiling, its slabs waiting in pinned host memory). Untiled
+    the models call the launchers (the op registry would run its fake kernels), tiled tiling's op rules do; layers
+    take their row chunks (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
+    launches: list[Launch] = []
+    with contextlib.ExitStack() as stack:
+        for module in TRITON_OP_MODULES:
+            for kernel_name, kernel in launched_kernels(module).items():
+                stack.enter_context(mock.patch.object(module, kernel_name, RecordingKernel(kernel, launches)))
+            op = module.__name__.rpartition(".")[2]
+            if tile is None:
+                stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
+        stack.enter_context(mock.patch.object(layers, "Tensor", FakeTensor))  # chunked(): type(x) is Tensor
+        stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
+        stack.enter_context(mock.patch.object(tiling.HostTiles, "settle", lambda self: None))  # waits on CUDA events
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
+        stack.enter_context(fake_gpu(arch))
+        stack.enter_context(torch.no_grad())
+        model, latents = stack.enter_context(fake_decoder(entry, size, DTYPES[dtype]))
+        if channels_last:
+            if not model.channels_last_on_cuda:
+                return None
+            latents = to_channels_last(model, latents)
+        if tile is None:
+            model.decode(latents, check_finite=False)
+        else:
+            tiling.tiled_decode(model, latents, tile, check_finite=False)
+    return launches, tuple(latents.shape)
