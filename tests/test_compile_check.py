@@ -198,7 +198,7 @@ def test_committed_report_holds_whole_decodes_of_every_family(committed):
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # UpsampleConv's weight-cache key
 def test_decode_launches_take_the_row_chunks_a_gpu_takes():
     """An SD-VAE 1024^2 bf16 decode on a (fake) GPU normalizes its largest tensors in row chunks (models.layers
-    CHUNKED_BYTES), which layers leave to whole tensors under FakeTensorMode: the recorder lets them chunk, so the
+    CHUNKED_BYTES), which layers leave to whole tensors under FakeTensorMode: the fake GPU lets them chunk, so the
     chunks' launch plans are the ones compiled."""
     from fastdec.bench.decoders import ENTRIES
 

@@ -37,8 +37,9 @@ GPUS = {90: Gpu("H100 SXM", 132, 227 * 1024), 80: Gpu("A100", 108, 163 * 1024)}
 @contextlib.contextmanager
 def fake_gpu(arch: int = 90) -> Iterator[None]:
     """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count, compute capability and shared
-    memory of the ``arch`` GPU, ``torch.cuda.device`` (the launchers' device guard) does nothing, and convs lay out
-    their output as cuDNN does."""
+    memory of the ``arch`` GPU, ``torch.cuda.device`` (the launchers' device guard) does nothing, convs lay out
+    their output as cuDNN does, and layers take the row chunks of large tensors (models.layers.chunked) as on a GPU,
+    where they leave FakeTensors whole."""
     gpu = GPUS[arch]
     properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name,
                                  shared_memory_per_block_optin=gpu.shared_memory)
@@ -48,6 +49,7 @@ def fake_gpu(arch: int = 90) -> Iterator[None]:
               mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
               mock.patch.object(torch.cuda, "device", lambda *_: contextlib.nullcontext()),
               mock.patch.object(torch._C, "_conv_determine_backend_memory_format", _cudnn_memory_format),
+              mock.patch.object(layers, "Tensor", FakeTensor),  # chunked() takes type(x) is Tensor
               torch._subclasses.fake_tensor.FakeTensorMode()):
             yield
     finally:
@@ -61,8 +63,7 @@ def _cudnn_memory_format(input_: Tensor, weight: Tensor, backend) -> torch.memor
     return next((f for f in (torch.channels_last, torch.channels_last_3d) if f in formats), torch.contiguous_format)
 
 
-@contextlib.contextmanager
-def fake_decoder(entry, size: int | tuple[int, ...], dtype: torch.dtype) -> Iterator[tuple[nn.Module, Tensor]]:
+def fake_decoder(entry, size: int | tuple[int, ...], dtype: torch.dtype) -> tuple[nn.Module, Tensor]:
     """Inside fake_gpu: (decoder, latents) of a bench entry (fastdec.bench.decoders), built in ``dtype`` on CUDA,
     the latents random, of an image ``size`` (its side) or of that latent shape."""
     # trunc_normal_ draws until values fall in range (data-dependent): fake weights need no values
@@ -75,7 +76,7 @@ def fake_decoder(entry, size: int | tuple[int, ...], dtype: torch.dtype) -> Iter
         finally:
             torch.set_default_dtype(previous)
     shape = size if isinstance(size, tuple) else entry.latent_shape(model, size, 1, entry.downsample)
-    yield model, torch.randn(shape, device="cuda", dtype=dtype)
+    return model, torch.randn(shape, device="cuda", dtype=dtype)
 
 
 def to_channels_last(model: nn.Module, latents: Tensor) -> Tensor:
@@ -132,8 +133,7 @@ def decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
                     tile: int | None = None) -> tuple[list[Launch], tuple] | None:
     """(launches, latent shape) of one decode on the fake GPU (None: the family does not run channels_last),
     ``tile``: in slabs of that many pixel rows (fastdec.tiling, its slabs waiting in pinned host memory). Untiled
-    the models call the launchers (the op registry would run its fake kernels), tiled tiling's op rules do; layers
-    take their row chunks (which they leave to whole tensors under FakeTensorMode) as on a GPU."""
+    the models call the launchers (the op registry would run its fake kernels), tiled tiling's op rules do."""
     launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
         for module in TRITON_OP_MODULES:
@@ -142,13 +142,12 @@ def decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
             op = module.__name__.rpartition(".")[2]
             if tile is None:
                 stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
-        stack.enter_context(mock.patch.object(layers, "Tensor", FakeTensor))  # chunked(): type(x) is Tensor
         stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
         stack.enter_context(mock.patch.object(tiling.HostTiles, "settle", lambda self: None))  # waits on CUDA events
         stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
         stack.enter_context(fake_gpu(arch))
         stack.enter_context(torch.no_grad())
-        model, latents = stack.enter_context(fake_decoder(entry, size, DTYPES[dtype]))
+        model, latents = fake_decoder(entry, size, DTYPES[dtype])
         if channels_last:
             if not model.channels_last_on_cuda:
                 return None
