@@ -37,9 +37,9 @@ GPUS = {90: Gpu("H100 SXM", 132, 227 * 1024), 80: Gpu("A100", 108, 163 * 1024)}
 @contextlib.contextmanager
 def fake_gpu(arch: int = 90) -> Iterator[None]:
     """Inside: CUDA tensors are fake (no memory, no GPU), torch reports the SM count, compute capability and shared
-    memory of the ``arch`` GPU, ``torch.cuda.device`` (the launchers' device guard) does nothing, convs lay out
-    their output as cuDNN does, and layers take the row chunks of large tensors (models.layers.chunked) as on a GPU,
-    where they leave FakeTensors whole."""
+    memory of the ``arch`` GPU, device 0 is current, ``torch.cuda.device`` (the launchers' device guard) and stream
+    synchronisation do nothing, convs lay out their output as cuDNN does, and layers take the row chunks of large
+    tensors (models.layers.chunked) as on a GPU, where they leave FakeTensors whole."""
     gpu = GPUS[arch]
     properties = SimpleNamespace(multi_processor_count=gpu.sms, name=gpu.name,
                                  shared_memory_per_block_optin=gpu.shared_memory)
@@ -48,6 +48,8 @@ def fake_gpu(arch: int = 90) -> Iterator[None]:
         with (mock.patch.object(torch.cuda, "get_device_properties", lambda *_: properties),
               mock.patch.object(torch.cuda, "get_device_capability", lambda *_: divmod(arch, 10)),
               mock.patch.object(torch.cuda, "device", lambda *_: contextlib.nullcontext()),
+              mock.patch.object(torch.cuda, "current_device", lambda: 0),
+              mock.patch.object(torch.cuda, "current_stream", lambda *_: SimpleNamespace(synchronize=lambda: None)),
               mock.patch.object(torch._C, "_conv_determine_backend_memory_format", _cudnn_memory_format),
               mock.patch.object(layers, "Tensor", FakeTensor),  # chunked() takes type(x) is Tensor
               torch._subclasses.fake_tensor.FakeTensorMode()):
@@ -118,13 +120,18 @@ def launched_kernels(module) -> dict[str, object]:
     return {name: obj for name, obj in vars(module).items() if name.endswith("_kernel") and isinstance(obj, kinds)}
 
 
+def _recording(stack: contextlib.ExitStack, module, launches: list[Launch]) -> None:
+    """Inside ``stack``, the module's kernels record their launches into ``launches``."""
+    for name, kernel in launched_kernels(module).items():
+        stack.enter_context(mock.patch.object(module, name, RecordingKernel(kernel, launches)))
+
+
 @contextlib.contextmanager
 def recorded_launches(module, arch: int) -> Iterator[list[Launch]]:
     """Inside fake_gpu(arch), the module's kernels record their launches into the yielded list."""
     launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
-        for name, kernel in launched_kernels(module).items():
-            stack.enter_context(mock.patch.object(module, name, RecordingKernel(kernel, launches)))
+        _recording(stack, module, launches)
         stack.enter_context(fake_gpu(arch))
         yield launches
 
@@ -137,14 +144,11 @@ def decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
     launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
         for module in TRITON_OP_MODULES:
-            for kernel_name, kernel in launched_kernels(module).items():
-                stack.enter_context(mock.patch.object(module, kernel_name, RecordingKernel(kernel, launches)))
+            _recording(stack, module, launches)
             op = module.__name__.rpartition(".")[2]
             if tile is None:
                 stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
         stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
-        stack.enter_context(mock.patch.object(tiling.HostTiles, "settle", lambda self: None))  # waits on CUDA events
-        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
         stack.enter_context(fake_gpu(arch))
         stack.enter_context(torch.no_grad())
         model, latents = fake_decoder(entry, size, DTYPES[dtype])
