@@ -7,7 +7,9 @@
 # 1. installs what the machine lacks from a folder of wheels made beforehand on a networked machine by
 #    bench/gpu_wheels.sh (--wheels, or $FASTDEC_WHEELS; nothing is fetched). The folder travels with the checkout:
 #    e.g. bench/gpu_wheels.sh .whl with /.whl/ in .git/info/exclude, the device call carrying .whl;
-# 2. builds fastdec and its CUDA extension from this checkout (pip install --no-build-isolation -e .);
+# 2. builds fastdec and its CUDA extension from this checkout (pip install --no-build-isolation -e .), while
+#    python -m fastdec.bench.prewarm fills torch.compile's caches on disk in the background for the end-to-end
+#    benches of step 5 (the build and the tests leave most cores idle; diffusers' compile took 31-38 s per size);
 # 3. runs the kernel tests natively on the GPU (no interpreter); with --only ...,attention_probe also
 #    bench/attention_key_tail_probe.py (the attention launches found wrong on an H200, across tiles, each in its own
 #    process);
@@ -21,8 +23,8 @@
 #
 # Every step runs under a time limit within --budget (default 540 s, so that a 10-minute device command holds it
 # with install and report); a step that fails or runs out of time is recorded and the next one still runs. The whole
-# check does not fit one such call: on an H200 (2026-12-04, bench/results/2026-12-04-gpu-run-h200-call3-4/) each
-# end-to-end step took 57-70 s, diffusers' torch.compile alone 20-25 s of it. --only runs just the named steps: a
+# check does not fit one such call: on an H200 (2026-12-04, bench/results/2026-12-04-gpu-run-h200-call5-7/) each
+# image step took 72-92 s before the prewarm, torch.compile 38-47 s of it. --only runs just the named steps: a
 # second call on the still-warm machine (install and build stay done) takes those the first ran out of time for.
 # --smoke runs the same steps on the CPU at tiny sizes (no install, no build): CI runs it (tests/test_gpu_run.py) so
 # the script never rots.
@@ -83,6 +85,59 @@ if [ -n "$WHEELS" ]; then
   # Only what is missing or too old: pip resolves against the packages the machine already has.
   step install 120 "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" -r "$ROOT/bench/gpu_requirements.txt"
 fi
+
+# The end-to-end image benches at the goals' sizes (step 5): "step limit decoder side", each vs diffusers eager and
+# torch.compile, with peak memory. One fastdec bench per step, so that a slow step loses only its own rows.
+if [ $SMOKE -eq 1 ]; then
+  BENCH_OPTIONS=(--batch 1 --device cpu --repeats 2 --warmup 0 --compile-backend eager)
+  IMAGE_STEPS=("decoders 120 taesd 64")
+else
+  BENCH_OPTIONS=(--batch 1 --dtype bf16)
+  IMAGE_STEPS=("sd-vae-512 90 sd-vae 512" "sd-vae-1024 100 sd-vae 1024" "flux2 90 flux2 1024" "taesd 60 taesd 512"
+               "flux1 90 flux1 1024")
+fi
+selected() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+# prewarm_chain DEADLINE DECODER:SIDE...: one fastdec.bench.prewarm process per case, in turn, each under what is
+# left until DEADLINE (seconds since the epoch); exit 1 if one failed.
+prewarm_chain() {
+  local deadline=$1 case rc=0; shift
+  for case in "$@"; do
+    local left=$((deadline - $(date +%s)))
+    [ "$left" -lt 10 ] && { echo "prewarm: no time left for $case"; return 1; }
+    echo "== prewarm $case (at most $left s)"
+    TORCHINDUCTOR_COMPILE_THREADS=4 timeout --kill-after=10 "$left" "$PYTHON" -m fastdec.bench.prewarm \
+      "${BENCH_OPTIONS[@]}" --decoders "${case%:*}" --resolution "${case#*:}" || rc=1
+  done
+  return $rc
+}
+
+# The prewarm runs in the background, in two chains of cases, until the first step that times the GPU waits for it
+# (wait_prewarm): at most 180 s, and the build and the tests take about 130 s on an H200 machine. wait_prewarm
+# records it as the step "prewarm"; a failed prewarm only means colder compiles in the benches.
+PREWARM_PID=""
+cases=()
+for spec in "${IMAGE_STEPS[@]}"; do
+  read -r name _ decoder side <<< "$spec"
+  selected "$name" && cases+=("$decoder:$side")
+done
+if [ ${#cases[@]} -gt 0 ]; then
+  (
+    t0=$(date +%s) deadline=$(( $(date +%s) + 180 ))
+    prewarm_chain "$deadline" "${cases[@]:0:$(( (${#cases[@]} + 1) / 2 ))}" > "$OUT/prewarm.log" 2>&1 & first=$!
+    prewarm_chain "$deadline" "${cases[@]:$(( (${#cases[@]} + 1) / 2 ))}" > "$OUT/prewarm-2.log" 2>&1 & second=$!
+    wait $first; a=$?; wait $second; b=$?
+    status=ok; { [ $a -ne 0 ] || [ $b -ne 0 ]; } && status="failed (exit $a, $b; see prewarm*.log)"
+    printf 'prewarm\t%s\t%s\n' "$status" "$(( $(date +%s) - t0 ))" > "$OUT/prewarm.tsv"
+  ) &
+  PREWARM_PID=$!
+fi
+wait_prewarm() {
+  [ -n "$PREWARM_PID" ] || return 0
+  echo "== waiting for the prewarm"; wait "$PREWARM_PID"; PREWARM_PID=""
+  cat "$OUT/prewarm.tsv" >> "$STEPS"; rm -f "$OUT/prewarm.tsv"
+  echo "   $(cut -f2 "$STEPS" | tail -n 1)"
+}
 if [ $SMOKE -eq 0 ]; then
   step build 240 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
 fi
@@ -101,39 +156,42 @@ if [ $SKIP_TESTS -eq 0 ]; then
            tests/test_validate.py::test_fastdec_decode_is_captured_in_a_cuda_graph)
   fi
   # Compiling the kernels for each parametrisation is CPU work: spread it over 8 processes where pytest-xdist is
-  # there (the first run's serial tests did not end in 90 s on a 16-core H200 machine).
+  # there (the first run's serial tests did not end in 90 s on a 16-core H200 machine; 72 s on 8, before the
+  # prewarm shared the cores).
   PARALLEL=()
   [ $SMOKE -eq 0 ] && "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-  step tests 90 "$PYTHON" -m pytest "${TESTS[@]}" "${PARALLEL[@]}" -q -p no:cacheprovider --junitxml "$OUT/tests.xml"
+  step tests 110 "$PYTHON" -m pytest "${TESTS[@]}" "${PARALLEL[@]}" -q -p no:cacheprovider --junitxml "$OUT/tests.xml"
 fi
 
 CHECK=(bench/gpu_check.py --out "$OUT/gpu_check" --skip-decoders)
 [ -n "$OPS" ] && CHECK+=(--ops "$OPS")
+# image_steps: each of IMAGE_STEPS as its own fastdec bench step
+image_steps() {
+  local spec name limit decoder side
+  for spec in "${IMAGE_STEPS[@]}"; do
+    read -r name limit decoder side <<< "$spec"
+    step "$name" "$limit" "$PYTHON" -m fastdec.bench "${BENCH_OPTIONS[@]}" --decoders "$decoder" --resolution "$side" \
+      --out "$OUT/$name"
+  done
+}
 if [ $SMOKE -eq 1 ]; then
+  wait_prewarm
   step gpu_check 120 "$PYTHON" "${CHECK[@]}" --smoke --seconds 0.01
-  step decoders 120 "$PYTHON" -m fastdec.bench --decoders taesd --resolution 64 --batch 1 --repeats 2 --warmup 0 \
-    --no-compile --device cpu --out "$OUT/decoders"
+  image_steps
 else
   # Only when named (--only ...,attention_probe): the split-head-dim attention launches found wrong on an H200,
   # across keys and tiles (kernels/support/attention_config.py key_tail_unverified), one line per launch with its error.
   # 83 s for 63 launches on an H200; fastdec pads D for those calls since the third session's probe.
   [[ ",$ONLY," == *",attention_probe,"* ]] && \
     step attention_probe 150 "$PYTHON" bench/attention_key_tail_probe.py --out "$OUT/attention_probe.json"
+  wait_prewarm  # nothing else on the machine while the GPU is timed
   # --skip-check: a later session that has gpu_check's tables already gives its minutes to the decoders
   [ $SKIP_CHECK -eq 0 ] && step gpu_check 170 "$PYTHON" "${CHECK[@]}" --budget 140  # stops in time for its report
-  # The goals' sizes, one fastdec bench per step so that a slow torch.compile loses only its own rows: SD-VAE
-  # 512/1024, FLUX.2 1024, TAESD 512, FLUX.1 1024 (each vs diffusers eager and torch.compile, with peak memory), the
-  # video decoders at the goals' frame sizes (Wan 2.1 81x480x832, SVD 14x576x1024; no compile) and the tiled
-  # 4096^2 bf16 decode.
-  BENCH=("$PYTHON" -m fastdec.bench --batch 1 --dtype bf16)
-  # (The first H200 run, 2026-12-04: SD-VAE 512 with its compiles took 52 s, so each size is its own step. The
-  # video steps time fewer rounds and, with --quick, leave out compile and the fastdec-reference row: one Wan decode
-  # of 81 frames takes seconds.)
-  step sd-vae-512 90 "${BENCH[@]}" --decoders sd-vae --resolution 512 --out "$OUT/sd-vae-512"
-  step sd-vae-1024 100 "${BENCH[@]}" --decoders sd-vae --resolution 1024 --out "$OUT/sd-vae-1024"
-  step flux2 90 "${BENCH[@]}" --decoders flux2 --resolution 1024 --out "$OUT/flux2"
-  step taesd 60 "${BENCH[@]}" --decoders taesd --resolution 512 --out "$OUT/taesd"
-  step flux1 90 "${BENCH[@]}" --decoders flux1 --resolution 1024 --out "$OUT/flux1"
+  image_steps
+  # The video decoders at the goals' frame sizes (Wan 2.1 81x480x832, SVD 14x576x1024) time fewer rounds and, with
+  # --quick, leave out compile and the fastdec-reference row: one Wan decode of 81 frames takes seconds. Then the
+  # tiled 4096^2 bf16 decode.
+  BENCH=("$PYTHON" -m fastdec.bench "${BENCH_OPTIONS[@]}")
   step wan 90 "${BENCH[@]}" --decoders wan2.1 --resolution 832 --height 480 --quick --repeats 2 --warmup 1 \
     --out "$OUT/wan"
   step svd 75 "${BENCH[@]}" --decoders svd --resolution 1024 --height 576 --quick --repeats 5 --warmup 1 \

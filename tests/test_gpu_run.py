@@ -41,10 +41,15 @@ def check_report(out: Path, steps: list[str], ops: set[str]) -> dict:
 
 @needs_bash
 def test_smoke_run_of_one_op_writes_one_json_and_markdown(tmp_path):
-    """--only leaves out the tests step (what a rerun on a warm machine does with the steps a first call missed)."""
+    """--only leaves out the tests step (what a rerun on a warm machine does with the steps a first call missed); the
+    bench step is prewarmed first."""
     done = run_smoke(tmp_path, "--ops", "pixel_shuffle", "--only", "gpu_check,decoders", limit=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check_report(tmp_path, ["gpu_check", "decoders"], {"pixel_shuffle"})
+    report = check_report(tmp_path, ["prewarm", "gpu_check", "decoders"], {"pixel_shuffle"})
+    # the prewarm compiled what the bench step then compiled (tests/test_bench_prewarm.py: the same calls)
+    assert "taesd 64px batch 1 diffusers-compile" in (tmp_path / "prewarm.log").read_text()
+    compiled = [row for row in report["reports"]["decoders"]["rows"] if row["variant"].endswith("-compile")]
+    assert len(compiled) == 2 and all(row["status"] == "ok" for row in compiled)
 
 
 @needs_bash
@@ -52,7 +57,7 @@ def test_smoke_run_of_one_op_writes_one_json_and_markdown(tmp_path):
 def test_full_smoke_run(tmp_path):
     done = run_smoke(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = check_report(tmp_path, ["tests", "gpu_check", "decoders"],
+    report = check_report(tmp_path, ["tests", "prewarm", "gpu_check", "decoders"],
                           {"pixel_shuffle", "group_norm_act", "attention", "patch_unembed", "rms_norm_act"})
     assert report["tests"]["tests"] >= 2 and report["tests"]["failures"] == 0
 

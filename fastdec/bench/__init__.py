@@ -42,7 +42,8 @@ and reports what share of a sampling run the decode is, at 1, 4, 20 and 50 steps
 The package, one module per concern: ``spec`` (what an entry is), ``decoders/`` (one module per decoder family: add
 a decoder by adding a module there), ``settings`` (options), ``contenders`` (building the models), ``timing``
 (measuring), ``cases`` (one decoder at one size), ``pipeline`` (--pipeline-share), ``goals``, ``environment``,
-``render`` (markdown, rich, plot, files), ``compare`` and ``run`` (the entry points).
+``render`` (markdown, rich, plot, files), ``compare`` and ``run`` (the entry points); ``prewarm`` fills torch.compile's
+caches on disk for a later run.
 """
 
 from __future__ import annotations

@@ -147,23 +147,36 @@ def _failed(variant: Variant, error: Exception) -> None:
     variant.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
+class Case:
+    """One decoder at one size and batch, ready to run: its latents, fastdec's model and the diffusers twin on the
+    device, and every variant (built, not yet called). ``fastdec bench`` times them; ``python -m
+    fastdec.bench.prewarm`` only calls the compiled ones, so that the same compiles later hit torch's caches."""
+
+    def __init__(self, contender: Contender, side: int, batch: int, settings: Settings):
+        device, dtype = settings.device, settings.dtype
+        self.channels_last = device.type == "cuda" and contender.channels_last
+        self.latents_cpu = latents_for(contender, side, batch, settings.seed, settings.height)
+        self.latents = self.latents_cpu.to(device=device, dtype=dtype)
+        if self.channels_last:
+            self.latents = self.latents.contiguous(memory_format=torch.channels_last)
+        self.model = prepare(copy.deepcopy(contender.model), device, dtype, self.channels_last)
+        self.twin = None
+        if contender.diffusers is not None:
+            with _quiet_diffusers():  # .to(dtype) logs a notice about from_pretrained(torch_dtype=...), not our case
+                self.twin = prepare(copy.deepcopy(contender.diffusers), device, dtype, False)
+        if settings.compile:
+            torch._dynamo.reset()  # fresh compile caches per case: under dynamo's recompile limit, no fallback
+        self.variants = _variants(contender, self.model, self.twin, self.latents, settings)
+
+
 def bench_decoder(contender: Contender, side: int, batch: int, settings: Settings) -> list[dict]:
     """Every variant of one decoder at one image size and batch: one result row per variant."""
     device, dtype = settings.device, settings.dtype
     cuda = device.type == "cuda"
-    channels_last = cuda and contender.channels_last
-    latents_cpu = latents_for(contender, side, batch, settings.seed, settings.height)
-    latents = latents_cpu.to(device=device, dtype=dtype)
-    if channels_last:
-        latents = latents.contiguous(memory_format=torch.channels_last)
-    model = prepare(copy.deepcopy(contender.model), device, dtype, channels_last)
-    twin = None
-    if contender.diffusers is not None:
-        with _quiet_diffusers():  # .to(dtype) logs a notice about from_pretrained(torch_dtype=...), not our case
-            twin = prepare(copy.deepcopy(contender.diffusers), device, dtype, False)
-    if settings.compile:
-        torch._dynamo.reset()  # fresh compile caches per case: stay under dynamo's recompile limit, never fall back
-    variants = _variants(contender, model, twin, latents, settings)
+    case = Case(contender, side, batch, settings)
+    latents_cpu, latents, model, twin, channels_last, variants = (
+        case.latents_cpu, case.latents, case.model, case.twin, case.channels_last, case.variants)
+    del case  # the models go with the last local name below
 
     fused_differs = True  # until the fastdec variant's first call shows which ops it runs
     fastdec_variant = variants[0]
