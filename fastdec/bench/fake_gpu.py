@@ -21,7 +21,7 @@ from fastdec.kernels.support.cases import DTYPES
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 from fastdec.models import layers
 
-TRITON_OP_MODULES = tuple(module for module in ops.OP_MODULES.values() if module.FUSED == "triton")
+TRITON_OP_MODULES = tuple(ops.OP_MODULES[name] for name in ops.TRITON_OPS)
 
 
 @dataclasses.dataclass(frozen=True)
