@@ -112,22 +112,30 @@ prewarm_chain() {
   return $rc
 }
 
-# The prewarm runs in the background, in two chains of cases, until the first step that times the GPU waits for it
+# The prewarm runs in the background, in three chains of cases, until the first step that times the GPU waits for it
 # (wait_prewarm): at most 180 s, and the build and the tests take about 130 s on an H200 machine. wait_prewarm
 # records it as the step "prewarm"; a failed prewarm only means colder compiles in the benches.
+# Only beside a step that leaves the GPU untimed (the build, the tests, the probe; always in --smoke, to test it).
 PREWARM_PID=""
 cases=()
+overlap=$SMOKE
+{ selected build && [ $SMOKE -eq 0 ]; } && overlap=1
+{ selected tests && [ $SKIP_TESTS -eq 0 ]; } && overlap=1
+[[ ",$ONLY," == *",attention_probe,"* ]] && overlap=1
 for spec in "${IMAGE_STEPS[@]}"; do
   read -r name _ decoder side <<< "$spec"
-  selected "$name" && cases+=("$decoder:$side")
+  selected "$name" && [ $overlap -eq 1 ] && cases+=("$decoder:$side")
 done
 if [ ${#cases[@]} -gt 0 ]; then
   (
-    t0=$(date +%s) deadline=$(( $(date +%s) + 180 ))
-    prewarm_chain "$deadline" "${cases[@]:0:$(( (${#cases[@]} + 1) / 2 ))}" > "$OUT/prewarm.log" 2>&1 & first=$!
-    prewarm_chain "$deadline" "${cases[@]:$(( (${#cases[@]} + 1) / 2 ))}" > "$OUT/prewarm-2.log" 2>&1 & second=$!
-    wait $first; a=$?; wait $second; b=$?
-    status=ok; { [ $a -ne 0 ] || [ $b -ne 0 ]; } && status="failed (exit $a, $b; see prewarm*.log)"
+    t0=$(date +%s) deadline=$(( $(date +%s) + 180 )) pids=() failed=0
+    for chain in 0 1 2; do  # round robin: SD-VAE 512 + TAESD, SD-VAE 1024 + FLUX.1, FLUX.2 (about 50-110 s each)
+      mine=()
+      for i in "${!cases[@]}"; do [ $((i % 3)) -eq $chain ] && mine+=("${cases[$i]}"); done
+      [ ${#mine[@]} -gt 0 ] && { prewarm_chain "$deadline" "${mine[@]}" > "$OUT/prewarm-$chain.log" 2>&1 & pids+=($!); }
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    status=ok; [ $failed -eq 1 ] && status="failed (see prewarm-*.log)"
     printf 'prewarm\t%s\t%s\n' "$status" "$(( $(date +%s) - t0 ))" > "$OUT/prewarm.tsv"
   ) &
   PREWARM_PID=$!

@@ -47,7 +47,7 @@ def test_smoke_run_of_one_op_writes_one_json_and_markdown(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = check_report(tmp_path, ["prewarm", "gpu_check", "decoders"], {"pixel_shuffle"})
     # the prewarm compiled what the bench step then compiled (tests/test_bench_prewarm.py: the same calls)
-    assert "taesd 64px batch 1 diffusers-compile" in (tmp_path / "prewarm.log").read_text()
+    assert "taesd 64px batch 1 diffusers-compile" in (tmp_path / "prewarm-0.log").read_text()
     compiled = [row for row in report["reports"]["decoders"]["rows"] if row["variant"].endswith("-compile")]
     assert len(compiled) == 2 and all(row["status"] == "ok" for row in compiled)
 
