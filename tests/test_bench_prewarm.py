@@ -70,10 +70,10 @@ def test_prewarm_refuses_options_that_compile_nothing(capsys):
 
 
 COUNT_HITS = """
-import json, sys, torch
+import argparse, json, sys
 from torch._dynamo.utils import counters
 from fastdec import bench
-parser = __import__("argparse").ArgumentParser()
+parser = argparse.ArgumentParser()
 bench.add_arguments(parser)
 settings = bench.settings_from(parser.parse_args(sys.argv[1:]))
 rows = bench.bench_decoder(bench.build_contender("taesd", None, settings.seed), 32, 1, settings)

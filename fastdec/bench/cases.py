@@ -176,7 +176,6 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
     case = Case(contender, side, batch, settings)
     latents_cpu, latents, model, twin, channels_last, variants = (
         case.latents_cpu, case.latents, case.model, case.twin, case.channels_last, case.variants)
-    del case  # the models go with the last local name below
 
     fused_differs = True  # until the fastdec variant's first call shows which ops it runs
     fastdec_variant = variants[0]
@@ -270,7 +269,7 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
         else:
             row["ratio_reason"] = variant.reason
         rows.append(row)
-    del variants, model, twin
+    del case, variants, model, twin
     if cuda:
         torch.cuda.empty_cache()
     return rows
