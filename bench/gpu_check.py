@@ -28,6 +28,7 @@ import torch
 
 import fastdec
 from fastdec import ops
+from fastdec.kernels.support.cases import compiled_peer
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def check_op(c: Check, name: str, dtype: torch.dtype) -> None:
     reference."""
     module = ops.OP_MODULES[name]
     fused, reference = getattr(ops, name), getattr(module, f"{name}_reference")
-    compiled_reference = torch.compile(reference, dynamic=False)
+    compiled_reference = compiled_peer(reference, c.smoke)
     for case in module.gpu_cases(c.device, dtype, c.smoke):
         peers = {"torch.compile": compiled_reference, **case.peers}
         c.run(name, case.label, dtype, case.make, lambda a: fused(*a),

@@ -183,9 +183,9 @@ image_steps() {
       --out "$OUT/$name"
   done
 }
-if [ $SMOKE -eq 1 ]; then
-  wait_prewarm
+if [ $SMOKE -eq 1 ]; then  # times nothing that counts: the prewarm may overlap gpu_check
   step gpu_check 120 "$PYTHON" "${CHECK[@]}" --smoke --seconds 0.01
+  wait_prewarm
   image_steps
 else
   # Only when named (--only ...,attention_probe): the split-head-dim attention launches found wrong on an H200,

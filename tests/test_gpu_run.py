@@ -45,7 +45,7 @@ def test_smoke_run_of_one_op_writes_one_json_and_markdown(tmp_path):
     bench step is prewarmed first."""
     done = run_smoke(tmp_path, "--ops", "pixel_shuffle", "--only", "gpu_check,decoders", limit=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = check_report(tmp_path, ["prewarm", "gpu_check", "decoders"], {"pixel_shuffle"})
+    report = check_report(tmp_path, ["gpu_check", "prewarm", "decoders"], {"pixel_shuffle"})
     # the prewarm compiled what the bench step then compiled (tests/test_bench_prewarm.py: the same calls)
     assert "taesd 64px batch 1 diffusers-compile" in (tmp_path / "prewarm-0.log").read_text()
     compiled = [row for row in report["reports"]["decoders"]["rows"] if row["variant"].endswith("-compile")]
@@ -57,7 +57,7 @@ def test_smoke_run_of_one_op_writes_one_json_and_markdown(tmp_path):
 def test_full_smoke_run(tmp_path):
     done = run_smoke(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = check_report(tmp_path, ["tests", "prewarm", "gpu_check", "decoders"],
+    report = check_report(tmp_path, ["tests", "gpu_check", "prewarm", "decoders"],
                           {"pixel_shuffle", "group_norm_act", "attention", "patch_unembed", "rms_norm_act"})
     assert report["tests"]["tests"] >= 2 and report["tests"]["failures"] == 0
 
