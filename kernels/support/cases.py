@@ -41,7 +41,7 @@ def cuda_empty(shape, dtype: str, memory_format: torch.memory_format = torch.con
 
 def compiled_peer(fn: Callable, smoke: bool) -> Callable:
     """``fn`` under torch.compile, a gpu_check peer. ``smoke`` (gpu_check --smoke, on a CPU in CI) keeps the call
-    but compiles with dynamo's eager backend: Inductor's CPU compiles took 26 of the smoke run's 34 s cold."""
+    but compiles with dynamo's eager backend: Inductor's CPU compiles took 28 of the smoke run's 34 s cold."""
     return torch.compile(fn, dynamic=False, backend="eager" if smoke else "inductor")
 
 
