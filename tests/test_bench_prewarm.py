@@ -67,6 +67,8 @@ def test_prewarm_refuses_options_that_compile_nothing(capsys):
     assert prewarm.main([*TINY, "--decoders", "taesd", "--no-compile"]) == 2
     assert "nothing to prewarm" in capsys.readouterr().err
     assert prewarm.main([*TINY, "--decoders", "no-such-decoder"]) == 2
+    assert prewarm.main([*TINY, "--decoders", "taesd", "--tiling", "--out", "x"]) == 2
+    assert "--tiling, --out: not a compile this prewarms" in capsys.readouterr().err
 
 
 COUNT_HITS = """

@@ -50,12 +50,21 @@ def prewarm(settings: Settings) -> list[str]:
     return done
 
 
+# fastdec bench options that choose another run or an output: nothing here compiles or writes for them
+NOT_PREWARMED = ("tiling", "batch_throughput", "pipeline_share", "compare", "out")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastdec.bench.prewarm [fastdec bench options]``; 2 on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m fastdec.bench.prewarm", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        prewarm(settings_from(parser.parse_args(argv)))
+        given = [f"--{name.replace('_', '-')}" for name in NOT_PREWARMED if getattr(args, name)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not a compile this prewarms (it prewarms the timed decodes of "
+                             "fastdec bench); leave it out")
+        prewarm(settings_from(args))
     except ValueError as error:
         print(f"fastdec.bench.prewarm: error: {error}", file=sys.stderr)
         return 2
