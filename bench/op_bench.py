@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastdec import ops
+from fastdec.kernels.support.cases import shape_label
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
@@ -23,7 +24,7 @@ def case(device: str, *values, id: str | None = None):
     def label(value) -> str:
         if isinstance(value, torch.dtype):
             return dtype_name(value)
-        return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        return shape_label(value) if isinstance(value, tuple) else str(value)
 
     name = id or "-".join([device, *map(label, values)])
     return pytest.param(device, *values, id=name, marks=needs_cuda if device == "cuda" else ())

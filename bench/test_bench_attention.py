@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from op_bench import case, compiled, dtype_name, skip_untimed
+from op_bench import case, compiled, dtype_name, shape_label, skip_untimed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdec import ops
@@ -51,7 +51,7 @@ def test_attention(benchmark, measure, impl, device, shape, dtype):
     batch, heads, tokens, head_dim = shape
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    benchmark.group = f"attention {device} {'x'.join(map(str, shape))} {dtype_name(dtype)}"
+    benchmark.group = f"attention {device} {shape_label(shape)} {dtype_name(dtype)}"
     benchmark.extra_info["impl"] = impl
 
     if impl == "fastdec":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from op_bench import case, compiled, dtype_name, skip_untimed
+from op_bench import case, compiled, dtype_name, shape_label, skip_untimed
 
 from fastdec import ops
 from fastdec.kernels import group_norm_act as gna
@@ -43,7 +43,7 @@ def test_group_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
     weight = torch.randn(shape[1], device=device).to(dtype)
     bias = torch.randn(shape[1], device=device).to(dtype)
     nbytes = 2 * x.numel() * x.element_size()
-    benchmark.group = f"group_norm_act {device} {'x'.join(map(str, shape))} {dtype_name(dtype)} {layout}"
+    benchmark.group = f"group_norm_act {device} {shape_label(shape)} {dtype_name(dtype)} {layout}"
     benchmark.extra_info["impl"] = impl
 
     if impl == "device_copy":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from op_bench import case, compiled, dtype_name, skip_untimed
+from op_bench import case, compiled, dtype_name, shape_label, skip_untimed
 
 from fastdec import ops
 from fastdec.kernels import rms_norm_act as rna
@@ -43,7 +43,7 @@ def test_rms_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
     gamma = (torch.randn(shape[1], device=device) + 1.0).to(dtype)
     eps = 1e-12 * shape[1] ** -0.5
     nbytes = 2 * x.numel() * x.element_size()
-    benchmark.group = f"rms_norm_act {device} {'x'.join(map(str, shape))} {dtype_name(dtype)} {layout}"
+    benchmark.group = f"rms_norm_act {device} {shape_label(shape)} {dtype_name(dtype)} {layout}"
     benchmark.extra_info["impl"] = impl
 
     if impl == "device_copy":
