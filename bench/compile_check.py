@@ -78,6 +78,12 @@ DECODES = [("sd-vae", 512, "bf16", None), ("sd-vae", 1024, "bf16", None), ("sd-v
            ("efficientvit-attn", 512, "bf16", None), ("vit-s", 512, "bf16", None)]
 
 
+def decode_case(name: str, size, dtype: str, layout: str, tile: int | None) -> str:
+    """A DECODES decode's case label in the report, e.g. "decode wan2.1 21x60x104 bf16 NCHW"."""
+    label = shape_label(size[2:]) if isinstance(size, tuple) else f"{size}x{size}"
+    return f"decode {name} {label} {dtype} {layout}" + (f" tiled {tile}" if tile else "")
+
+
 def decode_configs(arch: int) -> list[Config]:
     """The launches of each DECODES decode on the fake GPU, in NCHW and, for the families that run channels_last
     on a GPU (``channels_last_on_cuda``), in channels_last."""
@@ -87,10 +93,7 @@ def decode_configs(arch: int) -> list[Config]:
     for (name, size, dtype, tile), layout in itertools.product(DECODES, ("NCHW", "channels_last")):
         recorded = decode_launches(ENTRIES[name], size, dtype, layout == "channels_last", arch, tile)
         if recorded is not None:
-            launches, shape = recorded
-            label = shape_label(shape[2:]) if isinstance(size, tuple) else f"{size}x{size}"
-            configs.append(Config(f"decode {name} {label} {dtype} {layout}" + (f" tiled {tile}" if tile else ""),
-                                  launches))
+            configs.append(Config(decode_case(name, size, dtype, layout, tile), recorded[0]))
     return configs
 
 

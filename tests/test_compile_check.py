@@ -189,8 +189,7 @@ def test_committed_report_holds_whole_decodes_of_every_family(committed):
     channels_last too where the family runs so) is in the report, not only the op files' own cases."""
     cases = {config["case"] for config in committed["configs"] if config["op"] == "decode"}
     for name, size, dtype, tile in compile_check.DECODES:
-        label = "x".join(map(str, size[2:])) if isinstance(size, tuple) else f"{size}x{size}"
-        assert f"decode {name} {label} {dtype} NCHW" + (f" tiled {tile}" if tile else "") in cases, (name, size)
+        assert compile_check.decode_case(name, size, dtype, "NCHW", tile) in cases, (name, size)
     assert "decode sd-vae 1024x1024 bf16 channels_last" in cases and "decode wan2.1 21x90x160 bf16 NCHW" in cases
     assert "decode sd-vae 4096x4096 bf16 channels_last tiled 384" in cases
 
