@@ -22,31 +22,16 @@ except ImportError as error:  # triton is optional: CPU-only installs and platfo
     TRITON_IMPORT_ERROR = f"triton not installed ({error})"
 
     class _MissingTriton:
-        """Decorators that keep kernel definitions importable; launching one raises."""
-
-        class Config:
-            def __init__(self, *args, **kwargs):
-                pass
+        """A ``triton.jit`` that keeps kernel definitions importable; launching one raises."""
 
         @staticmethod
-        def jit(fn=None, **kwargs):
-            def wrap(kernel):
-                def missing(*args, **kw):
-                    raise RuntimeError(f"{kernel.__name__} needs triton: {TRITON_IMPORT_ERROR}")
+        def jit(kernel):
+            def missing(*args, **kwargs):
+                raise RuntimeError(f"{kernel.__name__} needs triton: {TRITON_IMPORT_ERROR}")
 
-                return missing
-
-            return wrap(fn) if fn is not None else wrap
-
-        @staticmethod
-        def autotune(*args, **kwargs):
-            return lambda fn: fn
-
-        heuristics = autotune
+            return missing
 
     class _MissingLanguage:
-        constexpr = object
-
         def __getattr__(self, name):
             return object
 
