@@ -45,8 +45,9 @@ from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts 
     check_norm_params,
     compute_dtype,
     frame_views,
+    group_tile_shape,
 )
-from fastdec.kernels.support.triton_import import cdiv, next_power_of_2, tl, triton
+from fastdec.kernels.support.triton_import import cdiv, tl, triton
 
 EPS_MODES = ("add", "clamp")
 
@@ -209,16 +210,9 @@ def _rms_norm_act_kernel(
 
 
 def tile_shape(channels: int, positions: int, channels_contiguous: bool) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory: channels_last
-    tiles hold all channels (up to TILE_ELEMENTS) of a few positions, NCHW tiles up to TILE_ELEMENTS / 4
-    positions (512 on a GPU) of a few channels."""
-    pow2 = next_power_of_2
-    if channels_contiguous:
-        block_c = min(pow2(channels), TILE_ELEMENTS)
-        block_s = min(pow2(positions), max(1, TILE_ELEMENTS // block_c))
-    else:
-        block_s = min(pow2(positions), TILE_ELEMENTS // 4)
-        block_c = min(pow2(channels), max(1, TILE_ELEMENTS // block_s))
+    """(BLOCK_C, BLOCK_S): group_norm_act's tile of one group holding every channel, so channels_last tiles hold
+    all channels (up to TILE_ELEMENTS) of a few positions, NCHW tiles up to TILE_ELEMENTS / 4 positions."""
+    _, block_c, block_s = group_tile_shape(1, channels, positions, channels_contiguous)
     return block_c, block_s
 
 

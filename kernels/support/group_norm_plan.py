@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastdec.kernels.support.norm import TILE_ELEMENTS
+from fastdec.kernels.support.norm import group_tile_shape
 from fastdec.kernels.support.triton_import import cdiv, next_power_of_2
 
 MIN_CHUNK_ELEMENTS = 4096  # a split-path program handles at least this many elements (amortizes the combine)
@@ -28,22 +28,6 @@ class LaunchPlan(NamedTuple):
     num_chunks: int
 
 
-def _tile_shape(groups: int, group_channels: int, positions: int, channels_contiguous: bool) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_CG, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory:
-    channels_last tiles span whole groups (rows of up to 1024 channels), NCHW tiles up to TILE_ELEMENTS/4
-    positions (512 on a GPU)."""
-    pow2 = next_power_of_2
-    if channels_contiguous:
-        block_cg = min(pow2(group_channels), TILE_ELEMENTS)
-        block_g = min(pow2(groups), max(1, 1024 // block_cg))
-        block_s = min(pow2(positions), max(1, TILE_ELEMENTS // (block_g * block_cg)))
-    else:
-        block_s = min(pow2(positions), TILE_ELEMENTS // 4)
-        block_cg = min(pow2(group_channels), max(1, TILE_ELEMENTS // block_s))
-        block_g = min(pow2(groups), max(1, TILE_ELEMENTS // (block_s * block_cg)))
-    return block_g, block_cg, block_s
-
-
 @functools.lru_cache(maxsize=1024)  # pure in its int arguments; a decode asks again for the same few shapes
 def plan_launch(
     batch: int,
@@ -56,7 +40,7 @@ def plan_launch(
 ) -> LaunchPlan:
     """Splits each group's positions into chunks until about `target_programs` programs exist (batch 1 has only
     32 groups), keeping at least MIN_CHUNK_ELEMENTS per program; chunks are whole tiles where possible."""
-    block_g, block_cg, block_s = _tile_shape(groups, group_channels, spatial, channels_contiguous)
+    block_g, block_cg, block_s = group_tile_shape(groups, group_channels, spatial, channels_contiguous)
     num_group_blocks = cdiv(groups, block_g)
     if chunk_size is None:
         wanted = cdiv(target_programs, batch * num_group_blocks)
@@ -68,7 +52,7 @@ def plan_launch(
             chunk_size = cdiv(chunk_size, block_s) * block_s
     chunk_size = min(chunk_size, spatial)
     if chunk_size < block_s:  # short chunks: narrower, taller tiles over the same groups
-        _, block_cg, block_s = _tile_shape(block_g, group_channels, chunk_size, channels_contiguous)
+        _, block_cg, block_s = group_tile_shape(block_g, group_channels, chunk_size, channels_contiguous)
     return LaunchPlan(block_g, block_cg, block_s, num_group_blocks, chunk_size, cdiv(spatial, chunk_size))
 
 

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from fastdec.kernels.support.triton_import import tl, triton, triton_interpreting
+from fastdec.kernels.support.triton_import import next_power_of_2, tl, triton, triton_interpreting
 
 ACTIVATIONS = ("none", "silu", "relu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,18 +54,32 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None. (A plain loop:
-    this runs on every launch, and its host time counts against small GPU calls.)"""
-    strides = t.stride()
-    inner = None  # the stride of the innermost size > 1 spatial dim seen so far
-    for size, stride in zip(t.shape[2:], strides[2:], strict=True):
+def _spatial_groups(t: torch.Tensor) -> list[tuple[int, int]]:
+    """t's spatial dims (size-1 dims dropped) merged where they flatten: [(size, stride)], outermost first. (A plain
+    loop: this runs on every launch, and its host time counts against small GPU calls.)"""
+    groups: list[tuple[int, int]] = []
+    for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True):
         if size == 1:
             continue
-        if inner is not None and inner != size * stride:
-            return None
-        inner = stride
-    return strides[0], strides[1], 1 if inner is None else inner
+        if groups and groups[-1][1] == size * stride:
+            groups[-1] = (groups[-1][0] * size, stride)
+        else:
+            groups.append((size, stride))
+    return groups
+
+
+def flat_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_s) when t's spatial dims flatten to one strided axis S, else None."""
+    groups = _spatial_groups(t)
+    if len(groups) > 1:
+        return None
+    return t.stride(0), t.stride(1), groups[0][1] if groups else 1
+
+
+def _index_dtype(channels: int, positions: int, x_strides, out_strides):
+    """int32 offsets inside one sample unless they can pass 2^31 (the last strides: positions')."""
+    span = (channels - 1) * max(x_strides[1], out_strides[1]) + (positions - 1) * max(x_strides[-1], out_strides[-1])
+    return tl.int64 if span >= 2**31 else tl.int32
 
 
 def flat_views(x: torch.Tensor, out: torch.Tensor):
@@ -80,22 +94,8 @@ def flat_views(x: torch.Tensor, out: torch.Tensor):
     if out_strides is None:
         target = torch.empty_like(source)
         out_strides = flat_strides(target)
-    spatial = math.prod(x.shape[2:])
-    span = (x.shape[1] - 1) * max(x_strides[1], out_strides[1]) + (spatial - 1) * max(x_strides[2], out_strides[2])
-    return source, target, x_strides, out_strides, tl.int64 if span >= 2**31 else tl.int32
-
-
-def _spatial_groups(t: torch.Tensor) -> list[tuple[int, int]]:
-    """t's spatial dims (size-1 dims dropped) merged where they flatten: [(size, stride)], outermost first."""
-    groups: list[tuple[int, int]] = []
-    for size, stride in zip(t.shape[2:], t.stride()[2:], strict=True):
-        if size == 1:
-            continue
-        if groups and groups[-1][1] == size * stride:
-            groups[-1] = (groups[-1][0] * size, stride)
-        else:
-            groups.append((size, stride))
-    return groups
+    index = _index_dtype(x.shape[1], math.prod(x.shape[2:]), x_strides, out_strides)
+    return source, target, x_strides, out_strides, index
 
 
 def frame_views(x: torch.Tensor, out: torch.Tensor):
@@ -114,13 +114,29 @@ def frame_views(x: torch.Tensor, out: torch.Tensor):
     sizes = (x_groups[0][0], x_groups[1][0])
     x_strides = (x.stride(0), x.stride(1), x_groups[0][1], x_groups[1][1])
     out_strides = (out.stride(0), out.stride(1), out_groups[0][1], out_groups[1][1])
-    span = (x.shape[1] - 1) * max(x_strides[1], out_strides[1]) + (sizes[1] - 1) * max(x_strides[3], out_strides[3])
-    return x, out, sizes, x_strides, out_strides, tl.int64 if span >= 2**31 else tl.int32
+    return x, out, sizes, x_strides, out_strides, _index_dtype(x.shape[1], sizes[1], x_strides, out_strides)
 
 
 # Elements per loaded tile: 16 values per thread at 4 warps on a GPU. Triton's CPU interpreter pays per tile op, not
 # per element (numpy), so there tiles are 16x larger: same kernel code, far fewer loop trips.
 TILE_ELEMENTS = 32768 if triton_interpreting() else 2048
+
+
+def group_tile_shape(groups: int, group_channels: int, positions: int, channels_contiguous: bool
+                     ) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_CG, BLOCK_S) with about TILE_ELEMENTS lanes, long along the axis contiguous in memory:
+    channels_last tiles span whole groups (rows of up to 1024 channels), NCHW tiles up to TILE_ELEMENTS/4
+    positions (512 on a GPU)."""
+    pow2 = next_power_of_2
+    if channels_contiguous:
+        block_cg = min(pow2(group_channels), TILE_ELEMENTS)
+        block_g = min(pow2(groups), max(1, 1024 // block_cg))
+        block_s = min(pow2(positions), max(1, TILE_ELEMENTS // (block_g * block_cg)))
+    else:
+        block_s = min(pow2(positions), TILE_ELEMENTS // 4)
+        block_cg = min(pow2(group_channels), max(1, TILE_ELEMENTS // block_s))
+        block_g = min(pow2(groups), max(1, TILE_ELEMENTS // (block_s * block_cg)))
+    return block_g, block_cg, block_s
 
 
 @triton.jit
