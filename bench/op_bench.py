@@ -9,14 +9,11 @@ import pytest
 import torch
 
 from fastdec import ops
+from fastdec.bench.settings import dtype_name
 from fastdec.kernels.support.cases import shape_label
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="decoder-sized benchmarks need CUDA")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def case(device: str, *values, id: str | None = None):
@@ -43,3 +40,8 @@ def compiled(fn: Callable) -> Callable:
     """``fn`` under torch.compile, one graph per case (dynamo reset first: stay under its recompile limit)."""
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def timed_fn(impl: str, fastdec: Callable, eager: Callable) -> Callable:
+    """What a case times: fastdec's op, the eager PyTorch code, or torch.compile of it ("compiled")."""
+    return {"fastdec": fastdec, "eager": eager}.get(impl) or compiled(eager)

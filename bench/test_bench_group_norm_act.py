@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from op_bench import case, compiled, dtype_name, shape_label, skip_untimed
+from op_bench import case, dtype_name, shape_label, skip_untimed, timed_fn
 
 from fastdec import ops
 from fastdec.kernels import group_norm_act as gna
@@ -50,15 +50,8 @@ def test_group_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
         target = torch.empty_like(x)
         measure(lambda: target.copy_(x), nbytes=nbytes)
         return
-    if impl == "compiled":
-        fn = compiled(eager_group_norm_silu)
-    elif impl == "eager":
-        fn = eager_group_norm_silu
-    else:
-
-        def fn(x, weight, bias):
-            return ops.group_norm_act(x, NUM_GROUPS, weight, bias, EPS, ACT)
-
+    fn = timed_fn(impl, lambda x, weight, bias: ops.group_norm_act(x, NUM_GROUPS, weight, bias, EPS, ACT),
+                  eager_group_norm_silu)
     out = measure(lambda: fn(x, weight, bias), nbytes=nbytes)
 
     expected = gna.group_norm_act_reference(x.float(), NUM_GROUPS, weight.float(), bias.float(), EPS, ACT)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from op_bench import case as op_case
-from op_bench import compiled, dtype_name, skip_untimed
+from op_bench import dtype_name, skip_untimed, timed_fn
 
 from fastdec import ops
 from fastdec.kernels import patch_unembed as pu
@@ -64,10 +64,7 @@ def test_patch_unembed(
         target = torch.empty(source.shape, dtype=out_dtype, device=device)
         measure(lambda: target.copy_(source), nbytes=source.numel() * source.element_size() + image_bytes)
         return
-    if impl == "compiled":
-        fn = compiled(pu.patch_unembed_reference)
-    else:
-        fn = ops.patch_unembed if impl == "fastdec" else pu.patch_unembed_reference
+    fn = timed_fn(impl, ops.patch_unembed, pu.patch_unembed_reference)
 
     image = measure(lambda: fn(*args), nbytes=nbytes)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from op_bench import case, compiled, dtype_name, shape_label, skip_untimed
+from op_bench import case, dtype_name, shape_label, skip_untimed, timed_fn
 
 from fastdec import ops
 from fastdec.kernels import rms_norm_act as rna
@@ -50,15 +50,7 @@ def test_rms_norm_act(benchmark, measure, impl, device, shape, dtype, layout):
         target = torch.empty_like(x)
         measure(lambda: target.copy_(x), nbytes=nbytes)
         return
-    if impl == "compiled":
-        fn = compiled(eager_wan_norm_silu)
-    elif impl == "eager":
-        fn = eager_wan_norm_silu
-    else:
-
-        def fn(x, gamma):
-            return ops.rms_norm_act(x, gamma, None, eps, "silu", "clamp")
-
+    fn = timed_fn(impl, lambda x, gamma: ops.rms_norm_act(x, gamma, None, eps, "silu", "clamp"), eager_wan_norm_silu)
     out = measure(lambda: fn(x, gamma), nbytes=nbytes)
 
     expected = rna.rms_norm_act_reference(x.float(), gamma.float(), None, eps, "silu", "clamp")
