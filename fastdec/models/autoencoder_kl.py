@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
+from fastdec.models.base import Decoder, load_weights, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv, norm_act, norm_act_conv
 from fastdec.models.registry import Family, Weights, register
 
@@ -249,8 +249,7 @@ class AutoencoderKLDecoder(Decoder):
         """
         config, state, source = read_diffusers_vae(vae_or_folder, cls.diffusers_class)
         model = cls(**cls.kwargs_from_diffusers(config, source))
-        load_state_dict_strict(model, _decoder_state(state), source=source)
-        return model.to(device=device, dtype=dtype).eval()
+        return load_weights(model, _decoder_state(state), source, device, dtype)
 
     @classmethod
     def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,9 @@ from fastdec.read_errors import read_error_advice, read_error_reason
 from fastdec.validate import check_latents, weights_device_and_dtype
 
 Progress = Callable[[int, int], None]  # progress(done, total), in latent frames
+Device = torch.device | str | None
+DType = torch.dtype | None
+Model = TypeVar("Model", bound=nn.Module)
 # decode() with a tile_size attribute hands the decode to this tiler (decoder, checked latents, tile_size) -> images,
 # or None where tiling is already under way. The orchestration layer installs it (fastdec.api: fastdec.tiling's
 # tiled_decode), so that tiling wraps decoders and no model imports it.
@@ -143,9 +147,7 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"{config_path} describes a {name}, not a {cls.__name__}; load it with {name}.from_pretrained"
             )
-        model = cls(**config)
-        load_state_dict_strict(model, load_file(str(weights_path)), source=str(weights_path))
-        return model.to(device=device, dtype=dtype).eval()
+        return load_weights(cls(**config), load_file(str(weights_path)), str(weights_path), device, dtype)
 
 
 def read_diffusers_vae(vae_or_folder, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
@@ -223,6 +225,13 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: 
         raise ValueError("\n".join(lines))
     with torch.no_grad():
         module.load_state_dict(state, strict=True)
+
+
+def load_weights(model: Model, state: dict[str, Tensor], source: str, device: Device = None,
+                 dtype: DType = None) -> Model:
+    """load_state_dict_strict, then the model moved to ``device`` / ``dtype`` (None: as it is), in eval mode."""
+    load_state_dict_strict(model, state, source)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _first(keys: list[str], count: int = 8) -> str:

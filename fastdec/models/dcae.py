@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_vae
+from fastdec.models.base import Decoder, load_weights, read_diffusers_vae
 from fastdec.models.layers import UpsampleConv
 from fastdec.models.registry import Family, Weights, register
 
@@ -321,8 +321,7 @@ class DCAEDecoder(Decoder):
         config, state, source = read_diffusers_vae(vae_or_folder, "AutoencoderDC")
         model = cls(**_config_from_diffusers(config))
         decoder_state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-        load_state_dict_strict(model, decoder_state, source=source)
-        return model.to(device=device, dtype=dtype).eval()
+        return load_weights(model, decoder_state, source, device, dtype)
 
 
 def _check_config(latent_channels, widths, depths, per_stage, qkv_multiscales, upsample_block_type, conv_act_fn):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec.models.autoencoder_kl import NORM_EPS, ResnetBlock, SelfAttention, Upsample
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.base import Decoder, load_weights, read_diffusers_folder
 from fastdec.models.layers import norm_act, suggested_format
 from fastdec.models.registry import Family, Weights, register
 
@@ -286,8 +286,7 @@ class SVDDecoder(PerFrameVideoDecoder):
             force_upcast=bool(config.get("force_upcast", True)),
         )
         kept = {k: v for k, v in state.items() if not k.startswith(("encoder.", "quant_conv."))}
-        load_state_dict_strict(model, kept, source=source)
-        return model.to(device=device, dtype=dtype).eval()
+        return load_weights(model, kept, source, device, dtype)
 
 
 register(Family(

@@ -40,14 +40,11 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models import taesd
-from fastdec.models.base import Decoder, Progress, load_state_dict_strict, read_state_dict
+from fastdec.models.base import Decoder, Device, DType, Progress, load_weights, read_state_dict
 from fastdec.models.layers import UpsampleConv
 from fastdec.models.registry import Family, Weights, register
 from fastdec.models.taesd import Clamp, conv
 from fastdec.validate import check_latents
-
-Device = torch.device | str | None
-DType = torch.dtype | None
 
 DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, low to high resolution; the last is the output conv's input
 ENCODER_WIDTH = 64
@@ -298,7 +295,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         used here); ``variant`` None: from the file name, else from the weights' shapes. dtype None: float32."""
         state, variant = _read_weights(path, variant)
         model = cls(variant)
-        return _load(model, _trim_tgrow(model, _part(state, "decoder", path)), str(path), device, dtype)
+        return load_weights(model, _trim_tgrow(model, _part(state, "decoder", path)), str(path), device, dtype)
 
 
 def _checked_chunk(chunk_frames) -> int:
@@ -404,7 +401,7 @@ class TAEHVEncoder(nn.Sequential):
     ) -> TAEHVEncoder:
         """The ``encoder.N.*`` weights of madebyollin's <variant>.pth or .safetensors."""
         state, variant = _read_weights(path, variant)
-        return _load(cls(variant), _part(state, "encoder", path), str(path), device, dtype)
+        return load_weights(cls(variant), _part(state, "encoder", path), str(path), device, dtype)
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -479,11 +476,6 @@ def _part(state: dict[str, Tensor], part: str, path) -> dict[str, Tensor]:
     if not chosen:
         raise ValueError(f"{path} has no '{prefix}*' weights: it holds no TAEHV {part}")
     return chosen
-
-
-def _load(model, state: dict[str, Tensor], source: str, device: Device, dtype: DType):
-    load_state_dict_strict(model, state, source)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def is_weights_file(path: Path) -> bool:

@@ -15,18 +15,13 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder, read_state_dict
+from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_folder, read_state_dict
 from fastdec.models.layers import UpsampleConv, norm_act
 from fastdec.models.registry import Family, Weights, register
-
-Device = torch.device | str | None
-DType = torch.dtype | None
-Model = TypeVar("Model", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -196,7 +191,7 @@ class TAESDDecoder(Decoder, nn.Sequential):
                 "'0.weight'): for an encoder file use TAESDEncoder.from_pth"
             )
         latent_channels = _latent_channels(variant, state["1.weight"].shape[1], str(path))
-        return _load(cls(variant, latent_channels), state, str(path), device, dtype)
+        return load_weights(cls(variant, latent_channels), state, str(path), device, dtype)
 
     @classmethod
     def from_diffusers(
@@ -216,7 +211,7 @@ class TAESDDecoder(Decoder, nn.Sequential):
             )
         latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
         model = cls(variant, latent_channels, widths[0], config.get("num_decoder_blocks", DECODER_BLOCKS))
-        return _load(model, state, source, device, dtype)
+        return load_weights(model, state, source, device, dtype)
 
 
 class TAESDEncoder(nn.Sequential):
@@ -261,7 +256,7 @@ class TAESDEncoder(nn.Sequential):
             )
         last = max(int(index) for index, _, _ in (key.partition(".") for key in state) if index.isdigit())
         latent_channels = _latent_channels(variant, state[f"{last}.weight"].shape[0], str(path))  # conv to latents
-        return _load(cls(variant, latent_channels), state, str(path), device, dtype)
+        return load_weights(cls(variant, latent_channels), state, str(path), device, dtype)
 
     @classmethod
     def from_diffusers(
@@ -273,7 +268,7 @@ class TAESDEncoder(nn.Sequential):
         _check_diffusers_config(config, {"act_fn": "relu", "in_channels": 3}, widths, source)
         latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
         model = cls(variant, latent_channels, widths[0], config.get("num_encoder_blocks", ENCODER_BLOCKS))
-        return _load(model, state, source, device, dtype)
+        return load_weights(model, state, source, device, dtype)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -290,8 +285,7 @@ def read_pth(path: str | Path, part: str) -> dict[str, Tensor]:
             f"TAESD {part} weights {path} not found: download <variant>_{part}.pth from "
             "https://github.com/madebyollin/taesd and pass its path"
         )
-    state = read_state_dict(path, f"the file is truncated or not a TAESD {part} checkpoint; download it again")
-    return state
+    return read_state_dict(path, f"the file is truncated or not a TAESD {part} checkpoint; download it again")
 
 
 def _diffusers_part(vae_or_folder: nn.Module | str | Path, part: str) -> tuple[dict, dict[str, Tensor], str]:
@@ -334,12 +328,6 @@ def _check_diffusers_config(config: dict, expected: dict, widths: Sequence[int],
             f"{source}: TAESD layers need {expected} and one block width for all stages; this AutoencoderTiny has "
             f"{differs or 'those'}, widths {list(widths)}"
         )
-
-
-def _load(model: Model, state: dict[str, Tensor], source: str, device: Device, dtype: DType) -> Model:
-    """Strict load (every key, no extras, same shapes; fp16 files are cast), then move to device / dtype."""
-    load_state_dict_strict(model, state, source)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # --- which variant a file or folder holds --------------------------------------------------------------------------

@@ -30,12 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, load_state_dict_strict, read_diffusers_folder
+from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_folder
 from fastdec.models.layers import ChannelConstants, UpsampleConv
 from fastdec.models.registry import Family, register
-
-Device = torch.device | str | None
-DType = torch.dtype | None
 
 # AutoencoderKLWan's default latent statistics (Wan 2.1; Qwen-Image uses the same): z = latents * std + mean.
 WAN21_LATENTS_MEAN = (
@@ -354,8 +351,7 @@ class WanDecoder(Decoder):
             source = f"the given diffusers.{kind}"
         model = cls(**_config_from_diffusers(config, kind, source))
         kept = {k: v for k, v in state.items() if not k.startswith(("encoder.", "quant_conv."))}
-        load_state_dict_strict(model, kept, source=source)
-        return model.to(device=device, dtype=dtype).eval()
+        return load_weights(model, kept, source, device, dtype)
 
 
 def _class_name_of(config_file: Path) -> str:
