@@ -60,15 +60,6 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-@contextlib.contextmanager
-def _reference_ops_if(enabled: bool) -> Iterator[None]:
-    if enabled:
-        with ops.reference_ops():
-            yield
-    else:
-        yield
-
-
 def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, latents: Tensor,
               settings: Settings) -> list[Variant]:
     fastdec_range = model.output_range
@@ -77,7 +68,7 @@ def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, late
 
     def fastdec_call(reference: bool, module: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
         def run() -> Tensor:
-            with _reference_ops_if(reference):
+            with ops.reference_ops() if reference else contextlib.nullcontext():
                 return module(latents)
         return run
 
