@@ -232,35 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     encode.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
     encode.set_defaults(run=_encode)
-    from fastdec import bench  # imports only argparse-level code until a benchmark runs
-
-    bench_parser = commands.add_parser(
-        "bench", help="time every decoder against diffusers on this device (speed, memory, fidelity)"
-    )
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench.run)
+    from fastdec import bench, evaluation  # these import only argparse-level code until a command runs
     from fastdec.batch import cli as batch_cli
-
-    batch_parser = commands.add_parser(
-        "batch", help="decode a dataset of latents (a folder of files or Parquet) to images, resumable, local or Ray"
-    )
-    batch_cli.add_arguments(batch_parser)
-    batch_parser.set_defaults(run=batch_cli.run)
-    from fastdec import evaluation
     from fastdec.train import cli as train_cli
-
-    train_parser = commands.add_parser("train", help="train a decoder on a frozen encoder's latent space")
-    train_cli.add_arguments(train_parser)
-    train_parser.set_defaults(run=train_cli.run)
     from fastdec.train import distill
 
-    distill_parser = commands.add_parser("distill", help="a smaller, faster decoder from a teacher: prune, distil, "
-                                         "fine-tune, then measure the frontier")
-    distill.add_arguments(distill_parser)
-    distill_parser.set_defaults(run=distill.run)
-    eval_parser = commands.add_parser("eval", help="PSNR, SSIM, LPIPS and speed of decoders on held-out images")
-    evaluation.add_arguments(eval_parser)
-    eval_parser.set_defaults(run=evaluation.run)
+    # The application commands: each a module with add_arguments(parser) and run(args) -> int.
+    for name, module, summary in (
+        ("bench", bench, "time every decoder against diffusers on this device (speed, memory, fidelity)"),
+        ("batch", batch_cli,
+         "decode a dataset of latents (a folder of files or Parquet) to images, resumable, local or Ray"),
+        ("train", train_cli, "train a decoder on a frozen encoder's latent space"),
+        ("distill", distill, "a smaller, faster decoder from a teacher: prune, distil, fine-tune, then measure the "
+         "frontier"),
+        ("eval", evaluation, "PSNR, SSIM, LPIPS and speed of decoders on held-out images"),
+    ):
+        command = commands.add_parser(name, help=summary)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
     typed = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(typed)
     from fastdec.wording import cli_words
