@@ -52,7 +52,7 @@ from fastdec.kernels.support.attention_config import (  # noqa: F401 (MAX_HEAD_D
 )
 from fastdec.kernels.support.attention_table import TABLE
 from fastdec.kernels.support.cases import DTYPES, CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, register_backward
 from fastdec.kernels.support.triton_import import cdiv, tl, triton, triton_interpreting
 
 _LOG2_E = 1.4426950408889634
@@ -396,17 +396,7 @@ def _(q, k, v, scale=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out):
-    return (*attention_backward(grad_out, *ctx.saved_tensors, ctx.scale), None)
-
-
-attention.register_autograd(_backward, setup_context=_setup_context)
+register_backward("attention", attention_backward)
 
 
 # --- the calls its checks and benchmarks make -----------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec.kernels.support.cases import CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, device_kernel
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, device_kernel, register_backward
 from fastdec.kernels.support.group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
     COMBINE_CHUNKS,
     COMBINE_GROUPS,
@@ -426,20 +426,7 @@ def _(x, num_groups, weight, bias, eps=1e-6, act="none"):
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, act = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.args = (num_groups, eps, act)
-
-
-def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    num_groups, eps, act = ctx.args
-    grad_x, grad_w, grad_b = group_norm_act_backward(grad_out, x, num_groups, weight, bias, eps, act)
-    return grad_x, None, grad_w, grad_b, None, None
-
-
-group_norm_act.register_autograd(_backward, setup_context=_setup_context)
+register_backward("group_norm_act", group_norm_act_backward)
 
 
 # --- the calls its checks and benchmarks make -----------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fastdec.kernels.support.cases import DTYPES, CompileCase, GpuCase, cuda_empty
-from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, register_backward
 from fastdec.kernels.support.triton_import import cdiv, next_power_of_2, tl, triton
 
 OUT_MODES = ("identity", "to_unit")
@@ -325,19 +325,7 @@ def _(tokens, patch, grid_h, grid_w, bias=None, out="identity", out_dtype=None):
     return tokens.new_empty(shape, dtype=out_dtype or tokens.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    tokens, patch, grid_h, grid_w, bias, out, out_dtype = inputs
-    ctx.save_for_backward(tokens, bias)
-    ctx.args = (patch, grid_h, grid_w, out, out_dtype)
-
-
-def _backward(ctx, grad_out):
-    tokens, bias = ctx.saved_tensors
-    grad_tokens, grad_bias = patch_unembed_backward(grad_out, tokens, *ctx.args[:3], bias, *ctx.args[3:])
-    return grad_tokens, None, None, None, grad_bias, None, None
-
-
-patch_unembed.register_autograd(_backward, setup_context=_setup_context)
+register_backward("patch_unembed", patch_unembed_backward)
 
 
 # --- the calls its checks and benchmarks make -----------------------------------------------------------------

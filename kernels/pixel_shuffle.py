@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec.kernels.support.cases import GpuCase, compiled_peer
+from fastdec.kernels.support.dispatch import register_backward
 from fastdec.kernels.support.extension import EXTENSION
 
 
@@ -92,18 +93,7 @@ elif not EXTENSION.built_with_cuda():
 torch.library.register_fake("fastdec::pixel_shuffle")(pixel_shuffle_empty)
 
 
-def _setup_context(ctx, inputs, output):
-    x, factor, phase_offset = inputs
-    ctx.save_for_backward(x)
-    ctx.args = (factor, phase_offset)
-
-
-def _backward(ctx, grad_out):
-    (x,) = ctx.saved_tensors
-    return pixel_shuffle_backward(grad_out, x, *ctx.args), None, None
-
-
-torch.library.register_autograd("fastdec::pixel_shuffle", _backward, setup_context=_setup_context)
+register_backward("pixel_shuffle", pixel_shuffle_backward)
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int, phase_offset: int = 0) -> torch.Tensor:

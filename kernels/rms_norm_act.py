@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec.kernels.support.cases import CompileCase, GpuCase, cuda_empty, shape_label
-from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel
+from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, register_backward
 from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
     ACTIVATIONS,
     TILE_ELEMENTS,
@@ -291,19 +291,7 @@ def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, act, eps_mode = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.args = (eps, act, eps_mode)
-
-
-def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    grad_x, grad_w, grad_b = rms_norm_act_backward(grad_out, x, weight, bias, *ctx.args)
-    return grad_x, grad_w, grad_b, None, None, None
-
-
-rms_norm_act.register_autograd(_backward, setup_context=_setup_context)
+register_backward("rms_norm_act", rms_norm_act_backward)
 
 
 # --- the calls its checks and benchmarks make -----------------------------------------------------------------

@@ -7,7 +7,8 @@
   a time (``cpu_kernel``).
 * Inside ``with reference_ops():`` every Triton op runs its eager reference on every device (parity tests).
 
-``fastdec.ops`` re-exports ``reference_ops`` and says which of these runs where (``backends()``).
+``fastdec.ops`` re-exports ``reference_ops`` and says which of these runs where (``backends()``). Every op's autograd
+formula is registered the same way (``register_backward``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
+
+import torch
 
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton_interpreting
 
@@ -73,3 +76,26 @@ def cuda_kernel(launcher: Callable, reference: Callable) -> Callable:
 def device_kernel(x, launcher: Callable, reference: Callable) -> Callable:
     """What runs for tensor ``x`` outside the op registry (a helper an op's file exposes to tiling, say)."""
     return (cuda_kernel if x.is_cuda else cpu_kernel)(launcher, reference)
+
+
+def register_backward(name: str, backward: Callable) -> None:
+    """Registers ``backward(grad_out, *inputs)`` as the autograd formula of ``torch.ops.fastdec.<name>``. It returns
+    the gradients of the op's tensor arguments in order (a lone tensor when there is one); those arguments are
+    saved for it, and the others get no gradient."""
+    arguments = getattr(torch.ops.fastdec, name).default._schema.arguments
+    optional_tensor = torch._C.OptionalType.ofTensor()
+    tensor_positions = [i for i, argument in enumerate(arguments) if argument.type.isSubtypeOf(optional_tensor)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in tensor_positions))
+        ctx.other_inputs = [None if i in tensor_positions else value for i, value in enumerate(inputs)]
+
+    def autograd_backward(ctx, grad_out):
+        inputs = list(ctx.other_inputs)
+        for i, tensor in zip(tensor_positions, ctx.saved_tensors, strict=True):
+            inputs[i] = tensor
+        grads = backward(grad_out, *inputs)
+        by_position = dict(zip(tensor_positions, grads if isinstance(grads, tuple) else (grads,), strict=True))
+        return tuple(by_position.get(i) for i in range(len(inputs)))
+
+    torch.library.register_autograd(f"fastdec::{name}", autograd_backward, setup_context=setup_context)
