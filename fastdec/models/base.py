@@ -150,21 +150,20 @@ class Decoder(nn.Module):
         return load_weights(cls(**config), load_file(str(weights_path)), str(weights_path), device, dtype)
 
 
-def read_diffusers_vae(vae_or_folder, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
-    """(config, state dict, source) of a diffusers ``class_name`` module, its save_pretrained folder or a pipeline
-    folder (see read_diffusers_folder): what every ``from_diffusers`` reads."""
+def read_diffusers_vae(vae_or_folder, *class_names: str) -> tuple[dict, dict[str, Tensor], str]:
+    """(config, state dict, source) of a diffusers module of one of ``class_names`` (told by class name: diffusers
+    is not imported), its save_pretrained folder or a pipeline folder (see read_diffusers_folder): what every
+    ``from_diffusers`` reads. A module's config gets the ``_class_name`` that a folder's config.json holds."""
     if isinstance(vae_or_folder, (str, Path)):
-        return read_diffusers_folder(Path(vae_or_folder), class_name)
-    import diffusers
-
-    if not isinstance(vae_or_folder, getattr(diffusers, class_name)):
-        raise ValueError(
-            f"from_diffusers takes a diffusers.{class_name} or a folder, got a {type(vae_or_folder).__name__}"
-        )
-    return dict(vae_or_folder.config), vae_or_folder.state_dict(), f"the given diffusers.{class_name}"
+        return read_diffusers_folder(Path(vae_or_folder), *class_names)
+    kind = next((cls.__name__ for cls in type(vae_or_folder).__mro__ if cls.__name__ in class_names), None)
+    if kind is None:
+        raise ValueError(f"from_diffusers takes a diffusers.{' or '.join(class_names)} or a folder, got a "
+                         f"{type(vae_or_folder).__name__}")
+    return {**vae_or_folder.config, "_class_name": kind}, vae_or_folder.state_dict(), f"the given diffusers.{kind}"
 
 
-def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str, Tensor], str]:
+def read_diffusers_folder(folder: Path, *class_names: str) -> tuple[dict, dict[str, Tensor], str]:
     """(config, state dict, weights path) of a diffusers ``<class_name>.save_pretrained`` folder, or of the ``vae/``
     subfolder of a pipeline folder. Weights: diffusion_pytorch_model.safetensors, else the .bin (weights_only)."""
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
@@ -173,13 +172,14 @@ def read_diffusers_folder(folder: Path, class_name: str) -> tuple[dict, dict[str
     weights = [folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"]
     if not config_path.is_file() or not any(path.is_file() for path in weights):
         raise FileNotFoundError(
-            f"{folder} is not a diffusers {class_name} folder: it needs config.json and "
-            f"diffusion_pytorch_model.safetensors ({class_name}.save_pretrained writes both; sharded or variant "
+            f"{folder} is not a diffusers {class_names[0]} folder: it needs config.json and "
+            f"diffusion_pytorch_model.safetensors ({class_names[0]}.save_pretrained writes both; sharded or variant "
             "weight files are not supported)"
         )
     config = json.loads(config_path.read_text())
-    if config.get("_class_name", class_name) != class_name:
-        raise ValueError(f"{config_path} describes a {config['_class_name']}, not an {class_name}")
+    class_name = config.get("_class_name", class_names[0])
+    if class_name not in class_names:
+        raise ValueError(f"{config_path} describes a {class_name}, not an {' or '.join(class_names)}")
     path = next(path for path in weights if path.is_file())
     state = read_state_dict(path, f"the file is truncated or not a valid {class_name} checkpoint; re-download it")
     return config, state, str(path)

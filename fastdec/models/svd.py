@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec.models.autoencoder_kl import NORM_EPS, ResnetBlock, SelfAttention, Upsample
-from fastdec.models.base import Decoder, load_weights, read_diffusers_folder
+from fastdec.models.base import Decoder, load_weights, read_diffusers_vae
 from fastdec.models.layers import norm_act, suggested_format
 from fastdec.models.registry import Family, Weights, register
 
@@ -271,14 +271,7 @@ class SVDDecoder(PerFrameVideoDecoder):
 
         Only ``decoder.*`` is kept; the encoder's keys (``encoder.*``, ``quant_conv.*``) are dropped, any other key
         is an error (strict load)."""
-        name = "AutoencoderKLTemporalDecoder"
-        if isinstance(vae_or_folder, (str, Path)):
-            config, state, source = read_diffusers_folder(Path(vae_or_folder), name)
-        elif any(c.__name__ == name for c in type(vae_or_folder).__mro__):
-            config, state, source = dict(vae_or_folder.config), vae_or_folder.state_dict(), f"the given {name}"
-        else:
-            got = type(vae_or_folder).__name__
-            raise ValueError(f"from_diffusers takes a diffusers {name} or its folder, got a {got}")
+        config, state, source = read_diffusers_vae(vae_or_folder, "AutoencoderKLTemporalDecoder")
         model = cls(
             latent_channels=config.get("latent_channels", 4), out_channels=config.get("out_channels", 3),
             block_out_channels=tuple(config.get("block_out_channels", (64,))),

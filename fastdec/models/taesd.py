@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_folder, read_state_dict
+from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_vae, read_state_dict
 from fastdec.models.layers import UpsampleConv, norm_act
 from fastdec.models.registry import Family, Weights, register
 
@@ -293,13 +293,7 @@ def _diffusers_part(vae_or_folder: nn.Module | str | Path, part: str) -> tuple[d
 
     Every ``<part>.*`` key must be a ``<part>.layers.N.*`` key; the strict load then checks none is missing.
     """
-    if isinstance(vae_or_folder, (str, Path)):
-        config, state, source = read_diffusers_folder(Path(vae_or_folder), "AutoencoderTiny")
-    elif any(cls.__name__ == "AutoencoderTiny" for cls in type(vae_or_folder).__mro__):  # no diffusers import
-        config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-        source = f"diffusers AutoencoderTiny {part}"
-    else:
-        raise ValueError(f"expected a diffusers AutoencoderTiny or its folder, got {type(vae_or_folder).__name__}")
+    config, state, source = read_diffusers_vae(vae_or_folder, "AutoencoderTiny")
     prefix, shift, mapped = f"{part}.layers.", _DIFFUSERS_INDEX_SHIFT[part], {}
     for key, value in state.items():
         if not key.startswith(f"{part}."):

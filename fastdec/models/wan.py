@@ -24,13 +24,11 @@ Not built: the residual variant (``is_residual=True``, Wan 2.2 TI2V-5B's 48-chan
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_folder
+from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_vae
 from fastdec.models.layers import ChannelConstants, UpsampleConv
 from fastdec.models.registry import Family, register
 
@@ -336,37 +334,13 @@ class WanDecoder(Decoder):
         """From a ``diffusers.AutoencoderKLWan`` / ``AutoencoderKLQwenImage`` or its saved folder (or a pipeline
         folder with a ``vae/`` subfolder). Only the decoder's weights are kept (``decoder.*``,
         ``post_quant_conv.*``); the encoder's are dropped, any other key is an error."""
-        if isinstance(vae_or_folder, (str, Path)):
-            folder = Path(vae_or_folder)
-            kind = _class_name_of(folder / "config.json" if (folder / "config.json").is_file()
-                                  else folder / "vae" / "config.json")
-            config, state, source = read_diffusers_folder(folder, kind)
-        else:
-            kind = type(vae_or_folder).__name__
-            if kind not in DIFFUSERS_CLASSES:
-                raise ValueError(
-                    f"from_diffusers takes a diffusers {' or '.join(DIFFUSERS_CLASSES)} or a folder, got a {kind}"
-                )
-            config, state = dict(vae_or_folder.config), vae_or_folder.state_dict()
-            source = f"the given diffusers.{kind}"
-        model = cls(**_config_from_diffusers(config, kind, source))
+        config, state, source = read_diffusers_vae(vae_or_folder, *DIFFUSERS_CLASSES)
+        model = cls(**_config_from_diffusers(config, source))
         kept = {k: v for k, v in state.items() if not k.startswith(("encoder.", "quant_conv."))}
         return load_weights(model, kept, source, device, dtype)
 
 
-def _class_name_of(config_file: Path) -> str:
-    """The diffusers class a VAE folder's config.json names (AutoencoderKLWan when it names none)."""
-    import json
-
-    if not config_file.is_file():
-        return DIFFUSERS_CLASSES[0]  # read_diffusers_folder says what is missing
-    kind = json.loads(config_file.read_text()).get("_class_name", DIFFUSERS_CLASSES[0])
-    if kind not in DIFFUSERS_CLASSES:
-        raise ValueError(f"{config_file} describes a {kind}, not an {' or '.join(DIFFUSERS_CLASSES)}")
-    return kind
-
-
-def _config_from_diffusers(config: dict, kind: str, source: str) -> dict:
+def _config_from_diffusers(config: dict, source: str) -> dict:
     """diffusers AutoencoderKLWan / AutoencoderKLQwenImage config -> our kwargs; refuses what is not built here."""
     problems = []
     if config.get("is_residual", False):
@@ -375,14 +349,14 @@ def _config_from_diffusers(config: dict, kind: str, source: str) -> dict:
         problems.append(f"patch_size={config['patch_size']}")
     if problems:
         raise ValueError(f"{source}: WanDecoder does not implement " + "; ".join(problems))
-    base_dim = config.get("base_dim", 96)
+    qwen_image = config.get("_class_name") == "AutoencoderKLQwenImage"
     return dict(
-        base_dim=config.get("decoder_base_dim") or base_dim,
+        base_dim=config.get("decoder_base_dim") or config.get("base_dim", 96),
         z_dim=config.get("z_dim", 16),
         dim_mult=list(config.get("dim_mult", [1, 2, 4, 4])),
         num_res_blocks=config.get("num_res_blocks", 2),
         temporal_downsample=list(config.get("temperal_downsample", [False, True, True])),
-        out_channels=config.get("input_channels" if kind == "AutoencoderKLQwenImage" else "out_channels", 3),
+        out_channels=config.get("input_channels" if qwen_image else "out_channels", 3),
         latents_mean=list(config.get("latents_mean", WAN21_LATENTS_MEAN)),
         latents_std=list(config.get("latents_std", WAN21_LATENTS_STD)),
     )
