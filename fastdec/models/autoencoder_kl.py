@@ -253,38 +253,31 @@ class AutoencoderKLDecoder(Decoder):
 
     @classmethod
     def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:
-        """The diffusers config as this class's constructor arguments."""
-        return _config_from_diffusers(config, source)
-
-
-def _config_from_diffusers(config: dict, source: str) -> dict:
-    """diffusers AutoencoderKL config -> our kwargs; refuses what this decoder does not implement."""
-    name = config.get("_class_name", "AutoencoderKL")
-    if name != "AutoencoderKL":
-        raise ValueError(f"{source} is a {name}, not an AutoencoderKL")
-    block_out_channels = list(config.get("block_out_channels", [64]))
-    up_blocks = list(config.get("up_block_types", ["UpDecoderBlock2D"]))
-    problems = []
-    if set(up_blocks) != {"UpDecoderBlock2D"} or len(up_blocks) != len(block_out_channels):
-        problems.append(f"up_block_types={up_blocks} (only UpDecoderBlock2D, one per block_out_channels)")
-    if config.get("act_fn", "silu") != "silu":
-        problems.append(f"act_fn={config['act_fn']!r} (only 'silu')")
-    if problems:
-        raise ValueError(f"{source}: AutoencoderKLDecoder does not implement " + "; ".join(problems))
-    return dict(
-        latent_channels=config.get("latent_channels", 4),
-        out_channels=config.get("out_channels", 3),
-        block_out_channels=block_out_channels,
-        layers_per_block=config.get("layers_per_block", 1),
-        norm_num_groups=config.get("norm_num_groups", 32),
-        use_post_quant_conv=config.get("use_post_quant_conv", True),
-        mid_block_add_attention=config.get("mid_block_add_attention", True),
-        scaling_factor=config.get("scaling_factor", 0.18215),
-        shift_factor=config.get("shift_factor") or 0.0,
-        force_upcast=config.get("force_upcast", True),
-        latents_mean=config.get("latents_mean"),
-        latents_std=config.get("latents_std"),
-    )
+        """The diffusers config as this class's constructor arguments (read_diffusers_vae has checked its class);
+        refuses what this decoder does not implement."""
+        block_out_channels = list(config.get("block_out_channels", [64]))
+        up_blocks = list(config.get("up_block_types", ["UpDecoderBlock2D"]))
+        problems = []
+        if set(up_blocks) != {"UpDecoderBlock2D"} or len(up_blocks) != len(block_out_channels):
+            problems.append(f"up_block_types={up_blocks} (only UpDecoderBlock2D, one per block_out_channels)")
+        if config.get("act_fn", "silu") != "silu":
+            problems.append(f"act_fn={config['act_fn']!r} (only 'silu')")
+        if problems:
+            raise ValueError(f"{source}: AutoencoderKLDecoder does not implement " + "; ".join(problems))
+        return dict(
+            latent_channels=config.get("latent_channels", 4),
+            out_channels=config.get("out_channels", 3),
+            block_out_channels=block_out_channels,
+            layers_per_block=config.get("layers_per_block", 1),
+            norm_num_groups=config.get("norm_num_groups", 32),
+            use_post_quant_conv=config.get("use_post_quant_conv", True),
+            mid_block_add_attention=config.get("mid_block_add_attention", True),
+            scaling_factor=config.get("scaling_factor", 0.18215),
+            shift_factor=config.get("shift_factor") or 0.0,
+            force_upcast=config.get("force_upcast", True),
+            latents_mean=config.get("latents_mean"),
+            latents_std=config.get("latents_std"),
+        )
 
 
 def _decoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -109,19 +109,15 @@ class Flux2VAEDecoder(PackedLatents, AutoencoderKLDecoder):
 
     @classmethod
     def kwargs_from_diffusers(cls, config: dict, source: str) -> dict:
-        return _config_from_flux2(config, source)
-
-
-def _config_from_flux2(config: dict, source: str) -> dict:
-    """AutoencoderKLFlux2 config -> Flux2VAEDecoder kwargs, through AutoencoderKL's checks."""
-    config = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-    if list(config["patch_size"]) != [PATCH, PATCH]:
-        raise ValueError(f"{source}: patch_size={config['patch_size']}; FLUX.2 pipelines unpack 2x2 patches only")
-    as_kl = {
-        **config, "_class_name": "AutoencoderKL", "scaling_factor": 1.0, "shift_factor": 0.0, "force_upcast": False,
-        "block_out_channels": config.get("decoder_block_out_channels") or config["block_out_channels"],
-    }
-    return {**AutoencoderKLDecoder.kwargs_from_diffusers(as_kl, source), "batch_norm_eps": config["batch_norm_eps"]}
+        """AutoencoderKLFlux2 config -> Flux2VAEDecoder kwargs, through AutoencoderKL's checks."""
+        config = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+        if list(config["patch_size"]) != [PATCH, PATCH]:
+            raise ValueError(f"{source}: patch_size={config['patch_size']}; FLUX.2 pipelines unpack 2x2 patches only")
+        as_kl = {
+            **config, "scaling_factor": 1.0, "shift_factor": 0.0, "force_upcast": False,
+            "block_out_channels": config.get("decoder_block_out_channels") or config["block_out_channels"],
+        }
+        return {**AutoencoderKLDecoder.kwargs_from_diffusers(as_kl, source), "batch_norm_eps": config["batch_norm_eps"]}
 
 
 class PackedLatentsDecoder(PackedLatents, Decoder):
