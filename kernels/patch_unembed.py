@@ -235,15 +235,6 @@ def patch_unembed_triton(
 # --- eager reference and backward ---------------------------------------------------------------------------
 
 
-def _transform(value: Tensor, out: str) -> Tensor:
-    """fp32 pre-transform value -> fp32 output value (before the final cast)."""
-    if out == "identity":
-        return value
-    unit = (value + 1.0) / 2.0
-    # torch.where, not clamp: clamp's derivative at the bounds varies across torch versions; here it is 0.5.
-    return torch.where(unit < 0.0, 0.0, torch.where(unit > 1.0, 1.0, unit))
-
-
 def patch_unembed_reference(
     tokens: Tensor,
     patch: int,
@@ -259,7 +250,10 @@ def patch_unembed_reference(
     value = tokens.float()
     if bias is not None:
         value = value + bias.float()
-    value = _transform(value, out)
+    if out == "to_unit":
+        unit = (value + 1.0) / 2.0
+        # torch.where, not clamp: clamp's derivative at the bounds varies across torch versions; here it is 0.5.
+        value = torch.where(unit < 0.0, 0.0, torch.where(unit > 1.0, 1.0, unit))
     if dtype == torch.uint8:
         value = torch.floor(value * 255.0 + 0.5)
     image = value.reshape(batch, grid_h, grid_w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)

@@ -158,28 +158,19 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
-def fp32_precision() -> str:
-    """"tf32" when torch lets fp32 matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32, which
-    torch.set_float32_matmul_precision("high") sets), else "ieee": what SDPA's fp32 math path follows."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def dot_precision(dtype: torch.dtype, interpreting: bool) -> str:
-    """The kernel's tl.dot input_precision: fp16/bf16 ignore it; fp32 follows torch's TF32 switch; the CPU
-    interpreter computes in fp32 either way."""
+    """The kernel's tl.dot input_precision: fp16/bf16 ignore it; fp32 follows torch's TF32 switch as SDPA's fp32
+    math path does ("tf32" when torch.backends.cuda.matmul.allow_tf32, which torch.set_float32_matmul_precision("high")
+    sets, else "ieee"); the CPU interpreter computes in fp32 either way."""
     if interpreting:
         return "ieee"
-    return fp32_precision() if dtype == torch.float32 else "tf32"
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def candidates_for(dtype: torch.dtype, precision: str, head_dim: int) -> tuple[Tile, ...]:
     if dtype == torch.float32 and precision == "tf32":
         return TF32_CANDIDATES if padded_head_dim(head_dim) <= 128 else TF32_WIDE_CANDIDATES
     return FP32_CANDIDATES if dtype == torch.float32 else CANDIDATES[padded_head_dim(head_dim)]
-
-
-def operands(dtype: torch.dtype, precision: str) -> str:
-    return precision if dtype == torch.float32 else "16bit"
 
 
 def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, capability: tuple[int, int] | None
@@ -268,7 +259,8 @@ def arch_key(capability: tuple[int, int]) -> str:
 def usable_tiles(dtype: torch.dtype, precision: str, head_dim: int, capability: tuple[int, int],
                  shared_memory: int) -> list[Tile]:
     """The candidates in preference order that fit this GPU, then the fallback."""
-    spills = SPILLS.get((capability[0] >= 9, operands(dtype, precision), head_dim), frozenset())
+    operands = precision if dtype == torch.float32 else "16bit"
+    spills = SPILLS.get((capability[0] >= 9, operands, head_dim), frozenset())
     tiles = [tile for tile in candidates_for(dtype, precision, head_dim)
              if not (capability[0] < 9 and tile in SPILL_BEFORE_HOPPER) and tile not in spills
              and shared_memory_estimate(tile, dtype, precision, head_dim, capability) <= shared_memory]
