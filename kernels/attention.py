@@ -10,8 +10,7 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
   unmasked main loop. Any head_dim from 1 to 512: D is a power of two (at least 16, the smallest ``tl.dot``) or,
   where that pads less, a power of two plus a power-of-two tail (D_MAIN + D_TAIL: Wan's 384 = 256 + 128, not
   512; 96 = 64 + 32), with masked loads only where a part overhangs D. On GPUs a split D with a key tail pads D
-  to one power of two instead: on an H200 the split launch was wrong there at most tiles, the padded one right
-  in every such call tried, at the dispatch's tile (kernels/support/attention_config.py ``key_tail_unverified``).
+  to one power of two instead (wrong on an H200: kernels/support/attention_config.py ``key_tail_unverified``).
 * Large head_dim (512, the SD-VAE mid-block: batch 1, one head, 4096 to 16384 tokens): the accumulator is
   BLOCK_M x D fp32 and there are few query blocks (4096 / 64 = 64 programs for 132 SMs). The grid therefore has
   two more axes besides (batch*head, query block):
@@ -20,12 +19,9 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
     - key splits (flash-decoding): each program handles one slice of the keys and writes a normalized partial
       output plus its log-sum-exp; ``_combine_splits_kernel`` merges them. No FLOPs are repeated; used when the
       other axes do not fill the GPU.
-  The D=512 first candidate is BLOCK_M=64, BLOCK_N=32, whole D, 8 warps: the two warpgroups split the 512
-  accumulator columns (128 registers per thread; ptxas: no spills); q stays in shared memory (64 KiB) next to two
-  stages of the 32x512 k and v tiles: 192 KiB of Hopper's 228 KiB.
+  The tiles of each head_dim, and why: ``CANDIDATES`` in kernels/support/attention_config.py.
 * The configuration of a call comes from a committed table per GPU architecture and shape bucket, else a
-  heuristic (kernels/support/attention_config.py): nothing is timed in the decode path; ``bench/tune_attention.py`` is
-  the explicit command that times the candidates and writes the table.
+  heuristic (kernels/support/attention_config.py): nothing is timed in the decode path.
 * fp32 follows torch's TF32 switch as SDPA does: with ``torch.backends.cuda.matmul.allow_tf32`` (or
   ``torch.set_float32_matmul_precision("high")``) the dots run TF32 on tensor cores; otherwise ``"ieee"``, exact fp32
   FMAs, summing q k^T over 32-wide D chunks with small tiles (several times slower than bf16). fp16 and bf16 run
@@ -354,8 +350,7 @@ def launch_with_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Triton flash attention (see the module docstring); any strides in, contiguous (B, H, N_q, D) out. The
-    configuration is a table lookup or the heuristic (kernels/support/attention_config.py), never a timing."""
+    """Triton flash attention (see the module docstring); any strides in, contiguous (B, H, N_q, D) out."""
     check_attention(q, k, v, scale)
     if triton_interpreting():
         return launch_with_config(q, k, v, scale, _INTERPRETER_CONFIG)

@@ -44,7 +44,6 @@ from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, device_ker
 from fastdec.kernels.support.group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
     COMBINE_CHUNKS,
     COMBINE_GROUPS,
-    MIN_CHUNK_ELEMENTS,
     LaunchPlan,
     plan_launch,
     program_target,
@@ -135,11 +134,7 @@ def _chunk_moments(
     x_ptr, x_sample, g0, G, Cg, s_begin, s_end, stride_c, stride_s, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr,
     BLOCK_S: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
 ):
-    """(count, mean, M2) of each group's elements at spatial positions [s_begin, s_end).
-
-    Each tile gets its own mean and sum of squared deviations (two passes over registers), then merges into
-    the running moments with Chan's formula, so no sum of squares is ever subtracted from a squared sum.
-    """
+    """(count, mean, M2) of each group's elements at spatial positions [s_begin, s_end), merged tile by tile."""
     groups = g0 + tl.arange(0, BLOCK_G)
     count = tl.zeros([BLOCK_G], dtype=COMPUTE)
     mean = tl.zeros([BLOCK_G], dtype=COMPUTE)

@@ -168,8 +168,6 @@ def _rms_norm_act_kernel(
     COMPUTE: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """One program: BLOCK_S positions of one frame t of one sample, all channels. Pass 1: sum of squares; pass 2:
-    normalize."""
     pid = tl.program_id(0)
     frame = (pid // num_position_blocks).to(tl.int64)
     n = frame // T
