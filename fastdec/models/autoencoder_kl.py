@@ -97,6 +97,8 @@ class Upsample(nn.Module):
 
 
 class UpBlock(nn.Module):
+    """diffusers' UpDecoderBlock2D: resnets, then an optional upsampler; VAEDecoder runs ``layers()`` one by one."""
+
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
         super().__init__()
         widths_in = [in_channels] + [out_channels] * (num_layers - 1)
@@ -104,13 +106,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def layers(self) -> list[nn.Module]:
-        """The resnets, then the upsampler if any: what forward runs in order."""
         return [*self.resnets, *(self.upsamplers or ())]
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers():
-            x = layer(x)
-        return x
 
 
 class VAEDecoder(nn.Module):

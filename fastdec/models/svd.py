@@ -73,9 +73,6 @@ class AlphaBlender(nn.Module):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.zeros(1))  # diffusers' merge_factor=0.0: an even blend at init
 
-    def temporal_share(self) -> Tensor:
-        return torch.sigmoid(self.mix_factor)
-
 
 class SpatioTemporalResBlock(nn.Module):
     """Spatial ResnetBlock2D per frame, then ``s + sigmoid(mix) * (temporal_resnet(s) - s)`` over each clip."""
@@ -92,7 +89,7 @@ class SpatioTemporalResBlock(nn.Module):
 
     def temporal(self, clips: Tensor) -> Tensor:
         """Clips -> the blend with the temporal block's output, as frames."""
-        return clips_to_frames(clips + self.temporal_res_block.residual(clips, self.time_mixer.temporal_share()))
+        return clips_to_frames(clips + self.temporal_res_block.residual(clips, self.time_mixer.mix_factor.sigmoid()))
 
     def layers(self, num_frames: int) -> list[Callable[[Tensor], Tensor]]:
         """The two halves forward runs in order, as one-tensor calls (so that a caller can drop each input)."""
@@ -127,7 +124,8 @@ class TemporalMidBlock(nn.Module):
 
 
 class TemporalUpBlock(nn.Module):
-    """diffusers' UpBlockTemporalDecoder: SpatioTemporalResBlocks, then an optional nearest x2 + 3x3 conv."""
+    """diffusers' UpBlockTemporalDecoder: SpatioTemporalResBlocks, then an optional nearest x2 + 3x3 conv;
+    TemporalDecoder runs ``layers(num_frames)`` (the resnets' halves over clips of num_frames) one by one."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, upsample: bool):
         super().__init__()
@@ -136,13 +134,7 @@ class TemporalUpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def layers(self, num_frames: int) -> list[Callable[[Tensor], Tensor]]:
-        """The resnets (over clips of ``num_frames``), then the upsampler if any: what forward runs in order."""
         return [*(layer for resnet in self.resnets for layer in resnet.layers(num_frames)), *(self.upsamplers or ())]
-
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        for layer in self.layers(num_frames):
-            x = layer(x)
-        return x
 
 
 class TemporalDecoder(nn.Module):

@@ -171,6 +171,8 @@ class Upsample(nn.Module):
 
 
 class UpBlock(nn.Module):
+    """WanUpBlock: resnets, then an optional upsampler; WanDecoderBody runs ``layers()`` one by one (with the cache)."""
+
     def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, upsample: str | None):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_res_blocks
@@ -180,13 +182,7 @@ class UpBlock(nn.Module):
         )
 
     def layers(self) -> list[nn.Module]:
-        """The resnets, then the upsampler if any: what forward runs in order (each called with the cache)."""
         return [*self.resnets, *(self.upsamplers or ())]
-
-    def forward(self, x: Tensor, cache: TimeCache) -> Tensor:
-        for layer in self.layers():
-            x = layer(x, cache)
-        return x
 
 
 class WanDecoderBody(nn.Module):
