@@ -105,10 +105,7 @@ def frame_views(x: torch.Tensor, out: torch.Tensor):
     strides, index dtype); layouts that split into more than two axes run on a copy."""
     x_groups, out_groups = _spatial_groups(x), _spatial_groups(out)
     if len(x_groups) > 2 or [size for size, _ in x_groups] != [size for size, _ in out_groups]:
-        source, target, x_strides, out_strides, index = flat_views(x, out)
-        spatial = math.prod(x.shape[2:])
-        return (source, target, (1, spatial), (x_strides[0], x_strides[1], 0, x_strides[2]),
-                (out_strides[0], out_strides[1], 0, out_strides[2]), index)
+        return frame_views(*flat_views(x, out)[:2])  # each one flat axis now: positions, one frame
     x_groups = [(1, 0)] * (2 - len(x_groups)) + x_groups
     out_groups = [(1, 0)] * (2 - len(out_groups)) + out_groups
     sizes = (x_groups[0][0], x_groups[1][0])
