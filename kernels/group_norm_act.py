@@ -299,10 +299,9 @@ def _chunk_partials(x: torch.Tensor, source, x_strides, plan, sizes, grid, meta)
 def group_norm_act_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           eps: float, act: str, *, chunk_size: int | None = None,
                           stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Triton launcher. `chunk_size` (spatial positions per program) overrides the automatic split. When one
-    chunk covers all positions a single launch does statistics and normalization; otherwise a stats pass writes
-    per-chunk partials, a combine pass turns them into (mean, rstd) and the normalize pass applies them.
-    `stats`: (mean, var) per (sample, group) gathered elsewhere (a tiled decode's slabs): the normalize pass alone."""
+    """Triton launcher (its passes: the module docstring). `chunk_size` (spatial positions per program) overrides
+    the automatic split. `stats`: (mean, var) per (sample, group) gathered elsewhere (a tiled decode's slabs): the
+    normalize pass alone."""
     check_group_norm_act(x, num_groups, weight, bias, eps, act)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"fastdec.group_norm_act: chunk_size must be a positive int, got {chunk_size!r}")

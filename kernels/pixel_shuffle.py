@@ -17,11 +17,6 @@ from fastdec.kernels.support.dispatch import register_backward
 from fastdec.kernels.support.extension import EXTENSION
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True for a channels_last tensor that is not also plain contiguous (the layout the kernels keep)."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def pixel_shuffle_shape(x: torch.Tensor, factor: int, phase_offset: int = 0) -> tuple[int, int, int, int]:
     """Validates the arguments and returns the output shape; the messages match csrc/pixel_shuffle.h."""
     if x.dim() != 4:
@@ -47,9 +42,11 @@ def pixel_shuffle_shape(x: torch.Tensor, factor: int, phase_offset: int = 0) -> 
 
 
 def pixel_shuffle_empty(x: torch.Tensor, factor: int, phase_offset: int = 0) -> torch.Tensor:
-    """An uninitialised output with the shape and layout the kernels produce (channels_last stays channels_last)."""
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    """An uninitialised output with the shape and layout the kernels produce: channels_last for a channels_last x
+    that is not also plain contiguous."""
     shape = pixel_shuffle_shape(x, factor, phase_offset)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
@@ -122,13 +119,13 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
 
     def case(shape, phase_offset, layout):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        n, c, h, w = shape
+
         def make():
             if layout == "strided":  # a column slice: rows not contiguous, the generic kernel
-                n, c, h, w = shape
                 return torch.randn(n, c, h, w + 8, device=device, dtype=dtype)[..., 8:], 2, phase_offset
             return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt), 2, phase_offset
 
-        n, c, h, w = shape
         out_numel = n * c * (h - phase_offset) * (w - phase_offset)
         peers = ({"F.pixel_shuffle": lambda x, factor, _: F.pixel_shuffle(x, factor),
                   "torch.compile": lambda x, factor, _: compiled(x, factor)}

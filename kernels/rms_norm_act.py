@@ -342,8 +342,7 @@ def gpu_cases(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[Gpu
     """Wan's RMS norm + SiLU in every layout its decoder hands over, against eager WanRMS_norm + silu."""
 
     def eager(x, weight, bias, eps, act, eps_mode):
-        y = F.normalize(x, dim=1) * x.shape[1] ** 0.5 * weight.view(1, -1, 1, 1, 1)
-        return F.silu(y) if act == "silu" else y
+        return activation(F.normalize(x, dim=1) * x.shape[1] ** 0.5 * weight.view(1, -1, 1, 1, 1), act)
 
     def case(shape, layout):
         def make():
