@@ -24,6 +24,13 @@ Tiler = Callable[["Decoder", Tensor, int], "Tensor | None"]
 _tiler: Tiler | None = None
 
 
+def checked_chunk(chunk: object, name: str = "chunk_frames") -> int:
+    """``chunk`` (latent frames per chunk, the option ``name``) if it is a positive int, else a ValueError."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"{name} must be a positive int (latent frames per chunk) or None, got {chunk!r}")
+    return chunk
+
+
 def install_tiler(tiler: Tiler | None) -> None:
     """Sets the tiler that ``Decoder.decode`` calls for a decoder with ``tile_size`` set."""
     global _tiler

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec.models.autoencoder_kl import NORM_EPS, ResnetBlock, SelfAttention, Upsample
-from fastdec.models.base import Decoder, load_weights, read_diffusers_vae
+from fastdec.models.base import Decoder, checked_chunk, load_weights, read_diffusers_vae
 from fastdec.models.layers import norm_act, suggested_format
 from fastdec.models.registry import Family, Weights, register
 
@@ -217,9 +217,7 @@ class PerFrameVideoDecoder(Decoder):
         frames, whole = latents.shape[2], super().decode_checked
         if decode_chunk_size is None or decode_chunk_size >= frames:
             return whole(latents)
-        if isinstance(decode_chunk_size, bool) or not isinstance(decode_chunk_size, int) or decode_chunk_size < 1:
-            raise ValueError(f"decode_chunk_size must be None or a positive int, got {decode_chunk_size!r}")
-        chunks = latents.split(decode_chunk_size, dim=2)
+        chunks = latents.split(checked_chunk(decode_chunk_size, "decode_chunk_size"), dim=2)
         return torch.cat([whole(chunk) for chunk in chunks], dim=1)
 
 

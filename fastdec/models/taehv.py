@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from fastdec import ops
 from fastdec.models import taesd
-from fastdec.models.base import Decoder, Device, DType, Progress, load_weights, read_state_dict
+from fastdec.models.base import Decoder, Device, DType, Progress, checked_chunk, load_weights, read_state_dict
 from fastdec.models.layers import UpsampleConv
 from fastdec.models.registry import Family, Weights, register
 from fastdec.models.taesd import Clamp, conv
@@ -243,9 +243,8 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         many latent frames with the state carried (peak memory set by the chunk, not the clip; the same frames).
         ``progress(done, total)`` is called after each chunk (latent frames).
         """
-        z = latents / self.scaling_factor + self.shift_factor
         chunk_frames = self.chunk_frames if chunk_frames is None else chunk_frames
-        return self._frames(z, chunk_frames, progress).clamp(0, 1)
+        return self._frames(self.to_decoder_space(latents), chunk_frames, progress).clamp(0, 1)
 
     @torch.no_grad()
     def decode_stream(self, latents: Tensor, check_finite: bool | None = None, progress: Progress | None = None,
@@ -256,7 +255,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         self.prepare(latents, check_finite)
         frames_in, chunk_frames = latents.shape[2], options.get("chunk_frames")
         chunk = (min(self.auto_chunk_frames(latents), max(1, -(-frames_in // 10))) if chunk_frames is None
-                 else _checked_chunk(chunk_frames))
+                 else checked_chunk(chunk_frames))
         stream = self.stream(trim_start=self.frames_out(frames_in) < self.t_upscale * frames_in)
         for start in range(0, frames_in, chunk):
             yield stream.push(latents[:, :, start:start + chunk], check_finite=False)
@@ -265,7 +264,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
 
     def _frames(self, z: Tensor, chunk_frames: int | None, progress: Progress | None = None) -> Tensor:
         frames_in = z.shape[2]
-        chunk_frames = self.auto_chunk_frames(z) if chunk_frames is None else _checked_chunk(chunk_frames)
+        chunk_frames = self.auto_chunk_frames(z) if chunk_frames is None else checked_chunk(chunk_frames)
         if chunk_frames >= frames_in:
             frames = run_frames(self, z.transpose(1, 2))
             frames = frames[:, frames.shape[1] - self.frames_out(frames_in):]
@@ -298,12 +297,6 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         return load_weights(model, _trim_tgrow(model, _part(state, "decoder", path)), str(path), device, dtype)
 
 
-def _checked_chunk(chunk_frames) -> int:
-    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be a positive int (latent frames per chunk) or None: {chunk_frames}")
-    return chunk_frames
-
-
 class TAEHVStream:
     """Streaming decode with carried state: ``push`` latent frames (B, C, t, h, w) as they come, get back the frames
     (B, n, 3, H, W) in [0, 1] that they complete (``t_upscale`` per latent frame; the clip's first latent frame gives
@@ -328,8 +321,7 @@ class TAEHVStream:
         """Diffusion latents (B, C, t, h, w), t >= 1, any float dtype (cast to the decoder's, as fastdec.decode does)
         -> the frames (B, n, 3, H, W) in [0, 1] they complete, in the decoder's dtype."""
         check_latents(latents, self.decoder, check_finite)
-        z = latents.to(self.decoder[1].weight.dtype) / self.decoder.scaling_factor + self.decoder.shift_factor
-        return self.advance(z).clamp(0, 1)
+        return self.advance(self.decoder.to_decoder_space(latents.to(self.decoder[1].weight.dtype))).clamp(0, 1)
 
     def advance(self, z: Tensor) -> Tensor:
         """push() without the checks and the clamp, on latents in the decoder's space (differentiable)."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models.base import Decoder, Device, DType, load_weights, read_diffusers_vae
+from fastdec.models.base import Decoder, Device, DType, checked_chunk, load_weights, read_diffusers_vae
 from fastdec.models.layers import ChannelConstants, UpsampleConv
 from fastdec.models.registry import Family, register
 
@@ -288,12 +288,7 @@ class WanDecoder(Decoder):
                 f"expected VAE-space latents of shape (B, {self.latent_channels}, T, h, w), got {tuple(z.shape)}; "
                 "decode() takes the diffusion latents a pipeline produces"
             )
-        if chunk_frames is None:
-            chunk_frames = self.auto_chunk_frames(z)
-        elif isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
-            raise ValueError(
-                f"chunk_frames must be a positive int (latent frames per chunk) or None, got {chunk_frames!r}"
-            )
+        chunk_frames = self.auto_chunk_frames(z) if chunk_frames is None else checked_chunk(chunk_frames)
         cache = self.new_cache()
         parts = [self.decode_chunk(z[:, :, start:start + chunk_frames], cache)
                  for start in range(0, z.shape[2], chunk_frames)]
