@@ -19,9 +19,8 @@ Kernel design (one launch, plus a small combine launch when the keys are split):
     - key splits (flash-decoding): each program handles one slice of the keys and writes a normalized partial
       output plus its log-sum-exp; ``_combine_splits_kernel`` merges them. No FLOPs are repeated; used when the
       other axes do not fill the GPU.
-  The tiles of each head_dim, and why: ``CANDIDATES`` in kernels/support/attention_config.py.
 * The configuration of a call comes from a committed table per GPU architecture and shape bucket, else a
-  heuristic (kernels/support/attention_config.py): nothing is timed in the decode path.
+  heuristic over each head_dim's tiles (kernels/support/attention_config.py ``CANDIDATES``, and why); no timing.
 * fp32 follows torch's TF32 switch as SDPA does: with ``torch.backends.cuda.matmul.allow_tf32`` (or
   ``torch.set_float32_matmul_precision("high")``) the dots run TF32 on tensor cores; otherwise ``"ieee"``, exact fp32
   FMAs, summing q k^T over 32-wide D chunks with small tiles (several times slower than bf16). fp16 and bf16 run

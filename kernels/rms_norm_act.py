@@ -208,8 +208,7 @@ def _rms_norm_act_kernel(
 
 
 def tile_shape(channels: int, positions: int, channels_contiguous: bool) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S): group_norm_act's tile of one group holding every channel, so channels_last tiles hold
-    all channels (up to TILE_ELEMENTS) of a few positions, NCHW tiles up to TILE_ELEMENTS / 4 positions."""
+    """(BLOCK_C, BLOCK_S): group_norm_act's tile (norm.group_tile_shape) of one group holding every channel."""
     _, block_c, block_s = group_tile_shape(1, channels, positions, channels_contiguous)
     return block_c, block_s
 
