@@ -190,7 +190,6 @@ class AutoencoderKLDecoder(Decoder):
         self.latent_channels = latent_channels
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.force_upcast = force_upcast
-        self.output_range = "-1,1"
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         self.decoder = VAEDecoder(
             latent_channels, out_channels, tuple(block_out_channels), layers_per_block, norm_num_groups,

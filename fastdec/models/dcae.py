@@ -187,10 +187,9 @@ class UpBlock(nn.Module):
             in_channels, 4 * out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.interpolate:
-            y = self.conv(x)
-            return y + ops.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2) if self.shortcut else y
         y = self.conv(x)
+        if self.interpolate:
+            return y + ops.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2) if self.shortcut else y
         if self.shortcut:  # pixel shuffle is a permutation: add before the one shuffle
             y = y + x.repeat_interleave(self.repeats, dim=1)
         return ops.pixel_shuffle(y, 2)
@@ -277,7 +276,6 @@ class DCAEDecoder(Decoder):
         )
         self.latent_channels = latent_channels
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
-        self.output_range = "-1,1"
         self.decoder = DCDecoder(
             latent_channels, out_channels, widths, depths, per_stage["block_types"], per_stage["norm_types"],
             per_stage["act_fns"], qkv_multiscales, attention_head_dim, upsample_block_type == "interpolate",

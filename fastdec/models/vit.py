@@ -129,7 +129,6 @@ class ViTDecoder(Decoder):
         )
         self.latent_channels = latent_channels
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
-        self.output_range = "-1,1"
         self.latent_patch, self.spatial_factor = latent_patch, spatial_factor
         self.pixel_patch = latent_patch * spatial_factor
         self.dim = dim
