@@ -420,11 +420,10 @@ def compile_cases(quick: bool) -> list[CompileCase]:
     dispatch chooses (table or heuristic) must compile, fit and not spill; every other usable candidate (what the
     tuner may write into the table) is a tuned case, of which one must fit. Called on compile_check's fake GPU."""
     precisions = (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
-    cases = [(dtype, precision, label, shape) for (dtype, precision), (label, shape)
-             in itertools.product(precisions, DECODE_SHAPES.items())]
+    cases = list(itertools.product(precisions, DECODE_SHAPES.values()))
     if quick:
-        cases = [("bf16", "tf32", "SD 512", DECODE_SHAPES["SD 512"]), ("fp32", "ieee", "ViT-S 512", (1, 6, 1024, 64)),
-                 ("bf16", "tf32", "Wan 480p", DECODE_SHAPES["Wan 480p"])]
+        cases = [(("bf16", "tf32"), DECODE_SHAPES["SD 512"]), (("fp32", "ieee"), DECODE_SHAPES["ViT-S 512"]),
+                 (("bf16", "tf32"), DECODE_SHAPES["Wan 480p"])]
 
     def run(shape, dtype, precision, config):
         with _config.tf32(precision == "tf32"):
@@ -433,8 +432,8 @@ def compile_cases(quick: bool) -> list[CompileCase]:
             return launch_with_config(*_inputs(shape, dtype), None, config)
 
     found = []
-    for dtype, precision, _label, shape in cases:
-        name = f"{dtype}{'' if dtype != 'fp32' else '-' + precision} {shape_label(shape)}"  # {label}: see DECODE_SHAPES
+    for (dtype, precision), shape in cases:
+        name = f"{dtype}{'' if dtype != 'fp32' else '-' + precision} {shape_label(shape)}"
         found.append(CompileCase(name, functools.partial(run, shape, dtype, precision, None)))
         if quick:
             continue

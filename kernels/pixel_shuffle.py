@@ -82,8 +82,7 @@ FUSED = "extension"  # what runs the fused path; fastdec.ops.backends() says whe
 if EXTENSION is None:
     # Same schema as csrc/pixel_shuffle.cpp, backed by the eager reference.
     torch.library.define("fastdec::pixel_shuffle", "(Tensor x, int factor, int phase_offset=0) -> Tensor")
-    torch.library.impl("fastdec::pixel_shuffle", "cpu")(pixel_shuffle_reference)
-    torch.library.impl("fastdec::pixel_shuffle", "cuda")(pixel_shuffle_reference)
+    torch.library.impl("fastdec::pixel_shuffle", ("cpu", "cuda"))(pixel_shuffle_reference)
 elif not EXTENSION.built_with_cuda():
     torch.library.impl("fastdec::pixel_shuffle", "cuda")(pixel_shuffle_reference)
 
