@@ -17,11 +17,8 @@ Exact rewrites, for speed:
 Frames run in the layout (B, T, C, H, W) inside the model (madebyollin's N T C H W); ``TAEHVDecoder.decode`` takes
 diffusers' video latents (B, C, T, h, w) and returns frames (B, T_out, 3, H, W) in [0, 1].
 
-Decoding modes (``TAEHVDecoder.decode``; ``decode_stream`` yields the frames as they come): whole-clip, every frame
-of a stage at once (fastest, memory grows with T), or chunks of latent frames with the MemBlock state carried between
-chunks (``TAEHVStream``: peak memory bounded by the chunk size, the same frames). ``chunk_frames=None`` picks
-whole-clip while the clip's largest activation stays under ``WHOLE_CLIP_BUDGET_BYTES`` and chunks otherwise; an int
-forces chunks of that many latent frames.
+Decoding modes: the whole clip at once (fastest, memory grows with T) or chunks of latent frames with the MemBlock
+state carried between them (``TAEHVStream``), as ``TAEHVDecoder.decode_checked`` describes.
 
 The ``_super`` decoders (7x7 depthwise + inverted-bottleneck MemBlocks, pixel-shuffle upsampling) are not built
 here: their reference code, and so their state-dict layout, was not available to check a key-for-key load against.
@@ -49,8 +46,7 @@ from fastdec.validate import check_latents
 DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, low to high resolution; the last is the output conv's input
 ENCODER_WIDTH = 64
 BLOCKS_PER_STAGE = 3
-# decode() runs the whole clip at once while its largest activation (the full-resolution 64-channel frames) stays
-# under this many bytes, and chunks of latent frames otherwise.
+# decode()'s limit on the clip's largest activation (the full-resolution 64-channel frames) for a whole-clip decode
 WHOLE_CLIP_BUDGET_BYTES = 1 << 30
 GITHUB = "https://github.com/madebyollin/taehv"
 
@@ -412,12 +408,14 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
             f"{path} is not a TAEHV checkpoint (no 'decoder.1.weight', the decoder's first conv); TAEHV files from "
             f"{GITHUB} hold 'encoder.*' and 'decoder.*' weights"
         )
-    found = variant_of_state(state)
+    latent_channels, patch = _latent_channels_and_patch(state)
+    found = [name for name, v in VARIANTS.items() if (v.latent_channels, v.patch_size) == (latent_channels, patch)]
+    described = f"{latent_channels} latent channels, patch {'?' if patch is None else patch}"
     named = variant or variant_of_name(path.stem)
     if named is None:
         if len(found) != 1:
             raise ValueError(
-                f"{path}: weights for {_describe(state)} fit the TAEHV variants "
+                f"{path}: weights for {described} fit the TAEHV variants "
                 f"{found or 'none of ' + str(sorted(VARIANTS))}: pass variant=<the variant of this file>"
             )
         return state, found[0]
@@ -425,29 +423,21 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
     if named not in found:
         looks_like = f"looks like {' or '.join(found)}" if found else f"matches no TAEHV variant ({sorted(VARIANTS)})"
         raise ValueError(
-            f"{path} holds a TAEHV for {_describe(state)}, which {looks_like}, not {named} "
+            f"{path} holds a TAEHV for {described}, which {looks_like}, not {named} "
             f"({preset.latent_channels} latent channels, patch {preset.patch_size}): load it as its own variant"
         )
     return state, named
 
 
-def _describe(state: dict[str, Tensor]) -> str:
-    latent_channels = state["decoder.1.weight"].shape[1]
-    patch = math.isqrt(state["decoder.22.weight"].shape[0] // 3) if "decoder.22.weight" in state else "?"
-    return f"{latent_channels} latent channels, patch {patch}"
+def _latent_channels_and_patch(state: dict[str, Tensor]) -> tuple[int, int | None]:
+    """What the weights decode: the first conv's input channels, and the patch of the output conv's 3 * patch**2."""
+    out = state.get("decoder.22.weight")
+    return state["decoder.1.weight"].shape[1], None if out is None else math.isqrt(out.shape[0] // 3)
 
 
 def variant_of_name(stem: str) -> str | None:
     """madebyollin's file names start with the variant (taew2_1.pth, taehv1_5.safetensors, taew2_1_arch_...)."""
     return taesd.variant_of_name(stem, VARIANTS)
-
-
-def variant_of_state(state: dict[str, Tensor]) -> list[str]:
-    """The variants whose latent channels and patch size match these weights."""
-    latent_channels = state["decoder.1.weight"].shape[1]
-    out = state.get("decoder.22.weight")
-    patch = math.isqrt(out.shape[0] // 3) if out is not None else None
-    return [name for name, v in VARIANTS.items() if v.latent_channels == latent_channels and v.patch_size == patch]
 
 
 def _trim_tgrow(model: TAEHVDecoder, state: dict[str, Tensor]) -> dict[str, Tensor]:
