@@ -159,20 +159,16 @@ class Decoder(nn.Module):
 
 def read_diffusers_vae(vae_or_folder, *class_names: str) -> tuple[dict, dict[str, Tensor], str]:
     """(config, state dict, source) of a diffusers module of one of ``class_names`` (told by class name: diffusers
-    is not imported), its save_pretrained folder or a pipeline folder (see read_diffusers_folder): what every
+    is not imported), or of its ``save_pretrained`` folder or a pipeline folder's ``vae/`` subfolder (source: the
+    weights file, diffusion_pytorch_model.safetensors, else the .bin read weights_only): what every
     ``from_diffusers`` reads. A module's config gets the ``_class_name`` that a folder's config.json holds."""
-    if isinstance(vae_or_folder, (str, Path)):
-        return read_diffusers_folder(Path(vae_or_folder), *class_names)
-    kind = next((cls.__name__ for cls in type(vae_or_folder).__mro__ if cls.__name__ in class_names), None)
-    if kind is None:
-        raise ValueError(f"from_diffusers takes a diffusers.{' or '.join(class_names)} or a folder, got a "
-                         f"{type(vae_or_folder).__name__}")
-    return {**vae_or_folder.config, "_class_name": kind}, vae_or_folder.state_dict(), f"the given diffusers.{kind}"
-
-
-def read_diffusers_folder(folder: Path, *class_names: str) -> tuple[dict, dict[str, Tensor], str]:
-    """(config, state dict, weights path) of a diffusers ``<class_name>.save_pretrained`` folder, or of the ``vae/``
-    subfolder of a pipeline folder. Weights: diffusion_pytorch_model.safetensors, else the .bin (weights_only)."""
+    if not isinstance(vae_or_folder, (str, Path)):
+        kind = next((cls.__name__ for cls in type(vae_or_folder).__mro__ if cls.__name__ in class_names), None)
+        if kind is None:
+            raise ValueError(f"from_diffusers takes a diffusers.{' or '.join(class_names)} or a folder, got a "
+                             f"{type(vae_or_folder).__name__}")
+        return {**vae_or_folder.config, "_class_name": kind}, vae_or_folder.state_dict(), f"the given diffusers.{kind}"
+    folder = Path(vae_or_folder)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     config_path = folder / "config.json"

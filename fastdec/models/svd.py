@@ -204,7 +204,7 @@ class PerFrameVideoDecoder(Decoder):
                 f"{tuple(z.shape)}; per-frame latents (B*T, C, h, w) go through decode_frames(z, num_frames)"
             )
         batch, _, num_frames = z.shape[:3]
-        frames = self.decode_frames(z.transpose(1, 2).flatten(0, 1), num_frames)
+        frames = self.decode_frames(clips_to_frames(z), num_frames)
         return frames.unflatten(0, (batch, num_frames))
 
     def decode_checked(self, latents: Tensor, decode_chunk_size: int | None = None) -> Tensor:
