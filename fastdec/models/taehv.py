@@ -209,10 +209,8 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         super().__init__(*layers)
         self.variant = variant
         self.latent_channels = preset.latent_channels
-        self.patch_size = preset.patch_size
         self.t_upscale = 2 ** sum(time_upscale)
         self.space_upscale = 2 ** sum(space_upscale) * preset.patch_size
-        self.frames_to_trim = self.t_upscale - 1
         self.config = {"variant": variant, "time_upscale": list(time_upscale), "space_upscale": list(space_upscale)}
 
     def frames_out(self, latent_frames: int) -> int:
@@ -308,7 +306,6 @@ class TAEHVStream:
 
     def reset(self) -> None:
         self.memory: list[Tensor | None] = [None] * len(self.decoder)
-        self.latent_frames = 0
         self.frames_decoded = 0  # before the start-up trim
         self._shape: tuple | None = None
 
@@ -329,8 +326,7 @@ class TAEHVStream:
             )
         self._shape = shape
         frames = run_frames(self.decoder, z.transpose(1, 2), self.memory)
-        start = max(0, self.decoder.frames_to_trim - self.frames_decoded) if self.trim_start else 0
-        self.latent_frames += z.shape[2]
+        start = max(0, self.decoder.t_upscale - 1 - self.frames_decoded) if self.trim_start else 0
         self.frames_decoded += frames.shape[1]
         return frames[:, start:]
 
