@@ -222,10 +222,7 @@ class PerFrameVideoDecoder(Decoder):
 
 
 class SVDDecoder(PerFrameVideoDecoder):
-    """AutoencoderKLTemporalDecoder's decode path (Stable Video Diffusion); frames in [-1, 1] from ``forward``.
-
-    ``force_upcast`` is diffusers' flag for VAEs that overflow in fp16, kept as information (as AutoencoderKLDecoder).
-    """
+    """AutoencoderKLTemporalDecoder's decode path (Stable Video Diffusion); frames in [-1, 1] from ``forward``."""
 
     output_range = "-1,1"
 

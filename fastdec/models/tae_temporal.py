@@ -28,8 +28,7 @@ MID_BLOCK_LAYERS = 2  # resnet, attention, resnet (with 1, diffusers' block woul
 
 
 class TAETemporalDecoder(PerFrameVideoDecoder):
-    """Per-frame latents (B*T, C, h, w) + num_frames -> frames (B*T, 3, 8h, 8w) in about [0, 1]; as every
-    PerFrameVideoDecoder, ``decode`` and ``forward`` take clips (B, C, T, h, w) and return (B, T, 3, H, W)."""
+    """``decode_frames``: per-frame latents (B*T, C, h, w) + num_frames -> frames (B*T, 3, 8h, 8w) in about [0, 1]."""
 
     output_range = "0,1"
 
