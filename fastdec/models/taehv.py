@@ -36,11 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdec import ops
-from fastdec.models import taesd
 from fastdec.models.base import Decoder, Device, DType, Progress, checked_chunk, load_weights, read_state_dict
 from fastdec.models.layers import UpsampleConv
 from fastdec.models.registry import Family, Weights, register
-from fastdec.models.taesd import Clamp, conv
+from fastdec.models.taesd import Clamp, conv, variant_of_name
 from fastdec.validate import check_latents
 
 DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, low to high resolution; the last is the output conv's input
@@ -407,7 +406,7 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
     latent_channels, patch = _latent_channels_and_patch(state)
     found = [name for name, v in VARIANTS.items() if (v.latent_channels, v.patch_size) == (latent_channels, patch)]
     described = f"{latent_channels} latent channels, patch {'?' if patch is None else patch}"
-    named = variant or variant_of_name(path.stem)
+    named = variant or variant_of_name(path.stem, VARIANTS)  # taew2_1.pth, taehv1_5.safetensors, taew2_1_arch_...
     if named is None:
         if len(found) != 1:
             raise ValueError(
@@ -429,11 +428,6 @@ def _latent_channels_and_patch(state: dict[str, Tensor]) -> tuple[int, int | Non
     """What the weights decode: the first conv's input channels, and the patch of the output conv's 3 * patch**2."""
     out = state.get("decoder.22.weight")
     return state["decoder.1.weight"].shape[1], None if out is None else math.isqrt(out.shape[0] // 3)
-
-
-def variant_of_name(stem: str) -> str | None:
-    """madebyollin's file names start with the variant (taew2_1.pth, taehv1_5.safetensors, taew2_1_arch_...)."""
-    return taesd.variant_of_name(stem, VARIANTS)
 
 
 def _trim_tgrow(model: TAEHVDecoder, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -461,7 +455,7 @@ def is_weights_file(path: Path) -> bool:
     keyed N.*; a diffusers .safetensors sits next to a config.json)."""
     if path.suffix not in (".pth", ".pt", ".safetensors"):
         return False
-    if variant_of_name(path.stem) is not None:
+    if variant_of_name(path.stem, VARIANTS) is not None:
         return True
     if path.suffix == ".safetensors":
         return not (path.parent / "config.json").is_file()
