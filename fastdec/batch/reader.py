@@ -21,6 +21,7 @@ column      Arrow type      meaning
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -224,9 +225,7 @@ def _latent_of_row(row: dict) -> Tensor:
     if not shape or len(shape) not in (IMAGE_NDIM, VIDEO_NDIM) or any(size is None or size < 0 for size in shape):
         raise ValueError(f"row {item_id!r}: shape {shape} is neither (C, h, w) nor (C, T, h, w)")
     torch_dtype = PARQUET_DTYPES[dtype]
-    expected = torch_dtype.itemsize
-    for size in shape:
-        expected *= size
+    expected = torch_dtype.itemsize * math.prod(shape)
     if data is None or len(data) != expected:
         got = "no bytes" if data is None else f"{len(data)} bytes"
         raise ValueError(f"row {item_id!r}: shape {shape} in {dtype} needs {expected} bytes, the latent has {got}")
@@ -242,7 +241,6 @@ def write_parquet(path: str | Path, latents: Mapping[str, Tensor] | Iterable[tup
     import pyarrow.parquet as pq
 
     columns: dict[str, list] = {column: [] for column in PARQUET_COLUMNS}
-    names = {str(dtype).removeprefix("torch."): dtype for dtype in PARQUET_DTYPES.values()}
     pairs = latents.items() if isinstance(latents, Mapping) else latents
     for item_id, latent in pairs:
         if not ID_PATTERN.fullmatch(str(item_id)):
@@ -251,8 +249,8 @@ def write_parquet(path: str | Path, latents: Mapping[str, Tensor] | Iterable[tup
             shape = tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__
             raise ValueError(f"id {item_id!r}: expected one latent (C, h, w) or (C, T, h, w), got {shape}")
         dtype = str(latent.dtype).removeprefix("torch.")
-        if dtype not in names:
-            raise ValueError(f"id {item_id!r}: dtype {latent.dtype} is not one of {sorted(names)}; cast it")
+        if dtype not in PARQUET_DTYPES:
+            raise ValueError(f"id {item_id!r}: dtype {latent.dtype} is not one of {sorted(PARQUET_DTYPES)}; cast it")
         data = latent.detach().cpu().contiguous()
         columns["id"].append(str(item_id))
         columns["latent"].append(data.view(torch.uint8).numpy().tobytes())

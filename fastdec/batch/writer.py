@@ -95,20 +95,17 @@ class Writer:
             self._replace(path, kept.encode())
         return records
 
-    def output_path(self, item_id: str, suffix: str | None = None) -> Path:
-        return self.output_dir / f"{item_id}{suffix or self.suffix}"
-
     def is_done(self, item_id: str) -> bool:
         return item_id in self.done
 
-    def write(self, item_id: str, data: bytes, shape: list[int], suffix: str | None = None) -> bool:
-        """Writes one output (``suffix``: default the image format's; .mp4 for a video) atomically and records it;
+    def write(self, item_id: str, data: bytes, shape: list[int], suffix: str) -> bool:
+        """Writes one output (``suffix``: the image format's, or .mp4 for a video) atomically and records it;
         False (nothing written) when the id is finished already, e.g. a result a retried worker delivered twice."""
         with self._lock:
             if item_id in self.done:
                 return False
             self.done[item_id] = {}  # claimed: a concurrent duplicate stops here
-        path = self.output_path(item_id, suffix)
+        path = self.output_dir / f"{item_id}{suffix}"
         self._replace(path, data)
         record = {"id": item_id, "path": path.name, "decoder": self.decoder, "job": self.job,
                   "batch_size": self.batch_size, "shape": list(shape),
