@@ -8,44 +8,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# torchvision ImageNet backbones the lpips package builds on, and the file torch.hub caches each one as.
-LPIPS_BACKBONES = {
-    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
-    "squeeze": "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
-}
+# The torchvision AlexNet weights the lpips package builds its metric on (torch.hub caches them under this file name).
+LPIPS_ALEX_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 
 
 class LPIPSUnavailable(RuntimeError):
     """LPIPS cannot run here: the lpips package or a backbone's weights are missing (the message says what to do)."""
 
 
-def lpips_unavailable_reason(net: str = "alex") -> str | None:
+def lpips_unavailable_reason() -> str | None:
     """Why LPIPS cannot run offline here, or None when it can."""
-    if net not in LPIPS_BACKBONES:
-        return f"unknown LPIPS backbone {net!r}; choose one of {sorted(LPIPS_BACKBONES)}"
     try:
         import lpips  # noqa: F401
     except ImportError:
         return "the lpips package is not installed (pip install lpips)"
-    url = LPIPS_BACKBONES[net]
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_ALEX_URL.rsplit("/", 1)[1]
     if not weights.is_file():
         return (
-            f"the {net} backbone weights are not on this machine: download {url} and put it at {weights} "
+            f"the alex backbone weights are not on this machine: download {LPIPS_ALEX_URL} and put it at {weights} "
             "(torch.hub's cache; $TORCH_HOME moves it), then LPIPS runs offline"
         )
     return None
 
 
-def load_lpips(net: str = "alex", device: torch.device | str = "cpu") -> nn.Module:
+def load_lpips(device: torch.device | str = "cpu") -> nn.Module:
     """The lpips package's LPIPS metric, frozen, taking images in [0, 1]; LPIPSUnavailable when it cannot run."""
-    reason = lpips_unavailable_reason(net)
+    reason = lpips_unavailable_reason()
     if reason is not None:
         raise LPIPSUnavailable(f"LPIPS is not available: {reason}")
     import lpips
 
-    return _UnitRange(lpips.LPIPS(net=net, verbose=False)).to(device).eval().requires_grad_(False)
+    return _UnitRange(lpips.LPIPS(net="alex", verbose=False)).to(device).eval().requires_grad_(False)
 
 
 class _UnitRange(nn.Module):
