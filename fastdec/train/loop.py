@@ -127,8 +127,7 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, (Block, ResBlock, TransformerBlock, EfficientViTBlock)):
-            forward = module.forward
-            module.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
             count += 1
     return count
 
@@ -145,8 +144,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
 

@@ -120,10 +120,10 @@ def _parameter_selections(decoder, owner, inner, kept) -> dict[str, Tensor]:
     return select
 
 
-def prune_autoencoder_kl(teacher: AutoencoderKLDecoder, block_out_channels: Sequence[int], latents: Tensor,
-                         selections: dict[str, Tensor] | None = None) -> AutoencoderKLDecoder:
+def prune_autoencoder_kl(teacher: AutoencoderKLDecoder, block_out_channels: Sequence[int], latents: Tensor
+                         ) -> AutoencoderKLDecoder:
     """The teacher (an AutoencoderKLDecoder or subclass, e.g. Flux2VAEDecoder) with ``block_out_channels``, keeping
-    the channels most active on ``latents`` (the teacher's own latent space), or those of ``selections``."""
+    the channels most active on ``latents`` (the teacher's own latent space)."""
     if not isinstance(teacher, AutoencoderKLDecoder):
         raise TypeError(f"prune_autoencoder_kl prunes an AutoencoderKLDecoder, got a {type(teacher).__name__}")
     full, groups = list(teacher.config["block_out_channels"]), teacher.config["norm_num_groups"]
@@ -141,8 +141,7 @@ def prune_autoencoder_kl(teacher: AutoencoderKLDecoder, block_out_channels: Sequ
         )
     teacher = copy.deepcopy(teacher).float().eval()  # the caller's teacher keeps its dtype
     teacher.tile_size = None
-    if selections is None:
-        selections = kl_selections(teacher, widths, latents.float())
+    selections = kl_selections(teacher, widths, latents.float())
     student = type(teacher)(**teacher.config | {"block_out_channels": widths}).eval()
     old_state = teacher.state_dict()
     with torch.no_grad():
