@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
-from fastdec.tiling.slab import SlabTensor, is_slab, meta_like, meta_run
+from fastdec.tiling.slab import SlabTensor, is_slab, meta_like, meta_run, zeros_rows
 
 aten = torch.ops.aten
 
@@ -26,17 +26,11 @@ LOCAL_OPS = {
 }
 
 
-def _probe(x: Tensor, hdim: int, rows: int):
-    shape = list(x.shape)
-    shape[hdim] = rows
-    return torch.empty(shape, dtype=x.dtype, device="meta")
-
-
 def local_op(run, func, args, kwargs):
     """An op that works row by row: run it on each slab. Which output axis is the height axis is found by running
     the op on meta tensors with one extra row: a row-local op grows exactly that axis by one. An op that does not
     (a reduction or slice along the height) is gathered instead."""
-    if func in (aten.native_batch_norm.default,) and args[5]:
+    if func == aten.native_batch_norm.default and args[5]:
         return run.gathered(func, args, kwargs)  # batch statistics in training mode
     flat, spec = tree_flatten((args, kwargs))
     slabs = [a for a in flat if is_slab(a)]
@@ -53,7 +47,8 @@ def local_op(run, func, args, kwargs):
 
     def probe(rows: int):
         return tree_unflatten([
-            _probe(a, a.dim() - tail, rows) if is_slab(a) or spans(a) else meta_like(a) for a in flat], spec)
+            zeros_rows(meta_like(a), a.dim() - tail, rows) if is_slab(a) or spans(a) else meta_like(a)
+            for a in flat], spec)
 
     base_args, base_kwargs = probe(total)
     grown_args, grown_kwargs = probe(total + 1)

@@ -6,17 +6,11 @@ from __future__ import annotations
 from itertools import pairwise
 
 import torch
-from torch import Tensor
 
 from fastdec import ops  # noqa: F401  (registers torch.ops.fastdec.*, which the rules below name)
 from fastdec.tiling.slab import Bounds, is_slab, meta_run
 
 aten = torch.ops.aten
-
-def _spatial_index(x: Tensor, hdim: int) -> int:
-    """Index of the height axis among the spatial axes of a (N, C, *spatial) tensor."""
-    return hdim - 2
-
 
 def _conv_bounds(bounds: Bounds, k: int, stride: int, pad: int, out_rows: int) -> Bounds:
     """Output slab boundaries of a conv: the output row whose window centre is nearest each input boundary
@@ -30,7 +24,7 @@ def _conv_rule(run, func, args, kwargs):
     x = run.as_slab(x, x.dim() - 2) if x.dim() in (4, 5) and not transposed else x
     if not is_slab(x) or transposed or x.hdim != x.dim() - 2:
         return run.gathered(func, (x, *args[1:]), kwargs) if is_slab(x) else func(*args, **kwargs)
-    i = _spatial_index(x, x.hdim)
+    i = x.hdim - 2  # the height among the spatial axes of (N, C, *spatial)
     k = dilation[i] * (weight.shape[2 + i] - 1) + 1
     s, p = stride[i], padding[i]
     out_shape = meta_run(func, (x, *args[1:]), kwargs).shape
@@ -77,7 +71,7 @@ def _upsample_rule(run, func, args, kwargs):
 
     def compute(rows, t):
         size = spatial.copy()
-        size[_spatial_index(x, x.hdim)] = (out_bounds[t + 1] - out_bounds[t])
+        size[x.hdim - 2] = out_bounds[t + 1] - out_bounds[t]
         return func(rows, size, *args[2:], **kwargs)
     return run.stencil(x, out_bounds, needs, compute, out_shape, x.dtype, "an upsampling")
 
