@@ -26,20 +26,19 @@ def run_decode(decoder: nn.Module, latents: Tensor, run: TiledRun) -> SlabTensor
         return decoder.decode(slab, check_finite=False)
 
 
-def tiled_decode(decoder: nn.Module, latents: Tensor, tile_size: int, check_finite: bool | None = None,
-                 storage: torch.device | str = "cpu") -> Tensor:
+def tiled_decode(decoder: nn.Module, latents: Tensor, tile_size: int, check_finite: bool | None = None) -> Tensor:
     """``decoder.decode(latents)`` computed in horizontal slabs of at most ``tile_size`` pixel rows, equal to the
     untiled decode up to float reduction order (see the fastdec.tiling docstring).
 
-    Slabs not being computed are held on ``storage`` (host memory), so device memory is bounded by one slab;
-    the image is returned on the decoder's device, like ``decode``. Works for every fastdec decoder (4-D image and
-    5-D video latents: the slabs split the height; a video decoder's own frame chunking runs inside)."""
+    Slabs not being computed are held in host memory, so device memory is bounded by one slab; the image is
+    returned on the decoder's device, like ``decode``. Works for every fastdec decoder (4-D image and 5-D video
+    latents: the slabs split the height; a video decoder's own frame chunking runs inside)."""
     check_latents(latents, decoder, check_finite)
     rows = latent_tile_rows(decoder, latents, tile_size)
     h = latents.shape[-2]
     bounds = even_bounds(h, math.ceil(h / rows))
     device, _ = weights_device_and_dtype(decoder)
-    run = TiledRun(HostTiles(device, storage), h, bounds)
+    run = TiledRun(HostTiles(device), h, bounds)
     out = run_decode(decoder, latents, run)
     return run.executor.gather(out) if is_slab(out) else out
 

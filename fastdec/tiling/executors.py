@@ -62,16 +62,16 @@ def assemble_rows(pieces: dict[int, Tensor], bounds: Bounds, hdim: int, start: i
 
 
 class HostTiles(Executor):
-    """One device: every slab is held in ``storage`` memory (host RAM by default) and moved to ``device`` only
-    while it is computed on, so device memory holds one slab (plus halo) at a time.
+    """One device: every slab is held in host memory and moved to ``device`` only while it is computed on, so
+    device memory holds one slab (plus halo) at a time.
 
     From a CUDA device, slabs are held in pinned host memory and both copies are asynchronous (the pageable
     ``.to()`` staged every byte through a bounce buffer and stopped the host until it was done). The copies run in
     stream order with the kernels, so a slab reaches the device after it reached the host; host code that reads a
     held slab (a reshape that copies) first waits for the copies still in flight (``settle``)."""
 
-    def __init__(self, device: torch.device, storage: torch.device | str = "cpu"):
-        self.device, self.storage = resolved_device(device), torch.device(storage)
+    def __init__(self, device: torch.device):
+        self.device = resolved_device(device)
         self.peak_slab_bytes = 0  # largest slab input + output moved to the device at once (bench accounting)
         self.copies_in_flight = False
 
@@ -82,10 +82,8 @@ class HostTiles(Executor):
         return part.to(self.device, non_blocking=part.device.type == "cpu" and self.device.type == "cuda")
 
     def keep(self, tensor: Tensor) -> Tensor:
-        if tensor.device == self.storage:
-            return tensor
-        if tensor.device.type != "cuda" or self.storage.type != "cpu":
-            return tensor.to(self.storage)
+        if tensor.device.type != "cuda":
+            return tensor.to("cpu")
         held = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True, memory_format=_layout(tensor))
         held.copy_(tensor, non_blocking=True)
         self.copies_in_flight = True
