@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from fastdec.pixels import to_uint8_hwc
 from fastdec.tiling import Executor, SlabTensor, TiledRun, TileError, even_bounds, run_decode, zeros_rows
+from fastdec.tiling.executors import assemble_rows
 from fastdec.validate import check_latents, weights_device_and_dtype
 
 OUTPUTS = ("rank0", "all", "sharded")
@@ -63,7 +65,7 @@ class RankSlabs(Executor):
         r, b, hdim = self.rank, x.bounds, x.hdim
         part, last = x.parts[r], self.world - 1
         start, stop = needs[r]
-        ops, received = [], {}
+        ops, received = [], {}  # first row -> the rows received from a neighbour
 
         def rows_of_mine(lo: int, hi: int) -> Tensor:
             return part.narrow(hdim, lo - b[r], hi - lo).contiguous()
@@ -75,55 +77,46 @@ class RankSlabs(Executor):
         if r < last and needs[r + 1][0] < b[r + 1]:
             ops.append(dist.P2POp(dist.isend, rows_of_mine(max(needs[r + 1][0], b[r]), b[r + 1]), self._peer(r + 1),
                                   self.group))
-        for side, peer, lo, hi in (("top", r - 1, max(start, b[r - 1] if r else 0), b[r]),
-                                   ("bottom", r + 1, b[r + 1], min(stop, b[min(r + 2, last + 1)]))):
+        for peer, lo, hi in ((r - 1, max(start, b[r - 1] if r else 0), b[r]),
+                             (r + 1, b[r + 1], min(stop, b[min(r + 2, last + 1)]))):
             if 0 <= peer <= last and lo < hi:
                 shape = list(part.shape)
                 shape[hdim] = hi - lo
-                received[side] = part.new_empty(shape)
-                ops.append(dist.P2POp(dist.irecv, received[side], self._peer(peer), self.group))
+                received[lo] = part.new_empty(shape)
+                ops.append(dist.P2POp(dist.irecv, received[lo], self._peer(peer), self.group))
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
-        chunks = []
-        if start < 0:
-            chunks.append(zeros_rows(part, hdim, -start))
-        if "top" in received:
-            chunks.append(received["top"])
-        lo, hi = max(start, b[r]), min(stop, b[r + 1])
-        if lo < hi:
-            chunks.append(part.narrow(hdim, lo - b[r], hi - lo))
-        if "bottom" in received:
-            chunks.append(received["bottom"])
-        if stop > b[-1]:
-            chunks.append(zeros_rows(part, hdim, stop - b[-1]))
-        yield r, chunks[0] if len(chunks) == 1 else torch.cat(chunks, hdim)
+        # The rows held here now, top to bottom, as slabs of their own (zeros beyond the image, as on one device).
+        held = sorted({**received, b[r]: part}.items())
+        bounds = (*(lo for lo, _ in held), held[-1][0] + held[-1][1].shape[hdim])
+        yield r, assemble_rows(dict(enumerate(rows for _, rows in held)), bounds, hdim, start, stop, lambda t: t)
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor, group=self.group)
         return tensor
 
-    def _padded(self, x: SlabTensor) -> tuple[Tensor, int]:
+    def _padded(self, x: SlabTensor) -> Tensor:
         """This rank's slab padded to the tallest slab's rows (collectives need equal shapes)."""
-        tallest = max(hi - lo for lo, hi in zip(x.bounds, x.bounds[1:], strict=False))
+        tallest = max(hi - lo for lo, hi in pairwise(x.bounds))
         part = x.parts[self.rank]
         pad = tallest - part.shape[x.hdim]
         if pad:
             part = torch.cat([part, zeros_rows(part, x.hdim, pad)], x.hdim)
-        return part.contiguous(), tallest
+        return part.contiguous()
 
     def _joined(self, x: SlabTensor, padded: list[Tensor]) -> Tensor:
-        return torch.cat([p.narrow(x.hdim, 0, hi - lo) for p, lo, hi in zip(padded, x.bounds, x.bounds[1:],
-                                                                            strict=False)], x.hdim)
+        return torch.cat([p.narrow(x.hdim, 0, hi - lo) for p, (lo, hi) in zip(padded, pairwise(x.bounds),
+                                                                              strict=True)], x.hdim)
 
     def gather(self, x: SlabTensor) -> Tensor:
-        part, _ = self._padded(x)
+        part = self._padded(x)
         padded = [torch.empty_like(part) for _ in range(self.world)]
         dist.all_gather(padded, part, group=self.group)
         return self._joined(x, padded)
 
     def gather_to(self, x: SlabTensor, dst: int) -> Tensor | None:
-        part, _ = self._padded(x)
+        part = self._padded(x)
         padded = [torch.empty_like(part) for _ in range(self.world)] if self.rank == dst else None
         dist.gather(part, padded, dst=self._peer(dst), group=self.group)
         return self._joined(x, padded) if self.rank == dst else None
