@@ -9,10 +9,7 @@ import torch
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth", ".npy", ".npz")
 
 
-KEY_ADVICE = "pick one with --key"
-
-
-def read_latents(path: Path, key: str | None = None, several: str = KEY_ADVICE) -> torch.Tensor:
+def read_latents(path: Path, key: str | None = None, several: str = "pick one with --key") -> torch.Tensor:
     """A latent tensor from .safetensors, .pt/.pth (torch.load, weights only), .npy or .npz; ``key`` picks one
     tensor of a file holding several; ``several``: what to do about a file holding several, in the caller's words
     (``fastdec decode`` has --key, ``fastdec batch`` has not)."""
