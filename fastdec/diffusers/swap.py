@@ -279,7 +279,6 @@ def _install(vae: nn.Module, adapter: FastdecVAE) -> None:
         return self.__dict__[STATE].decode(values[names[0]], return_dict=values.get("return_dict", True),
                                            num_frames=values.get("num_frames"))
 
-    decode.__signature__ = signature
     decode = functools.wraps(cls.decode)(apply_forward_hook(decode))
     decode.__signature__ = signature
 
