@@ -46,6 +46,13 @@ def image_latent_shape(model: Decoder, side: int, batch: int, downsample: int) -
     return (batch, model.latent_channels, side // downsample, side // downsample)
 
 
+def video_latent_shape(frames: Callable[[int], int]) -> Callable[[Decoder, int, int, int], tuple[int, ...]]:
+    """The latent_shape of a video entry: (B, C, frames(side), side / downsample, side / downsample)."""
+    def shape(model: Decoder, side: int, batch: int, downsample: int) -> tuple[int, ...]:
+        return (batch, model.latent_channels, frames(side), side // downsample, side // downsample)
+    return shape
+
+
 @dataclass(frozen=True)
 class BenchDecoder:
     """One decoder family as ``fastdec bench --decoders NAME`` runs it.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastdec.bench.spec import BenchDecoder, empty_diffusers_module
+from fastdec.bench.spec import BenchDecoder, empty_diffusers_module, video_latent_shape
 from fastdec.models.base import Decoder
 
 SVD_FRAMES = 14
@@ -24,10 +24,6 @@ def frames_for(side: int) -> int:
     if side >= 512:
         return SVD_FRAMES
     return CPU_FRAMES if side >= 128 else 1  # below 128 px: CI's tiny bench suite (bench/test_bench_decoders.py)
-
-
-def video_latent_shape(model: Decoder, side: int, batch: int, downsample: int) -> tuple[int, ...]:
-    return (batch, model.latent_channels, frames_for(side), side // downsample, side // downsample)
 
 
 def build_svd() -> Decoder:
@@ -66,9 +62,9 @@ def twin_decode(vae: nn.Module, z: Tensor) -> Tensor:
 
 
 ENTRIES = (
-    BenchDecoder("svd", build_svd, "SVDDecoder", twin, twin_decode=twin_decode, latent_shape=video_latent_shape,
-                 order=60, quick=True, kind="exact video VAE"),
-    BenchDecoder("tae-temporal", build_tae_temporal, "TAETemporalDecoder", latent_shape=video_latent_shape,
+    BenchDecoder("svd", build_svd, "SVDDecoder", twin, twin_decode=twin_decode,
+                 latent_shape=video_latent_shape(frames_for), order=60, quick=True, kind="exact video VAE"),
+    BenchDecoder("tae-temporal", build_tae_temporal, "TAETemporalDecoder", latent_shape=video_latent_shape(frames_for),
                  no_twin_reason="no diffusers implementation (a TAESD decoder with SVD's temporal mid-block)",
                  order=60, kind="paper decoder (temporal)"),
 )

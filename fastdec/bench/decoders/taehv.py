@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastdec.bench.spec import BenchDecoder
+from fastdec.bench.spec import BenchDecoder, video_latent_shape
 from fastdec.models.base import Decoder
 
 SHORT, LONG = 3, 12  # latent frames: 9 and 45 decoded frames
@@ -24,12 +24,6 @@ def _taew2_1(chunk_frames: int):
         model.chunk_frames = chunk_frames  # >= T: the whole clip at once; 1: streaming
         return model
     return build
-
-
-def _latent_shape(frames: int):
-    def shape(model: Decoder, side: int, batch: int, downsample: int) -> tuple[int, ...]:
-        return (batch, model.latent_channels, frames, side // downsample, side // downsample)
-    return shape
 
 
 def wan_twin(model: Decoder) -> tuple[nn.Module | None, str | None]:
@@ -47,8 +41,9 @@ def wan_decode(twin: nn.Module, latents: Tensor) -> Tensor:
 def _entry(name: str, frames: int, chunk_frames: int, twin: bool = False, quick: bool = False) -> BenchDecoder:
     other = {"twin": wan_twin, "twin_decode": wan_decode, "twin_is_other_model": True} if twin else {
         "no_twin_reason": "the AutoencoderKLWan comparison is on the taew2_1 row (3 latent frames)"}
-    return BenchDecoder(name, _taew2_1(chunk_frames), "TAEHVDecoder", latent_shape=_latent_shape(frames),
-                        order=60, quick=quick, kind="tiny video decoder", **other)
+    return BenchDecoder(name, _taew2_1(chunk_frames), "TAEHVDecoder",
+                        latent_shape=video_latent_shape(lambda side: frames), order=60, quick=quick,
+                        kind="tiny video decoder", **other)
 
 
 ENTRIES = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastdec.bench.spec import BenchDecoder, empty_diffusers_module
+from fastdec.bench.spec import BenchDecoder, empty_diffusers_module, video_latent_shape
 from fastdec.models.base import Decoder
 
 GPU_FRAMES, CPU_FRAMES = 21, 2  # latent frames: 81 and 5 decoded frames
@@ -38,14 +38,10 @@ def twin(model: Decoder) -> tuple[nn.Module, None]:
     return vae, None
 
 
-def latent_shape(model: Decoder, side: int, batch: int, downsample: int) -> tuple[int, ...]:
-    frames = GPU_FRAMES if side >= 480 else CPU_FRAMES
-    return (batch, model.latent_channels, frames, side // downsample, side // downsample)
-
-
 ENTRIES = (
     BenchDecoder(
-        "wan2.1", build, "WanDecoder", twin, latent_shape=latent_shape, order=200,
+        "wan2.1", build, "WanDecoder", twin, order=200,
+        latent_shape=video_latent_shape(lambda side: GPU_FRAMES if side >= 480 else CPU_FRAMES),
         kind="exact video VAE",
         default=False,
     ),
