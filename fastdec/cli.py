@@ -58,12 +58,10 @@ def _device(name: str | None) -> torch.device:
 class _ProgressBar:
     """A one-line progress bar on stderr: ``bar(done, total)``."""
 
-    def __init__(self, label: str, enabled: bool = True):
-        self.label, self.enabled = label, enabled
+    def __init__(self, label: str):
+        self.label = label
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
         filled = 30 * done // max(total, 1)
         end = "\n" if done >= total else ""
         print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} latent frames", end=end,
@@ -91,7 +89,7 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
     paths = []
     for index in range(latents.shape[0]):
         name = f"{stem}.mp4" if latents.shape[0] == 1 else f"{stem}_{index:03d}.mp4"
-        bar = _ProgressBar(name, enabled=not args.no_progress)
+        bar = None if args.no_progress else _ProgressBar(name)
         frames = decoder.decode_stream(latents[index:index + 1].to(dtype), check_finite=False, progress=bar,
                                        **chunking)
         paths.append(save_video(frames, output_dir / name, fps=args.fps))
