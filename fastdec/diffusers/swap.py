@@ -206,7 +206,7 @@ class SharedWeights:
         for module, hook in loading:
             hook.pre_forward(module)
         self.rebind()
-        places = [(tensor.device, tensor.dtype) for tensor in (_table(entry)[entry[1]] for entry in self.own)]
+        places = [_table(entry)[entry[1]].device for entry in self.own]
         self.apply_own(lambda tensor: tensor.to(device))
         try:
             return run()
@@ -215,7 +215,7 @@ class SharedWeights:
                 hook.post_forward(module, None)
             self.rebind()
             back = iter(places)
-            self.apply_own(lambda tensor: tensor.to(next(back)[0]))
+            self.apply_own(lambda tensor: tensor.to(next(back)))
 
     def _offload_hooks(self) -> Iterator[tuple[nn.Module, object]]:
         """(module, hook) for each module of the VAE with an accelerate hook that offloads its weights."""
