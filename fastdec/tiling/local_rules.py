@@ -152,25 +152,23 @@ def _axes_rule(new_hdim: Callable):
     return rule
 
 
-def _norm_dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
+# The height axis after each op. Axis d of n is d % n: _axes_rule's meta run has already refused one out of range.
 
 def _permute_hdim(x, dims):
-    return [_norm_dim(d, x.dim()) for d in dims].index(x.hdim)
+    return [d % x.dim() for d in dims].index(x.hdim)
 
 
 def _transpose_hdim(x, a, b):
-    a, b = _norm_dim(a, x.dim()), _norm_dim(b, x.dim())
+    a, b = a % x.dim(), b % x.dim()
     return b if x.hdim == a else a if x.hdim == b else x.hdim
 
 
 def _unsqueeze_hdim(x, d):
-    return x.hdim + (_norm_dim(d, x.dim() + 1) <= x.hdim)
+    return x.hdim + (d % (x.dim() + 1) <= x.hdim)
 
 
 def _squeeze_hdim(x, dims):
-    dims = [_norm_dim(d, x.dim()) for d in ([dims] if isinstance(dims, int) else dims)]
+    dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
     dropped = [d for d in dims if x.shape[d] == 1]
     return None if x.hdim in dropped else x.hdim - sum(d < x.hdim for d in dropped)
 
