@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastdec.bench import goals_table, header_lines, pipeline_lines, read_result, summary_table
+from fastdec.bench import read_result, render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -41,13 +41,9 @@ def latest_result(directory: Path = RESULTS) -> Path:
 
 
 def render(result: dict, source: str) -> str:
-    """The README section: card, date, versions and command; one line per decoder/size/batch; goals."""
-    lines = [
-        *header_lines(result), "", *summary_table(result), "", *goals_table(result), *pipeline_lines(result), "",
-        f"Rendered by `python bench/make_readme_table.py` from `{source}` (every row with its spread: the bench.md "
-        "beside it).",
-    ]
-    return "\n".join(lines) + "\n"
+    """The README section: bench.md without its full table (the card, the summary, goals), and where it is from."""
+    return (render_markdown(result, full=False) + f"\nRendered by `python bench/make_readme_table.py` from `{source}` "
+            "(every row with its spread: the bench.md beside it).\n")
 
 
 def rewrite_section(readme: str, section: str) -> str:
