@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -260,8 +259,7 @@ def launch_key(launch: Launch, arch: int) -> str:
     return repr((arch, launch.kernel.__name__, signature, constexprs, attrs, options))
 
 
-def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] = lambda line: None,
-                compile_: bool = True) -> dict:
+def compile_all(archs: list[int], quick: bool, compile_: bool) -> dict:
     """Records every config's launches and compiles each distinct launch once per arch (this process must not run
     the interpreter). Returns {"results": [Result as dict], "configs": [{arch, case, tuned, results: [index]}]}.
     compile_=False: the plans only (each result's kernel, case, params and key; nothing compiled)."""
@@ -285,7 +283,8 @@ def compile_all(archs: list[int], quick: bool, progress: Callable[[str], None] =
                     index[key] = len(results)
                     results.append(compile_launch(launch, arch, result) if compile_ else result)
                     status = f"{result.seconds:.1f}s" if result.ok else "FAILED"
-                    progress(f"[{len(results)}] {result.kernel} sm_{arch} {config.case}: {status}")
+                    print(f"[{len(results)}] {result.kernel} sm_{arch} {config.case}: {status}", file=sys.stderr,
+                          flush=True)
                 used.append(index[key])
             configs.append({"arch": arch, "op": op, "case": config.case, "tuned": config.tuned, "results": used})
     return {"results": [dataclasses.asdict(r) for r in results], "configs": configs}
@@ -307,9 +306,7 @@ def check(archs: list[int], quick: bool, *, progress: bool = False, timeout: flo
         if done.returncode != 0:
             raise RuntimeError(f"compile_check: the compiling process failed ({done.returncode}):\n"
                                f"{done.stdout[-5000:]}")
-        report = json.loads(report_file.read_text())
-    report["results"] = [Result(**r) for r in report["results"]]
-    return report
+        return read_saved(report_file)
 
 
 def problems(report: dict, max_spill: int) -> list[str]:
@@ -374,7 +371,7 @@ def save(report: dict, found: list[str], args: argparse.Namespace) -> None:
 
 
 def read_saved(path: Path) -> dict:
-    """A report saved with --save, its results as Result objects (for problems())."""
+    """A report file (the compiling process's, or one saved with --save), its results as Result objects."""
     data = json.loads(path.read_text())
     data["results"] = [Result(**r) for r in data["results"]]
     return data
@@ -400,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        report = compile_all(args.arch, args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                             compile_=not args.plans_only)
+        report = compile_all(args.arch, args.quick, compile_=not args.plans_only)
         args.child.write_text(json.dumps(report))
         return 0
     reason = unavailable_reason()
