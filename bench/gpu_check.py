@@ -28,6 +28,7 @@ import torch
 
 import fastdec
 from fastdec import ops
+from fastdec.bench.environment import nvidia_driver
 from fastdec.kernels.support.cases import compiled_peer
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 
@@ -168,18 +169,8 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info |= {"sm_count": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
-                 "driver": _driver_version()}
+                 "driver": nvidia_driver()}
     return info
-
-
-def _driver_version() -> str | None:
-    try:
-        import subprocess
-
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def markdown(report: dict) -> str:

@@ -31,7 +31,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         info.update(name=properties.name, capability=f"{properties.major}.{properties.minor}",
-                    memory_bytes=properties.total_memory, driver=_nvidia_driver(), cuda=torch.version.cuda,
+                    memory_bytes=properties.total_memory, driver=nvidia_driver(), cuda=torch.version.cuda,
                     cudnn_benchmark=torch.backends.cudnn.benchmark)
     else:
         info.update(name=info["cpu"], driver=None, cuda=None)
@@ -46,7 +46,7 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def _nvidia_driver() -> str | None:
+def nvidia_driver() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=10, check=True)
