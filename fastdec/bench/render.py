@@ -25,10 +25,6 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / MIB:.1f}"
 
 
-def _error(row: dict, digits: int) -> str:
-    return "n/a" if row["max_abs_error"] is None else f"{row['max_abs_error']:.{digits}e}"
-
-
 def _psnr(row: dict) -> str:
     if row["status"] != "ok" or row["finite"] is None:
         return "n/a"
@@ -102,16 +98,21 @@ def image_label(row: dict) -> str:
     return f"{side}²" if height == side else f"{height}x{side}"
 
 
+def _measured_cells(row: dict, error_digits: int) -> list[str]:
+    error = "n/a" if row["max_abs_error"] is None else f"{row['max_abs_error']:.{error_digits}e}"
+    return [format_ms(row["median_ms"]), format_ms(row["iqr_ms"]),
+            "–" if row["compile_s"] is None else f"{row['compile_s']:.1f}", _mib(row["peak_memory_bytes"]), error,
+            _psnr(row), _speedup(row)]
+
+
 def full_table(result: dict) -> list[str]:
     head = ["decoder", "image", "batch", "variant", "backend", "median ms", "IQR ms", "min–max ms", "compile s",
             "peak MiB", "max abs err", "PSNR dB", "vs diffusers", "goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
         if row["status"] == "ok":
-            cells = [format_ms(row["median_ms"]), format_ms(row["iqr_ms"]),
-                     f"{format_ms(row['min_ms'])}–{format_ms(row['max_ms'])}",
-                     "–" if row["compile_s"] is None else f"{row['compile_s']:.1f}", _mib(row["peak_memory_bytes"]),
-                     _error(row, 2), _psnr(row), _speedup(row)]
+            cells = _measured_cells(row, 2)
+            cells.insert(2, f"{format_ms(row['min_ms'])}–{format_ms(row['max_ms'])}")
         else:
             cells = [f"{row['status']}: {row['reason']}", *["–"] * 7]
         lines.append("| " + " | ".join([row["decoder"], image_label(row), str(row["batch"]), row["label"],
@@ -179,11 +180,9 @@ def print_rich(result: dict) -> None:
         table.add_column(column, justify="right" if column not in ("decoder", "variant", "goal") else "left")
     for row in result["rows"]:
         if row["status"] == "ok":
-            cells = [format_ms(row["median_ms"]), format_ms(row["iqr_ms"]),
-                     "–" if row["compile_s"] is None else f"{row['compile_s']:.1f}", _mib(row["peak_memory_bytes"]),
-                     _error(row, 1), _psnr(row), _speedup(row)]
+            cells = _measured_cells(row, 1)
         else:
-            cells = [f"{row['status']}", "", "", "", "", "", ""]
+            cells = [row["status"], *[""] * 6]
         table.add_row(row["decoder"], str(row["resolution"]), str(row["batch"]), row["label"], *cells,
                       goal_for_row(row, result["goals"]))
     console.print(table)
