@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -59,14 +59,10 @@ class Settings:
     height: int | None = None  # image height when it differs from the side (--height): H x side images
 
     def to_json(self) -> dict:
-        return {
-            "decoders": list(self.decoders), "resolutions": list(self.resolutions), "batches": list(self.batches),
-            "dtype": dtype_name(self.dtype), "device": str(self.device), "repeats": self.repeats,
-            "warmup": self.warmup, "compile": self.compile, "compile_backend": self.compile_backend,
-            "weights": self.weights or "random", "pipeline_share": self.pipeline_share,
-            "unet_config": self.unet_config if self.pipeline_share else None, "seed": self.seed, "quick": self.quick,
-            "threads": self.threads, "reference_variant": self.reference_variant, "height": self.height,
-        }
+        """Every field in order, the ones JSON cannot hold as they are (tuples, dtype, device) written out."""
+        return {**asdict(self), "decoders": list(self.decoders), "resolutions": list(self.resolutions),
+                "batches": list(self.batches), "dtype": dtype_name(self.dtype), "device": str(self.device),
+                "weights": self.weights or "random", "unet_config": self.unet_config if self.pipeline_share else None}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
