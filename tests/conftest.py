@@ -46,6 +46,17 @@ def offline(tmp_path, monkeypatch) -> Path:
     api._cached_decoder.cache_clear()
 
 
+@pytest.fixture
+def pipe(pipeline):
+    """The module's ``pipeline`` fixture with its own VAE back in place, unswapped, after each test."""
+    from fastdec.diffusers import unswap_vae
+
+    original = pipeline.vae
+    yield pipeline
+    pipeline.vae = original
+    unswap_vae(pipeline)
+
+
 @pytest.fixture(scope="module")
 def batch_dataset(tmp_path_factory) -> tuple[Path, Path]:
     """(folder of 40 small latent files and 3 bad ones, tiny saved TAESD decoder): helpers.make_latent_dataset."""

@@ -105,6 +105,34 @@ def compile_fullgraph(module, *args) -> tuple[torch.Tensor, torch.Tensor]:
         return compiled(*args), module(*args)
 
 
+@torch.no_grad()
+def jitter(module: torch.nn.Module, picked=lambda name: "norm" in name, scale: float = 0.3) -> torch.nn.Module:
+    """Adds ``scale`` * randn_like noise (global RNG, in named_parameters order) to the parameters whose name is
+    ``picked``: non-trivial norm affines, which diffusers initialises to 1 and 0. Returns ``module``."""
+    for name, param in module.named_parameters():
+        if picked(name):
+            param.add_(torch.randn_like(param) * scale)
+    return module
+
+
+def edit_weights(folder, edit, file: str = "diffusion_pytorch_model.safetensors") -> None:
+    """Loads ``folder / file``'s state dict, lets ``edit`` change it in place and saves it back."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / file
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+def edit_config(folder, change: dict) -> None:
+    """Rewrites ``folder``'s config.json with the entries of ``change`` added or replaced."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    (Path(folder) / "config.json").write_text(json.dumps({**config, **change}))
+
+
 def make_latent_dataset(root, files: int = 40, side: int = 6) -> tuple:
     """A tiny batch-decoding dataset under ``root``: (folder of ``files`` latent files, saved tiny TAESD decoder).
     Files alternate .safetensors/.pt/.npy and hold one latent (C, h, w) or a batch of 2 or 3; three latent sizes, mixed;

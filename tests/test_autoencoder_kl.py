@@ -3,20 +3,21 @@ references inside the model, the upsampler folding, strict loading, decode(), to
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from helpers import (
     LiveTensors,
     compile_fullgraph,
+    edit_config,
+    edit_weights,
     fused_on_cpu,
     fused_vs_reference_error,
+    jitter,
     needs_interpreter,
     relative_error,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tolerances import DECODER_FP32_REL, DECODER_LOW_PRECISION_VS_DIFFUSERS
 from torch import nn
 
@@ -45,11 +46,7 @@ def diffusers_vae(block_out_channels, layers_per_block=1, seed=0, **config) -> A
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         use_quant_conv=config.get("use_post_quant_conv", True), **config,
     ).eval()
-    with torch.no_grad():
-        for name, param in vae.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.3)
-    return vae
+    return jitter(vae)
 
 
 def expected_launches(model: nn.Module) -> dict[str, int]:
@@ -117,13 +114,6 @@ def vae_folder(tmp_path):
     return tmp_path, vae
 
 
-def edit_weights(folder, edit):
-    path = folder / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(path))
-    edit(state)
-    save_file(state, str(path))
-
-
 def test_folder_loads_and_drops_only_the_encoder(vae_folder):
     folder, vae = vae_folder
     state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
@@ -184,8 +174,7 @@ def test_strict_loading_names_the_bad_key(vae_folder, edit, named_key):
 )
 def test_unsupported_configs_are_refused(vae_folder, change, message):
     folder, _ = vae_folder
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    edit_config(folder, change)
     with pytest.raises(ValueError, match=message):
         AutoencoderKLDecoder.from_diffusers(folder)
 

@@ -137,13 +137,10 @@ def test_loads_from_folder_pipeline_folder_name_and_hub_id(offline, tmp_path, mo
 
 
 def test_strict_loading_names_the_bad_key(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from helpers import edit_weights
 
     diffusers_dc(**CONFIGS["f32c32"]).save_pretrained(tmp_path, safe_serialization=True)
-    path = tmp_path / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(path))
-    state.pop("decoder.norm_out.bias")
-    save_file(state, str(path))
+    edit_weights(tmp_path, lambda state: state.pop("decoder.norm_out.bias"))
     with pytest.raises(ValueError, match="decoder\\.norm_out\\.bias"):
         DCAEDecoder.from_diffusers(tmp_path)
 

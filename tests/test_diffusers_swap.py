@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+from helpers import jitter
 from PIL import Image
 from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING, UPCAST_FROM_FP16_REL
 
@@ -30,12 +31,7 @@ TINY_VAE = dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block
 
 def tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**{**TINY_VAE, **config}).eval()
-    with torch.no_grad():  # non-trivial norm affines (diffusers initialises them to 1 and 0)
-        for name, param in vae.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.3)
-    return vae
+    return jitter(AutoencoderKL(**{**TINY_VAE, **config}).eval())  # non-trivial norm affines
 
 
 def tiny_taesd(latent_channels: int = 4, seed: int = 0) -> TAESDDecoder:
@@ -49,7 +45,7 @@ def latents(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def dit_pipeline() -> DiTPipeline:
+def pipeline() -> DiTPipeline:
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
@@ -58,15 +54,6 @@ def dit_pipeline() -> DiTPipeline:
     pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture
-def pipe(dit_pipeline):
-    """The module's pipeline with its own VAE back in place, unswapped, after each test."""
-    original = dit_pipeline.vae
-    yield dit_pipeline
-    dit_pipeline.vae = original
-    unswap_vae(dit_pipeline)
 
 
 def generate(pipe, output_type: str):

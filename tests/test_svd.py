@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
-from helpers import compile_fullgraph, fused_vs_reference_error, needs_interpreter, relative_error
-from safetensors.torch import load_file, save_file
+from helpers import compile_fullgraph, edit_weights, fused_vs_reference_error, jitter, needs_interpreter, relative_error
+from safetensors.torch import load_file
 from tolerances import DECODER_FP32_REL
 from torch import nn
 
@@ -31,11 +31,7 @@ def diffusers_svd_vae(seed: int = 0, **config) -> AutoencoderKLTemporalDecoder:
     config = {**TINY, **config}
     levels = len(config["block_out_channels"])
     vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * levels, **config).eval()
-    with torch.no_grad():
-        for name, param in vae.named_parameters():
-            if "norm" in name or "mix_factor" in name:  # diffusers initialises them to 1, 0 and 0
-                param.add_(torch.randn_like(param) * 0.3)
-    return vae
+    return jitter(vae, lambda name: "norm" in name or "mix_factor" in name)  # diffusers initialises them to 1, 0 and 0
 
 
 def latents(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -177,10 +173,7 @@ def test_loads_from_a_hub_id(offline, vae, vae_folder, monkeypatch):
     ids=["missing", "missing_mix_factor", "unexpected"],
 )
 def test_strict_loading_names_the_bad_key(vae_folder, edit, named_key):
-    path = vae_folder / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(path))
-    edit(state)
-    save_file(state, str(path))
+    edit_weights(vae_folder, edit)
     with pytest.raises(ValueError, match=named_key.replace(".", r"\.")):
         fastdec.load(vae_folder)
 

@@ -11,8 +11,7 @@ import types
 import pytest
 import torch
 from diffusers.models.unets.unet_3d_blocks import MidBlockTemporalDecoder
-from helpers import compile_fullgraph, fused_vs_reference_error, needs_interpreter, relative_error
-from safetensors.torch import load_file, save_file
+from helpers import compile_fullgraph, edit_weights, fused_vs_reference_error, jitter, needs_interpreter, relative_error
 from tolerances import DECODER_FP32_REL
 from torch import nn
 
@@ -63,9 +62,7 @@ def test_mid_block_loads_diffusers_weights_and_matches():
     model = tiny()
     torch.manual_seed(1)
     block = MidBlockTemporalDecoder(64, 64, attention_head_dim=32, num_layers=2).eval()
-    with torch.no_grad():
-        for param in block.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
+    jitter(block, lambda name: True, scale=0.2)
     load_state_dict_strict(model.mid_block, block.state_dict(), "diffusers MidBlockTemporalDecoder")
     x = latents(6, 64, 5, 4, seed=2)
     with torch.no_grad():
@@ -116,9 +113,7 @@ def test_save_and_load_round_trip_is_strict(tmp_path):
     z = latents(1, 4, 2, 4, 4)
     with torch.no_grad():
         assert torch.equal(loaded(z), model(z))
-    state = load_file(str(tmp_path / "model.safetensors"))
-    state.pop("mid_block.resnets.1.time_mixer.mix_factor")
-    save_file(state, str(tmp_path / "model.safetensors"))
+    edit_weights(tmp_path, lambda state: state.pop("mid_block.resnets.1.time_mixer.mix_factor"), "model.safetensors")
     with pytest.raises(ValueError, match=r"missing keys \(1\): mid_block\.resnets\.1\.time_mixer\.mix_factor"):
         fastdec.load(tmp_path)
 

@@ -6,12 +6,11 @@ through triton's interpreter; tests that need that skip otherwise.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import compile_fullgraph, needs_interpreter, relative_error
+from helpers import compile_fullgraph, edit_config, needs_interpreter, relative_error
 from tolerances import DECODER_FP32_REL, RECONSTRUCTION_PSNR_DB
 
 import fastdec.kernels.group_norm_act as group_norm_act_kernels
@@ -265,8 +264,7 @@ def test_diffusers_key_map_is_strict(tmp_path):
         TAESDDecoder.from_diffusers(type(vae)(upsample_fn="bilinear"), "taesd")
     with pytest.raises(ValueError, match=r"one block width .* widths \[64, 32, 64, 64\]"):
         TAESDEncoder.from_diffusers(type(vae)(encoder_block_out_channels=(64, 32, 64, 64)), "taesd")
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    edit_config(tmp_path, {"scaling_factor": 0.5})
     save_file(state, str(weights))
     with pytest.raises(ValueError, match=r"scaling_factor, shift_factor\) = \(0.5, 0.0\)"):
         TAESDDecoder.from_diffusers(tmp_path, "taesd")

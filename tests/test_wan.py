@@ -6,14 +6,13 @@ instances, folders and Hub ids; the latent convention; bad input."""
 from __future__ import annotations
 
 import functools
-import json
 import weakref
 
 import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
-from helpers import compile_fullgraph, fused_on_cpu, relative_error
-from safetensors.torch import load_file, save_file
+from helpers import compile_fullgraph, edit_config, edit_weights, fused_on_cpu, jitter, relative_error
+from safetensors.torch import load_file
 from tolerances import DECODER_FP32_REL
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,12 +31,7 @@ CHUNK_REL = 1e-5
 def tiny_vae(cls=AutoencoderKLWan, seed: int = 0, **config):
     """A diffusers Wan-design VAE with random weights; the norms' gamma moved off 1 (diffusers inits it to 1)."""
     torch.manual_seed(seed)
-    vae = cls(**{**TINY, **config}).eval()
-    with torch.no_grad():
-        for name, param in vae.named_parameters():
-            if name.endswith("gamma"):
-                param.add_(torch.randn_like(param) * 0.3)
-    return vae
+    return jitter(cls(**{**TINY, **config}).eval(), lambda name: name.endswith("gamma"))
 
 
 def latents(frames: int, height: int = 3, width: int = 5, batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -201,10 +195,7 @@ def test_save_and_load_round_trip(tmp_path):
 )
 def test_strict_loading_names_the_bad_key(vae_folder, edit, named_key):
     folder, _ = vae_folder
-    path = folder / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(path))
-    edit(state)
-    save_file(state, str(path))
+    edit_weights(folder, edit)
     with pytest.raises(ValueError, match=named_key.replace(".", r"\.")):
         fastdec.load(folder)
 
@@ -219,8 +210,7 @@ def test_strict_loading_names_the_bad_key(vae_folder, edit, named_key):
 )
 def test_unsupported_configs_are_refused(vae_folder, change, message):
     folder, _ = vae_folder
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    edit_config(folder, change)
     with pytest.raises(ValueError, match=message):
         WanDecoder.from_diffusers(folder)
 
