@@ -12,7 +12,6 @@ the one with the newest "date". The section in README.md starts and ends with a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,11 +27,10 @@ def latest_result(directory: Path = RESULTS) -> Path:
     dated = []
     for path in sorted({*directory.glob("*.json"), *directory.glob("*/bench.json")}):
         try:
-            result = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            result = read_result(path)
+        except ValueError:  # not JSON, or not a fastdec bench result (pytest-benchmark runs)
             continue
-        if isinstance(result, dict) and result.get("kind") == "fastdec-bench":
-            dated.append((result.get("date", ""), path.stat().st_mtime, path))
+        dated.append((result.get("date", ""), path.stat().st_mtime, path))
     if not dated:
         raise ValueError(
             f"no fastdec bench result in {directory}: run `fastdec bench --out {directory}/<card>-<date>` first"
