@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from fastdec.bench.settings import DTYPES, dtype_name
+from fastdec.bench.timing import call_peak_memory
 from fastdec.machine import device_name
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (results go to bench/results, TAEF2 is in ../shared)
@@ -125,18 +126,13 @@ def worker(spec: dict) -> dict:
         warm = latents[..., :8, :8]  # first-call work (lazy init, folded-kernel caches) is not the decode's
         (vae.decode(warm / scale) if spec["mode"].startswith("diffusers") else decoder.decode(warm))
         if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            image, peak = call_peak_memory(decode, device)
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
             before = _rss_bytes("VmRSS")
-        start = time.perf_counter()
-        image = decode()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        else:
+            start = time.perf_counter()
+            image = decode()
             peak = _rss_bytes("VmHWM") - before
         result["seconds"] = time.perf_counter() - start
     result["peak_bytes"] = peak
