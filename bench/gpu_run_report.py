@@ -11,8 +11,8 @@ Exit status 1 when a step failed or timed out, a test failed or a gpu_check row 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import runpy
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -20,13 +20,6 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parent
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_steps(out: Path) -> list[dict]:
@@ -64,7 +57,7 @@ def read_reports(out: Path) -> dict:
 
 
 def build(out: Path, smoke: bool) -> tuple[dict, str]:
-    gpu_check = _gpu_check()
+    environment = runpy.run_path(str(BENCH / "gpu_check.py"))["environment"]  # the environment gpu_check reports
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     steps, tests, reports = read_steps(out), read_tests(out), read_reports(out)
     table = out / "attention_table.py"
@@ -75,7 +68,7 @@ def build(out: Path, smoke: bool) -> tuple[dict, str]:
     problems += [f"gpu_check: {r['op']} {r['shape']} {r['dtype']} error {r['rel_error']:.2e} > {r['error_limit']}"
                  for r in rows if not r["correct"]]
     problems += [f"gpu_check: {error}" for error in reports.get("gpu_check", ({}, ""))[0].get("errors", [])]
-    report = {"environment": gpu_check.environment(device), "smoke": smoke, "steps": steps, "tests": tests,
+    report = {"environment": environment(device), "smoke": smoke, "steps": steps, "tests": tests,
               "reports": {name: data for name, (data, _) in reports.items()}, "problems": problems,
               "attention_table": table.read_text() if table.exists() else None}
     env = report["environment"]
