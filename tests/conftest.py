@@ -47,6 +47,14 @@ def offline(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def decoder_dir(tmp_path) -> Path:
+    """A saved TAESD decoder with two stages (x2 upsampling): cheap to run."""
+    from helpers import save_tiny_taesd
+
+    return save_tiny_taesd(tmp_path / "decoder")
+
+
+@pytest.fixture
 def pipe(pipeline):
     """The module's ``pipeline`` fixture with its own VAE back in place, unswapped, after each test."""
     from fastdec.diffusers import unswap_vae

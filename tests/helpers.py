@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdec import ops
+from fastdec.models.taesd import TAESDDecoder
 
 INTERPRETER_HINT = "on CPU set FASTDEC_TRITON_INTERPRET=1 TRITON_INTERPRET=1"
 
@@ -133,6 +134,17 @@ def edit_config(folder, change: dict) -> None:
     (Path(folder) / "config.json").write_text(json.dumps({**config, **change}))
 
 
+def latents(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def save_tiny_taesd(folder, seed: int = 0) -> Path:
+    """Saves to ``folder`` (returned) a TAESD decoder with two stages (x2 upsampling, cheap to run), seeded ``seed``."""
+    torch.manual_seed(seed)
+    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(folder)
+    return Path(folder)
+
+
 def make_latent_dataset(root, files: int = 40, side: int = 6) -> tuple:
     """A tiny batch-decoding dataset under ``root``: (folder of ``files`` latent files, saved tiny TAESD decoder).
     Files alternate .safetensors/.pt/.npy and hold one latent (C, h, w) or a batch of 2 or 3; three latent sizes, mixed;
@@ -143,13 +155,9 @@ def make_latent_dataset(root, files: int = 40, side: int = 6) -> tuple:
     import numpy as np
     from safetensors.torch import save_file
 
-    from fastdec.models.taesd import TAESDDecoder
-
     root = Path(root)
     generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    decoder = root / "decoder"
-    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(decoder)
+    decoder = save_tiny_taesd(root / "decoder")
     folder = root / "latents"
     folder.mkdir()
     for index in range(files):

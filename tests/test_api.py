@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
+from helpers import latents
 from PIL import Image
 from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING
 
@@ -55,10 +56,6 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key].float(), state_b[key].float()), key
-
-
-def latents(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 # --- load: modules ----------------------------------------------------------------------------------------------------

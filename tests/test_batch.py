@@ -20,12 +20,12 @@ from helpers import BATCH_ITEMS as ITEMS
 from helpers import batch_failures as failures
 from helpers import batch_images as images
 from helpers import batch_manifest as manifest
+from helpers import save_tiny_taesd
 from PIL import Image
 
 from fastdec.batch import decode_dataset, write_parquet
 from fastdec.batch.reader import read_latents
 from fastdec.cli import main
-from fastdec.models.taesd import TAESDDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 def test_outputs_are_the_bytes_of_fastdec_decode_of_each_file(batch_dataset, batch_local_run, tmp_path):
@@ -182,8 +182,7 @@ def test_errors_say_what_to_do(batch_dataset, batch_local_run, tmp_path, capsys)
         assert main(["batch", str(folder), str(tmp_path / "o"), "--decoder", str(decoder), *extra]) == 2
         assert message in capsys.readouterr().err
     other = tmp_path / "other-decoder"  # the same architecture, other weights
-    torch.manual_seed(123)
-    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(other)
+    save_tiny_taesd(other, seed=123)
     assert main(["batch", str(folder), str(batch_local_run), "--decoder", str(other), "--quiet"]) == 2
     assert "another decoder or other output settings" in capsys.readouterr().err
     assert main(["batch", str(folder / "sample000.safetensors"), str(tmp_path / "o"), "--decoder", "x"]) == 2
@@ -251,8 +250,7 @@ def test_resume_knows_the_decoder_by_its_content_not_its_name(batch_dataset, bat
     shutil.copytree(decoder, copy)
     assert main(["batch", str(folder), str(job), "--decoder", str(copy), "--quiet"]) == 1
     assert f"0 done, {ITEMS} skipped" in capsys.readouterr().out
-    torch.manual_seed(7)
-    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(copy)  # same name, other weights
+    save_tiny_taesd(copy, seed=7)  # same name, other weights
     assert main(["batch", str(folder), str(job), "--decoder", str(copy), "--quiet"]) == 2
     assert "another decoder or other output settings" in capsys.readouterr().err
     assert main(["batch", str(folder), str(job), "--decoder", decoder.name, "--fps", "8", "--quiet"]) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import latents as batch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -21,18 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py: no network, empty caches
-
-
-@pytest.fixture
-def decoder_dir(tmp_path) -> Path:
-    """A saved TAESD decoder with two stages (x2 upsampling): cheap to run."""
-    torch.manual_seed(0)
-    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(tmp_path / "decoder")
-    return tmp_path / "decoder"
-
-
-def batch(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
 def pngs(directory: Path) -> list[str]:

@@ -18,7 +18,6 @@ import fastdec
 from fastdec import ops
 from fastdec.api import RandomWeightsWarning
 from fastdec.cli import main
-from fastdec.models.taesd import TAESDDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,13 +66,6 @@ def decode_error(args: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("fastdec decode: error: ")
     return err
-
-
-@pytest.fixture
-def decoder_dir(tmp_path) -> Path:
-    torch.manual_seed(0)
-    TAESDDecoder("taesd", blocks=(1, 1)).save_pretrained(tmp_path / "decoder")
-    return tmp_path / "decoder"
 
 
 def test_decode_messages_name_the_problem_in_cli_words(tmp_path, decoder_dir, capsys):

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
-from helpers import jitter
+from helpers import jitter, latents
 from PIL import Image
 from tolerances import DECODER_FP32_REL, OUTPUT_ROUNDING, UPCAST_FROM_FP16_REL
 
@@ -38,10 +38,6 @@ def tiny_taesd(latent_channels: int = 4, seed: int = 0) -> TAESDDecoder:
     torch.manual_seed(seed)
     variant = {4: "taesd", 16: "taef1"}[latent_channels]
     return TAESDDecoder(variant, blocks=(1, 1)).eval()
-
-
-def latents(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
