@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import pprint
+import runpy
 import sys
 from pathlib import Path
 
@@ -68,9 +69,7 @@ def render(table: dict) -> str:
 
 
 def read_table(path: Path) -> dict:
-    scope: dict = {}
-    exec(compile(path.read_text(), str(path), "exec"), scope)  # the file this script writes: data only
-    return scope["TABLE"]
+    return runpy.run_path(str(path))["TABLE"]  # the file this script writes: data only
 
 
 def main(argv: list[str] | None = None) -> int:
