@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastdec.bench.decoders import ENTRIES, GPU_GOALS, LIGHTWEIGHT
+from fastdec.bench.decoders import GPU_GOALS, LIGHTWEIGHT
 from fastdec.bench.spec import GIB
 
 LIGHTWEIGHT_SPEEDUP_GOAL = 25.0
@@ -99,7 +99,7 @@ def evaluate_goals(rows: list[dict], device: str, dtype: str, busy: bool = False
                 "decoder": None, "variant": "fastdec", "resolution": None, "batch": None, "limit": 1.0,
                 "metric": "ratio_vs_diffusers", "baseline": "diffusers eager, same run, interleaved", "value": None}
     compared = [r for r in rows if r["variant"] == "fastdec" and r["ratio_vs_diffusers"] is not None
-                and not _other_model(r)]
+                and r.get("comparison", "same model") == "same model"]  # not taew2_1 vs AutoencoderKLWan
     if device != "cpu":
         cpu_goal.update(status="not measured here", why=f"a CPU goal; this run: {device}")
     elif any("interpreter" in r["backend"] for r in compared):
@@ -128,12 +128,6 @@ def evaluate_goals(rows: list[dict], device: str, dtype: str, busy: bool = False
                                                        f"{' or the machine was busy' if busy else ''}; {RERUN}")
     goals.append(cpu_goal)
     return goals
-
-
-def _other_model(row: dict) -> bool:
-    """The row's diffusers baseline is another model (taew2_1 vs AutoencoderKLWan), not the same architecture."""
-    entry = ENTRIES.get(row["decoder"])
-    return entry is not None and entry.twin_is_other_model
 
 
 def goal_for_row(row: dict, goals: list[dict]) -> str:
