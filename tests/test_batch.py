@@ -267,8 +267,10 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(batch_dataset, tmp_pa
     latents = tmp_path / "latents"
     latents.mkdir()
     g = torch.Generator().manual_seed(0)
-    for index in range(60):  # 512x512 PNGs: slow enough to be interrupted mid-job
-        torch.save(torch.randn(4, 64, 64, generator=g), latents / f"z{index:03d}.pt")
+    # 768x768 PNGs: slow enough that the job is still running when the signal comes, even on a loaded machine (at
+    # 512x512 the last 58 took about 3 s, and a test process descheduled that long saw the job finish: exit 0)
+    for index in range(60):
+        torch.save(torch.randn(4, 96, 96, generator=g), latents / f"z{index:03d}.pt")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "fastdec.cli", "batch", str(latents), str(out), "--decoder", str(decoder),
                "--batch-size", "1", "--workers", "1", "--device", "cpu", "--quiet"]
