@@ -130,7 +130,7 @@ class Result:
     wgmma: int | None = None  # wgmma.mma_async instructions in the PTX (sm_90)
     mma_sync: int | None = None
     seconds: float = 0.0
-    key: str = ""  # launch_key(): what identifies the compile (a committed report is checked against the plans)
+    key: str = ""  # what identifies the compile (compile_all) (a committed report is checked against the plans)
 
     @property
     def spill(self) -> int:
@@ -253,12 +253,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def launch_key(launch: Launch, arch: int) -> str:
-    """What one compile is: the kernel, its specialized signature, constexprs, attributes and options, the arch."""
-    signature, constexprs, attrs, options = compile_job(launch)
-    return repr((arch, launch.kernel.__name__, signature, constexprs, attrs, options))
-
-
 def compile_all(archs: list[int], quick: bool, compile_: bool) -> dict:
     """Records every config's launches and compiles each distinct launch once per arch (this process must not run
     the interpreter). Returns {"results": [Result as dict], "configs": [{arch, case, tuned, results: [index]}]}.
@@ -276,10 +270,10 @@ def compile_all(archs: list[int], quick: bool, compile_: bool) -> dict:
         for config in configs_of(arch):
             used = []
             for launch in config.launches:
-                key = launch_key(launch, arch)
+                job = compile_job(launch)  # signature, constexprs, attrs, options: with the arch, what one compile is
+                key = repr((arch, launch.kernel.__name__, *job))
                 if key not in index:
-                    options = compile_job(launch)[3]
-                    result = Result(launch.kernel.__name__, arch, config.case, _params_label(launch, options), key=key)
+                    result = Result(launch.kernel.__name__, arch, config.case, _params_label(launch, job[3]), key=key)
                     index[key] = len(results)
                     results.append(compile_launch(launch, arch, result) if compile_ else result)
                     status = f"{result.seconds:.1f}s" if result.ok else "FAILED"
