@@ -24,7 +24,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def call_peak_memory(fn: Callable[[], Tensor], device: torch.device) -> tuple[Tensor, int]:
-    """(fn()'s output, peak extra bytes during the call); see the module docstring for what is counted."""
+    """(fn()'s output, peak extra bytes during the call); fastdec.bench's docstring says what is counted."""
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -154,7 +154,6 @@ def fused_backend(device: torch.device, short: bool = False) -> str:
     pixel_shuffle = table["pixel_shuffle"][device.type]
     shuffle = pixel_shuffle.split(" (")[0] if not pixel_shuffle.startswith("eager") else "eager-reference"
     return f"{triton_ops}, {shuffle} pixel_shuffle"
-
 
 
 def variant_label(variant: str, device: torch.device) -> str:
