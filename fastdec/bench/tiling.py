@@ -67,11 +67,11 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _sd_vae(width_divisor: int = 1, seed: int = 0):
+def _sd_vae(width_divisor: int):
     """The SD 1.x VAE architecture (stabilityai/sd-vae-ft-mse's config), its widths divided by ``width_divisor``."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=tuple(w // width_divisor for w in (128, 256, 512, 512)),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
