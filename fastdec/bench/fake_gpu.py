@@ -21,8 +21,6 @@ from fastdec.kernels.support.cases import DTYPES
 from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton
 from fastdec.models import layers
 
-TRITON_OP_MODULES = tuple(ops.OP_MODULES[name] for name in ops.TRITON_OPS)
-
 
 @dataclasses.dataclass(frozen=True)
 class Gpu:
@@ -143,9 +141,9 @@ def decode_launches(entry, size, dtype: str, channels_last: bool, arch: int,
     the models call the launchers (the op registry would run its fake kernels), tiled tiling's op rules do."""
     launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
-        for module in TRITON_OP_MODULES:
+        for op in ops.TRITON_OPS:
+            module = ops.OP_MODULES[op]
             _recording(stack, module, launches)
-            op = module.__name__.rpartition(".")[2]
             if tile is None:
                 stack.enter_context(mock.patch.object(ops, op, getattr(module, f"{op}_triton")))
         stack.enter_context(mock.patch.object(dispatch, "triton_on_cuda", lambda: True))  # also in the test suite
