@@ -50,7 +50,7 @@ def nvidia_driver() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=10, check=True)
-        return result.stdout.strip().splitlines()[0]
+        return next(iter(result.stdout.split()), None)  # the first GPU's; None when nvidia-smi prints nothing
     return None
 
 
