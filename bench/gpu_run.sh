@@ -24,8 +24,9 @@
 # Every step runs under a time limit within --budget (default 540 s, so that a 10-minute device command holds it
 # with install and report); a step that fails or runs out of time is recorded and the next one still runs. The whole
 # check does not fit one such call: on an H200 (2026-12-04, bench/results/2026-12-04-gpu-run-h200-call5-7/) each
-# SD-VAE and FLUX.2 step took 84-92 s before the prewarm, torch.compile 38-47 s of it. --only runs just the named steps: a
-# second call on the still-warm machine (install and build stay done) takes those the first ran out of time for.
+# SD-VAE and FLUX.2 step took 84-92 s before the prewarm, torch.compile 38-47 s of it. --only runs just the named
+# steps: a second call on the still-warm machine (install and build stay done) takes those the first ran out of time
+# for.
 # --smoke runs the same steps on the CPU at tiny sizes (no install, no build): CI runs it (tests/test_gpu_run.py) so
 # the script never rots.
 set -uo pipefail
