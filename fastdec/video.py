@@ -17,17 +17,6 @@ from torch import Tensor
 from fastdec.pixels import to_uint8_hwc
 
 
-def _import_av():
-    try:
-        import av
-    except ImportError as error:
-        raise ImportError(
-            "fastdec.save_video writes mp4 through PyAV, which is not installed: pip install av "
-            "(or save the frames yourself: fastdec.decode(latents, output='uint8') gives (B, T, H, W, 3) uint8)"
-        ) from error
-    return av
-
-
 def to_uint8_frames(frames: Tensor) -> Tensor:
     """Frames (T, 3, H, W) float in [0, 1] or (T, H, W, 3) uint8 (a leading batch of 1 is allowed) -> (T, H, W, 3)
     uint8 on the CPU. Float values outside [0, 1] or NaN raise rather than being clipped."""
@@ -66,7 +55,13 @@ def save_video(
     ``fastdec.decode`` returns for one video), or an iterable of such chunks, written as they come. H and W must be
     even (H.264 4:2:0).
     """
-    av = _import_av()
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError(
+            "fastdec.save_video writes mp4 through PyAV, which is not installed: pip install av "
+            "(or save the frames yourself: fastdec.decode(latents, output='uint8') gives (B, T, H, W, 3) uint8)"
+        ) from error
     if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not fps > 0:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     rate = Fraction(fps).limit_denominator(1001)
