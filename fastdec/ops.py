@@ -6,8 +6,9 @@ layout, an autograd formula), and it declares:
 
 * ``<name>``: the Python entry, here as ``ops.<name>``, and ``<name>_reference``: the eager reference;
 * ``FUSED``: what runs the fused path: "triton" (the launcher is ``<name>_triton``) or "extension" (fastdec._C);
-* ``check_call(r)``: the call ``fastdec check`` makes; ``compile_cases(quick)`` for bench/compile_check.py (Triton
-  ops) and ``gpu_cases(device, dtype, smoke)`` with ``GPU_DTYPE`` for bench/gpu_check.py, when it has them.
+* ``check_call(r)``: the call ``fastdec check`` makes, ``r(*shape)`` a random tensor on the device checked;
+  ``compile_cases(quick)`` for bench/compile_check.py (Triton ops) and ``gpu_cases(device, dtype, smoke)`` with
+  ``GPU_DTYPE`` for bench/gpu_check.py, when it has them.
 
 So adding an op is its file plus its tests. Dispatch (kernels/support/dispatch.py): CUDA tensors run the fused
 kernel; CPU tensors run the C++ kernel or the eager reference, or with ``FASTDEC_TRITON_INTERPRET=1`` (plus

@@ -411,7 +411,6 @@ GPU_DTYPE = torch.bfloat16  # the dtype its speed goal is stated in
 
 
 def check_call(r) -> tuple:
-    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
     return r(1, 2, 33, 64), r(1, 2, 33, 64), r(1, 2, 33, 64), None
 
 

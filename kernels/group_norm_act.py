@@ -437,7 +437,6 @@ GPU_DTYPE = torch.float16  # the dtype its speed goal is stated in
 
 
 def check_call(r) -> tuple:
-    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
     return r(1, 96, 17, 9), 32, r(96), r(96), 1e-6, "silu"
 
 

@@ -333,7 +333,6 @@ GPU_DTYPE = torch.bfloat16  # the dtype its speed goal is stated in
 
 
 def check_call(r) -> tuple:
-    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
     return r(2, 12, 4 * 4 * 3), 4, 3, 4, r(48), "to_unit", None
 
 

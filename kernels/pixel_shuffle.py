@@ -108,7 +108,6 @@ GPU_DTYPE = torch.float16  # the dtype its speed goal is stated in
 
 
 def check_call(r) -> tuple:
-    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
     return r(1, 32, 9, 7), 2, 1
 
 

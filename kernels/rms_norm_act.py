@@ -305,7 +305,6 @@ GPU_DTYPE = torch.bfloat16  # the dtype Wan decodes in
 
 
 def check_call(r) -> tuple:
-    """``fastdec check``'s call; ``r(*shape)`` is a random tensor on the device checked."""
     return r(1, 96, 3, 17, 9), r(96), None, 1e-12 * 96**-0.5, "silu", "clamp"
 
 
