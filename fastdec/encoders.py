@@ -87,9 +87,8 @@ def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
         last = max(int(k.partition(".")[0]) for k in state if k.partition(".")[0].isdigit())
         variant = taesd_variant_of_encoder(path, state[f"{last}.weight"].shape[0])
         encoder = TAESDEncoder.from_pth(path, variant)
-        module = _TAESDEncode(encoder)
         description = f"TAESD encoder {variant} ({path.name})"
-        return _frozen(module, encoder.latent_channels, 8, description, device)
+        return _frozen(_TAESDEncode(encoder), encoder.latent_channels, 8, description, device)
     try:
         import diffusers
     except ImportError as error:
@@ -136,10 +135,7 @@ def _frozen(module: nn.Module, channels: int, downscale: int, description: str, 
     return FrozenEncoder(module, channels, downscale, description)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_encoder(source: str, device: str) -> FrozenEncoder:
-    return load_encoder(source, device)
-
+_cached_encoder = functools.lru_cache(maxsize=4)(load_encoder)  # called with the source and device as strings
 
 def encode(images, encoder: str | Path | nn.Module | FrozenEncoder, device: torch.device | str | None = None) -> Tensor:
     """Images -> diffusion latents (B, C, H/8, W/8), what ``fastdec.decode`` takes back.
