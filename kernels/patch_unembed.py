@@ -247,9 +247,7 @@ def patch_unembed_reference(
     """Eager reference: fp32 math, then a reshape/permute into a fresh contiguous image (differentiable)."""
     batch, channels, height, width = check_patch_unembed(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
     dtype = out_dtype or tokens.dtype
-    value = tokens.float()
-    if bias is not None:
-        value = value + bias.float()
+    value = tokens.float() if bias is None else tokens.float() + bias.float()
     if out == "to_unit":
         unit = (value + 1.0) / 2.0
         # torch.where, not clamp: clamp's derivative at the bounds varies across torch versions; here it is 0.5.
