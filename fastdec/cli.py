@@ -46,15 +46,6 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name!r} is not a device ({error}); use cpu, cuda or cuda:<index>") from error
-
-
 class _ProgressBar:
     """A one-line progress bar on stderr: ``bar(done, total)``."""
 
@@ -126,12 +117,11 @@ def _decode(args: argparse.Namespace) -> int:
     (B, C, T, h, w), to <stem>.mp4."""
     import fastdec
     from fastdec.api import default_decoder_name, default_dtype
+    from fastdec.batch.work import resolve_device
 
     try:
         latents = read_latents(Path(args.latents), args.key)
-        device = _device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        device = resolve_device(args.device)
         dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
         if latents.dim() == 5:
             for path in _decode_video(args, latents, device, dtype):
