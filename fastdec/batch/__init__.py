@@ -90,7 +90,6 @@ def decode_dataset(
     report = BatchReport(engine=engine, decoder=name, total=total)
     meter = Progress(total, enabled=progress)
     start = time.perf_counter()
-    interrupted = False
     try:
         if engine == "local":
             from fastdec.batch.local import run_local
@@ -110,11 +109,9 @@ def decode_dataset(
 
                     ray.shutdown()
     except KeyboardInterrupt:
-        interrupted = True
+        raise JobInterrupted(meter.done + meter.skipped, total) from None
     finally:
         writer.close()
-    if interrupted:
-        raise JobInterrupted(meter.done + meter.skipped, total) from None
     meter.finish()
     report.wall_seconds = time.perf_counter() - start
     report.first_output_seconds = None if meter.first_done_at is None else meter.first_done_at - start
