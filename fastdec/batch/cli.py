@@ -55,12 +55,10 @@ def run(args: argparse.Namespace) -> int:
     except JobInterrupted as interrupted:
         print(f"\nfastdec batch: {interrupted}", file=sys.stderr)
         return 130  # the shell's status for a SIGINT
-    except ImportError as error:
-        hint = " (the Ray engine needs: pip install 'fastdec[ray]')" if args.engine == "ray" else ""
+    except (ImportError, ValueError, TypeError, OSError) as error:
+        ray_missing = isinstance(error, ImportError) and args.engine == "ray"
+        hint = " (the Ray engine needs: pip install 'fastdec[ray]')" if ray_missing else ""
         print(f"fastdec batch: error: {error}{hint}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, OSError) as error:
-        print(f"fastdec batch: error: {error}", file=sys.stderr)
         return 2
     print(report.summary())
     if args.report:
