@@ -53,8 +53,7 @@ class Source:
 
     @classmethod
     def from_json(cls, text: str) -> Source:
-        path, row_group = json.loads(text)
-        return cls(path, row_group)
+        return cls(*json.loads(text))
 
     @property
     def name(self) -> str:
@@ -142,14 +141,10 @@ def count_items(source: Source) -> int | None:
             shape = tensors[0].shape if len(tensors) == 1 and isinstance(tensors[0], Tensor) else None
         else:  # .npz: no cheap header
             shape = read_latents(path, several=SEVERAL_ADVICE).shape
-        return None if shape is None else _items_in(list(shape))
+        # one image latent (C, h, w), or a batch: (B, C, h, w) images, (B, C, T, h, w) videos
+        return None if shape is None else 1 if len(shape) == IMAGE_NDIM else shape[0]
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read, not counted here
         return None
-
-
-def _items_in(shape: list[int]) -> int:
-    """A file holds one image latent (C, h, w), or a batch: (B, C, h, w) images, (B, C, T, h, w) videos."""
-    return 1 if len(shape) == IMAGE_NDIM else shape[0]
 
 
 def read_source(source: Source, batch_size: int) -> list[Unit]:
