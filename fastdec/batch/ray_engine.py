@@ -132,8 +132,7 @@ def run_ray(sources: list[Source], writer: Writer, decoder: str | Decoder, dtype
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
-    if actor_cpus is None:
-        actor_cpus = 1.0
+    actor_cpus = 1.0 if actor_cpus is None else actor_cpus
     if actors is None:  # every GPU, or all CPUs but one (left to the read tasks)
         actors = gpus if gpus else max(1, int((cpus - 1) // actor_cpus))
     context = ray.data.DataContext.get_current()

@@ -38,7 +38,6 @@ class OutputFormat:
                 raise ValueError(f"--quality applies to webp and jpeg; {self.name} is lossless: drop --quality")
             if not 1 <= self.quality <= 100:
                 raise ValueError(f"--quality {self.quality} is out of range: use 1 (smallest) to 100 (best)")
-
         if not self.fps > 0:
             raise ValueError(f"--fps must be positive, got {self.fps}")
 
@@ -123,8 +122,8 @@ def load_decoder(decoder: str | Decoder, device: torch.device, dtype: torch.dtyp
 def decode_unit(decoder: Decoder, unit: Unit, device: torch.device) -> tuple[list[str], np.ndarray | None,
                                                                               list[tuple[str, str]]]:
     """(ids decoded, their pixels (B, H, W, 3) uint8, or frames (B, T, H, W, 3) for video latents, failures
-    (id, reason)). Latents that fail the decoder's
-    check (channels, rank, NaN/Inf, ...) fail one by one; the rest of the unit still decodes."""
+    (id, reason)). Latents that fail the decoder's check (channels, rank, NaN/Inf, ...) fail one by one; the rest of
+    the unit still decodes."""
     import fastdec
 
     assert unit.latents is not None
