@@ -53,7 +53,7 @@ from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts 
     TILE_ELEMENTS,
     activate,
     activation,
-    activation_grad,
+    affine_act_backward,
     check_norm_input,
     check_norm_params,
     compute_dtype,
@@ -107,17 +107,10 @@ def group_norm_act_backward(grad_out: torch.Tensor, x: torch.Tensor, num_groups:
     mean = grouped.mean(-1, keepdim=True)
     centered = grouped - mean
     rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
-    xhat = (centered * rstd).reshape(n, channels, -1)
-    w = weight.to(compute).view(1, channels, 1) if weight is not None else None
-    b = bias.to(compute).view(1, channels, 1) if bias is not None else None
+    xhat = centered * rstd
     grad_y = grad_out.to(compute).reshape(n, channels, -1)
-    if act != "none":
-        y = xhat * w if w is not None else xhat
-        grad_y = activation_grad(grad_y, y + b if b is not None else y, act)
-    grad_weight = (grad_y * xhat).sum((0, 2)).to(weight.dtype) if weight is not None else None
-    grad_bias = grad_y.sum((0, 2)).to(bias.dtype) if bias is not None else None
-    grad_xhat = (grad_y * w if w is not None else grad_y).reshape(n, num_groups, -1)
-    xhat = xhat.reshape(n, num_groups, -1)
+    grad_xhat, grad_weight, grad_bias = affine_act_backward(grad_y, xhat.reshape(n, channels, -1), weight, bias, act)
+    grad_xhat = grad_xhat.reshape(n, num_groups, -1)
     grad_grouped = rstd * (
         grad_xhat - grad_xhat.mean(-1, keepdim=True) - xhat * (grad_xhat * xhat).mean(-1, keepdim=True)
     )

@@ -40,12 +40,13 @@ from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts 
     TILE_ELEMENTS,
     activate,
     activation,
-    activation_grad,
+    affine_act_backward,
     check_norm_input,
     check_norm_params,
     compute_dtype,
     frame_views,
     group_tile_shape,
+    per_channel,
 )
 from fastdec.kernels.support.triton_import import cdiv, tl, triton
 
@@ -66,11 +67,6 @@ def check_rms_norm_act(
                       "; reshape per-channel parameters such as Wan's (C, 1, 1) gamma to (C,)")
     if eps_mode not in EPS_MODES:
         raise ValueError(f"fastdec.rms_norm_act: eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
-
-
-def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(C,) -> (1, C, 1, ...) in like's dtype, broadcastable against like."""
-    return t.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
 
 
 def _inverse_rms(xc: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
@@ -96,9 +92,9 @@ def rms_norm_act_reference(
     xc = x.to(compute_dtype(x))
     y = xc * _inverse_rms(xc, eps, eps_mode)
     if weight is not None:
-        y.mul_(_per_channel(weight, y))
+        y.mul_(per_channel(weight, y))
     if bias is not None:
-        y.add_(_per_channel(bias, y))
+        y.add_(per_channel(bias, y))
     out.copy_(activation(y, act, inplace=True))
     return out
 
@@ -120,15 +116,7 @@ def rms_norm_act_backward(
     """
     xc = x.to(compute_dtype(x))
     inv = _inverse_rms(xc, eps, eps_mode)
-    xhat = xc * inv
-    grad_y = grad_out.to(xc.dtype)
-    if act != "none":
-        y = xhat * _per_channel(weight, xhat) if weight is not None else xhat
-        grad_y = activation_grad(grad_y, y + _per_channel(bias, y) if bias is not None else y, act)
-    reduce_dims = [0, *range(2, x.dim())]
-    grad_weight = (grad_y * xhat).sum(reduce_dims).to(weight.dtype) if weight is not None else None
-    grad_bias = grad_y.sum(reduce_dims).to(bias.dtype) if bias is not None else None
-    g = grad_y * _per_channel(weight, xhat) if weight is not None else grad_y
+    g, grad_weight, grad_bias = affine_act_backward(grad_out.to(xc.dtype), xc * inv, weight, bias, act)
     projection = xc * inv.pow(3) * (g * xc).mean(1, keepdim=True)
     if eps_mode == "clamp":
         projection = projection * (xc.square().mean(1, keepdim=True).sqrt() > eps)

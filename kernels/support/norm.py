@@ -1,6 +1,6 @@
 """What the normalisation+activation ops (group_norm_act, rms_norm_act) share: the argument checks (the same rules,
 worded with the op's name), the compute dtype, the (N, C, S) strided view of x, the tile budget and the activation
-(its in-kernel form and its derivative)."""
+(its in-kernel form and its derivative, and the backward of the affine + activation after the norm)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,24 @@ def activation(y: torch.Tensor, act: str, inplace: bool = False) -> torch.Tensor
     if act == "silu":
         return torch.nn.functional.silu(y, inplace=inplace)
     return torch.nn.functional.relu(y, inplace=inplace) if act == "relu" else y
+
+
+def per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (1, C, 1, ...) in like's dtype, broadcastable against like."""
+    return t.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def affine_act_backward(grad_y: torch.Tensor, xhat: torch.Tensor, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, act: str) -> tuple:
+    """Backward of act(xhat * weight + bias), each per channel or None: (grad at xhat, grad_weight, grad_bias)."""
+    w = None if weight is None else per_channel(weight, xhat)
+    if act != "none":
+        y = xhat if w is None else xhat * w
+        grad_y = activation_grad(grad_y, y if bias is None else y + per_channel(bias, y), act)
+    reduce_dims = [0, *range(2, xhat.dim())]
+    grad_weight = None if weight is None else (grad_y * xhat).sum(reduce_dims).to(weight.dtype)
+    grad_bias = None if bias is None else grad_y.sum(reduce_dims).to(bias.dtype)
+    return grad_y if w is None else grad_y * w, grad_weight, grad_bias
 
 
 def activation_grad(grad: torch.Tensor, y: torch.Tensor, act: str) -> torch.Tensor:
