@@ -105,9 +105,7 @@ def free_device_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type != "cpu":
-        return None
-    return host_available_bytes()
+    return host_available_bytes() if device.type == "cpu" else None
 
 
 def host_available_bytes() -> int | None:
@@ -140,9 +138,7 @@ def auto_tile_size(decoder: nn.Module, latents: Tensor, free_bytes: int | None =
         if need <= 0.9 * cached:
             return None
     free_bytes = free_device_bytes(device) if free_bytes is None else free_bytes
-    if free_bytes is None:
-        return None
-    if need <= 0.9 * free_bytes:
+    if free_bytes is None or need <= 0.9 * free_bytes:
         return None
     h = latents.shape[-2]
     rows = int(h * 0.5 * free_bytes / need)
