@@ -52,21 +52,12 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"fastdec.attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
-        raise ValueError(
-            "fastdec.attention: batch and heads must match, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if not (q.shape[3] == k.shape[3] == v.shape[3]):
-        raise ValueError(
-            "fastdec.attention: head_dim must match across q, k, v, got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(
-            "fastdec.attention: k and v must have the same number of tokens, "
-            f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+    for problem, ok in (("batch and heads must match", q.shape[:2] == k.shape[:2] == v.shape[:2]),
+                        ("head_dim must match across q, k, v", q.shape[3] == k.shape[3] == v.shape[3]),
+                        ("k and v must have the same number of tokens", k.shape[2] == v.shape[2])):
+        if not ok:
+            raise ValueError(f"fastdec.attention: {problem}, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
     if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
         raise ValueError(f"fastdec.attention: head_dim must be in [1, {MAX_HEAD_DIM}], got {q.shape[3]}")
     if q.numel() == 0 or k.numel() == 0:
