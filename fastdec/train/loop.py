@@ -218,9 +218,8 @@ def train(config: TrainConfig | None = None, **options) -> Path:
         samples = [sample.to(device) for sample in samples]
 
     torch.manual_seed(config.seed)
-    student = build_student(config.decoder, channels).to(device).train()
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    student = student.to(memory_format=layout)
+    student = build_student(config.decoder, channels).to(device, memory_format=layout).train()
     student_class, student_config = type(student).__name__, json.loads(json.dumps(student.config))
     ema = EMA(student, config.ema)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -314,9 +313,8 @@ def train(config: TrainConfig | None = None, **options) -> Path:
                           **{k: sum(r[k] for r in window) / len(window) for k in window[0]}}
                 with open(output / "metrics.jsonl", "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                eta = (last - step) / rate
                 print(f"step {step}/{config.steps} loss {record['loss']:.4f} psnr {record['psnr']:.2f} dB "
-                      f"{rate:.2f} it/s ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+                      f"{rate:.2f} it/s ETA {(last - step) / rate / 60:.1f} min", file=sys.stderr, flush=True)
                 window, window_start = [], now
             limit_hit = config.time_limit is not None and time.perf_counter() - started > config.time_limit * 60
             if step % config.checkpoint_every == 0 or step == last or limit_hit or stop_requested[0]:
@@ -408,9 +406,8 @@ def _finish(config: TrainConfig, output: Path, model: Decoder, student_class: st
 
 
 def _jsonable(config: TrainConfig) -> dict:
-    values = asdict(config)
     return {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else repr(v))
-            for k, v in values.items()}
+            for k, v in asdict(config).items()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
