@@ -5,7 +5,8 @@ Every image of the folder (sorted; the first ``images`` of them) is turned to la
 latents. Per decoder: PSNR and SSIM against the original pixels, LPIPS when it can run here (else the reason), and
 speed (median ms per image on this device, after a warm-up decode). Two baselines are always in the table: the latent
 space's reference decoder when given (``reference``) and the latent preview, a least-squares linear map fitted on
-training images (fastdec.models.preview). Writes report.json, report.md and grid.png (original | each decoder).
+training images (fastdec.models.preview). Writes report.json, report.md (a table), grid.png (rows: images; columns:
+original | each decoder) and frontier.png (quality against decode time).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def evaluate(
 
     lineup: dict[str, Decoder] = {}
     if reference is not None:
-        lineup[f"reference ({_label(reference)})"] = fastdec.load(reference, device=device, dtype=torch.float32)
+        label = type(reference).__name__ if isinstance(reference, Decoder) else Path(str(reference)).name
+        lineup[f"reference ({label})"] = fastdec.load(reference, device=device, dtype=torch.float32)
     lineup[PREVIEW] = fit_preview(preview_data, frozen, preview_images, cache_dir).to(device)
     for label, decoder in decoders.items():
         lineup[label] = fastdec.load(decoder, device=device, dtype=torch.float32)
@@ -107,20 +109,14 @@ def evaluate(
         "rows": rows,
     }
     if output is not None:
-        write_report(report, Path(output), targets[:grid_images], {k: v[:grid_images] for k, v in outputs.items()},
-                     grid_crop)
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output / "report.md").write_text(markdown_table(report))
+        save_grid(output / "grid.png", targets[:grid_images], {k: v[:grid_images] for k, v in outputs.items()},
+                  grid_crop)
+        plot_frontier(report, output / "frontier.png")
     return report
-
-
-def write_report(report: dict, output: Path, originals: list[Tensor], outputs: dict[str, list[Tensor]],
-                 grid_crop: int | None) -> None:
-    """report.json, report.md (a table), grid.png (rows: images; columns: original | each decoder) and
-    frontier.png (quality against decode time)."""
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "report.md").write_text(markdown_table(report))
-    save_grid(output / "grid.png", originals, outputs, grid_crop)
-    plot_frontier(report, output / "frontier.png")
 
 
 def plot_frontier(report: dict, png: Path) -> None:
@@ -217,10 +213,6 @@ def centre_square(image: Tensor, crop: int | None) -> Tensor:
     size_h, size_w = min(crop, height), min(crop, width)
     top, left = (height - size_h) // 2, (width - size_w) // 2
     return image[:, top:top + size_h, left:left + size_w]
-
-
-def _label(source) -> str:
-    return type(source).__name__ if isinstance(source, Decoder) else Path(str(source)).name
 
 
 def _size(text: str) -> tuple[int, int]:
