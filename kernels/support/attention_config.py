@@ -158,12 +158,6 @@ def dot_precision(dtype: torch.dtype, interpreting: bool) -> str:
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def candidates_for(dtype: torch.dtype, precision: str, head_dim: int) -> tuple[Tile, ...]:
-    if dtype == torch.float32 and precision == "tf32":
-        return TF32_CANDIDATES if padded_head_dim(head_dim) <= 128 else TF32_WIDE_CANDIDATES
-    return FP32_CANDIDATES if dtype == torch.float32 else CANDIDATES[padded_head_dim(head_dim)]
-
-
 def qk_chunk(dtype: torch.dtype, precision: str, head_dim: int, block_m: int, capability: tuple[int, int] | None
              ) -> int:
     """D chunk of the q k^T sum; split_head_dim's main part keeps the whole q tile resident. "ieee" fp32 (FMA dot)
@@ -251,8 +245,12 @@ def usable_tiles(dtype: torch.dtype, precision: str, head_dim: int, capability: 
                  shared_memory: int) -> list[Tile]:
     """The candidates in preference order that fit this GPU, then the fallback."""
     operands = precision if dtype == torch.float32 else "16bit"
+    if operands == "tf32":
+        candidates = TF32_CANDIDATES if padded_head_dim(head_dim) <= 128 else TF32_WIDE_CANDIDATES
+    else:
+        candidates = FP32_CANDIDATES if operands == "ieee" else CANDIDATES[padded_head_dim(head_dim)]
     spills = SPILLS.get((capability[0] >= 9, operands, head_dim), frozenset())
-    tiles = [tile for tile in candidates_for(dtype, precision, head_dim)
+    tiles = [tile for tile in candidates
              if not (capability[0] < 9 and tile in SPILL_BEFORE_HOPPER) and tile not in spills
              and shared_memory_estimate(tile, dtype, precision, head_dim, capability) <= shared_memory]
     return tiles + ([FALLBACK] if FALLBACK not in tiles else [])
@@ -299,8 +297,7 @@ def choose(table: dict, device_index: int, dtype: torch.dtype, precision: str, b
 def demote(device_index: int, dtype: torch.dtype, precision: str, batch_heads: int, seq_q: int, seq_kv: int,
            head_dim: int) -> bool:
     """Drops the current choice of a bucket after it failed for lack of resources; False when none is left."""
-    key = (device_index, bucket(dtype, precision, batch_heads, seq_q, seq_kv, head_dim))
-    remaining = _chosen.get(key, [])
+    remaining = _chosen.get((device_index, bucket(dtype, precision, batch_heads, seq_q, seq_kv, head_dim)), [])
     if len(remaining) <= 1:
         return False
     remaining.pop(0)
