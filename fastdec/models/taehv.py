@@ -39,7 +39,7 @@ from fastdec import ops
 from fastdec.models.base import Decoder, Device, DType, Progress, checked_chunk, load_weights, read_state_dict
 from fastdec.models.layers import UpsampleConv
 from fastdec.models.registry import Family, Weights, register
-from fastdec.models.taesd import Clamp, conv, variant_of_name
+from fastdec.models.taesd import Clamp, conv, preset_of, variant_of_name
 from fastdec.validate import check_latents
 
 DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, low to high resolution; the last is the output conv's input
@@ -71,12 +71,6 @@ VARIANTS: dict[str, TAEHVVariant] = {
         latents_of="LTX-2",
     ),
 }
-
-
-def _variant(name: str) -> TAEHVVariant:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown TAEHV variant {name!r}: choose one of {sorted(VARIANTS)}")
-    return VARIANTS[name]
 
 
 # --- pieces --------------------------------------------------------------------------------------------------------
@@ -187,7 +181,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         time_upscale: Sequence[bool] | None = None,
         space_upscale: Sequence[bool] = (True, True, True),
     ):
-        preset = _variant(variant)
+        preset = preset_of(variant, VARIANTS, "TAEHV")
         time_upscale = tuple(preset.decoder_time_upscale if time_upscale is None else time_upscale)
         space_upscale = tuple(space_upscale)
         if len(time_upscale) != 3 or len(space_upscale) != 3:
@@ -214,7 +208,7 @@ class TAEHVDecoder(Decoder, nn.Sequential):
 
     def frames_out(self, latent_frames: int) -> int:
         """How many frames ``decode`` returns for this many latent frames."""
-        if _variant(self.variant).keep_all_frames_for_even_t and latent_frames % 2 == 0:
+        if preset_of(self.variant, VARIANTS, "TAEHV").keep_all_frames_for_even_t and latent_frames % 2 == 0:
             return self.t_upscale * latent_frames
         return self.t_upscale * (latent_frames - 1) + 1
 
@@ -347,7 +341,7 @@ class TAEHVEncoder(nn.Sequential):
     """RGB frames in [0, 1] -> video latents (madebyollin's TAEHV.encoder, same indices and keys)."""
 
     def __init__(self, variant: str = "taew2_1", time_downscale: Sequence[bool] | None = None):
-        preset = _variant(variant)
+        preset = preset_of(variant, VARIANTS, "TAEHV")
         time_downscale = tuple(preset.encoder_time_downscale if time_downscale is None else time_downscale)
         layers: list[nn.Module] = [conv(3 * preset.patch_size**2, ENCODER_WIDTH), nn.ReLU(inplace=True)]
         for stage in range(3):
@@ -403,7 +397,10 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
             f"{path} is not a TAEHV checkpoint (no 'decoder.1.weight', the decoder's first conv); TAEHV files from "
             f"{GITHUB} hold 'encoder.*' and 'decoder.*' weights"
         )
-    latent_channels, patch = _latent_channels_and_patch(state)
+    # What the weights decode: the first conv's input channels, and the patch of the output conv's 3 * patch**2.
+    output_conv = state.get("decoder.22.weight")
+    latent_channels = state["decoder.1.weight"].shape[1]
+    patch = None if output_conv is None else math.isqrt(output_conv.shape[0] // 3)
     found = [name for name, v in VARIANTS.items() if (v.latent_channels, v.patch_size) == (latent_channels, patch)]
     described = f"{latent_channels} latent channels, patch {'?' if patch is None else patch}"
     named = variant or variant_of_name(path.stem, VARIANTS)  # taew2_1.pth, taehv1_5.safetensors, taew2_1_arch_...
@@ -414,7 +411,7 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
                 f"{found or 'none of ' + str(sorted(VARIANTS))}: pass variant=<the variant of this file>"
             )
         return state, found[0]
-    preset = _variant(named)
+    preset = preset_of(named, VARIANTS, "TAEHV")
     if named not in found:
         looks_like = f"looks like {' or '.join(found)}" if found else f"matches no TAEHV variant ({sorted(VARIANTS)})"
         raise ValueError(
@@ -422,12 +419,6 @@ def _read_weights(path: str | Path, variant: str | None) -> tuple[dict[str, Tens
             f"({preset.latent_channels} latent channels, patch {preset.patch_size}): load it as its own variant"
         )
     return state, named
-
-
-def _latent_channels_and_patch(state: dict[str, Tensor]) -> tuple[int, int | None]:
-    """What the weights decode: the first conv's input channels, and the patch of the output conv's 3 * patch**2."""
-    out = state.get("decoder.22.weight")
-    return state["decoder.1.weight"].shape[1], None if out is None else math.isqrt(out.shape[0] // 3)
 
 
 def _trim_tgrow(model: TAEHVDecoder, state: dict[str, Tensor]) -> dict[str, Tensor]:

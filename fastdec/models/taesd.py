@@ -12,7 +12,7 @@ fused layer absorbs), so his .pth files load key for key; diffusers' Autoencoder
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,15 +100,16 @@ class Block(nn.Module):
         return self.fuse(self.conv(x) + self.skip(x))
 
 
-def _variant(name: str) -> TAESDVariant:
-    if name not in VARIANTS:
-        raise ValueError(f"unknown TAESD variant {name!r}: choose one of {sorted(VARIANTS)}")
-    return VARIANTS[name]
+def preset_of(name: str, variants: Mapping = VARIANTS, family: str = "TAESD"):
+    """``variants[name]`` (a TAESD variant, or another tiny family's: models.taehv), or a ValueError naming them."""
+    if name not in variants:
+        raise ValueError(f"unknown {family} variant {name!r}: choose one of {sorted(variants)}")
+    return variants[name]
 
 
 def _latent_channels(variant: str, latent_channels: int | None, source: str | None = None) -> int:
     """The variant's latent channel count, checked against one given explicitly or found in weights (source)."""
-    expected = _variant(variant).latent_channels
+    expected = preset_of(variant).latent_channels
     if latent_channels is None:
         if expected is None:
             raise ValueError(f"variant {variant!r} fits any latent space: pass latent_channels")
@@ -154,7 +155,7 @@ class TAESDDecoder(Decoder, nn.Sequential):
         blocks: Sequence[int] | None = None,
         midblock_gn: bool | None = None,
     ):
-        preset = _variant(variant)
+        preset = preset_of(variant)
         latent_channels = _latent_channels(variant, latent_channels)
         blocks = block_counts(blocks, DECODER_BLOCKS)
         widths = stage_widths(preset.decoder_width if width is None else width, len(blocks))
@@ -199,7 +200,7 @@ class TAESDDecoder(Decoder, nn.Sequential):
     ) -> TAESDDecoder:
         """A diffusers AutoencoderTiny (instance, or a folder saved by save_pretrained): its ``decoder.*`` weights."""
         config, state, source = _diffusers_part(vae_or_folder, "decoder")
-        preset = _variant(variant)
+        preset = preset_of(variant)
         widths = config.get("decoder_block_out_channels", (64,) * 4)
         expected = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2, "out_channels": 3}
         _check_diffusers_config(config, expected, widths, source)
@@ -225,7 +226,7 @@ class TAESDEncoder(nn.Sequential):
         blocks: Sequence[int] | None = None,
         midblock_gn: bool | None = None,
     ):
-        preset = _variant(variant)
+        preset = preset_of(variant)
         latent_channels = _latent_channels(variant, latent_channels)
         blocks = block_counts(blocks, ENCODER_BLOCKS)
         midblock_gn = preset.midblock_gn if midblock_gn is None else midblock_gn
