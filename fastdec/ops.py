@@ -84,12 +84,10 @@ def _extension_backends() -> dict[str, str]:
     return {"cpu": "C++ (fastdec._C)", "cuda": cuda}
 
 
-_BACKENDS = {"triton": _triton_backends, "extension": _extension_backends}
-
-
 def backends() -> dict[str, dict[str, str]]:
     """Per op, which backend runs on CPU and on CUDA in this process, and why when it is a fallback."""
-    return {name: _BACKENDS[module.FUSED]() for name, module in OP_MODULES.items()}
+    return {name: (_triton_backends if module.FUSED == "triton" else _extension_backends)()
+            for name, module in OP_MODULES.items()}
 
 
 def format_backends() -> str:
