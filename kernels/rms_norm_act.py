@@ -218,7 +218,6 @@ def rms_norm_act_triton(
     batch, channels = x.shape[:2]
     block_c, block_s = tile_shape(channels, spatial, x_strides[1] == 1 and channels > 1)
     num_position_blocks = cdiv(spatial, block_s)
-    compute = compute_dtype(x)
     _rms_norm_act_kernel[(batch * frames * num_position_blocks,)](
         source,
         target,
@@ -237,7 +236,7 @@ def rms_norm_act_triton(
         CLAMP=eps_mode == "clamp",
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
+        COMPUTE=tl.float64 if compute_dtype(x) == torch.float64 else tl.float32,
         INDEX=index,
         num_warps=4,
     )
