@@ -70,9 +70,7 @@ def attention_backward(
     """
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = attention_reference(*inputs, scale)
-        dq, dk, dv = torch.autograd.grad(out, inputs, grad_out)
-    return dq, dk, dv
+        return torch.autograd.grad(attention_reference(*inputs, scale), inputs, grad_out)
 
 
 # --- Triton kernels ----------------------------------------------------------------------------------------------
