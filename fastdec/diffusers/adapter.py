@@ -98,18 +98,16 @@ class FastdecVAE(nn.Module):
         """The VAE's decode: latents in the VAE's space -> images in [-1, 1] (``DecoderOutput`` or a 1-tuple).
 
         ``generator`` is accepted for the pipelines that pass it; decoding is deterministic. ``num_frames``: see
-        ``forward``. The VAE's ``use_slicing`` and ``use_tiling`` are honoured (see the module docstring).
+        ``forward``. The VAE's ``use_slicing`` and ``use_tiling`` are honoured (see the module docstring). The
+        decoder's weights are made the VAE's current ones first (see ``weights``).
         """
-        image = self.decode_sample(z, num_frames)
-        return DecoderOutput(sample=image) if return_dict else (image,)
-
-    def decode_sample(self, z: Tensor, num_frames: int | None = None) -> Tensor:
-        """``decode(z).sample``, with the decoder's weights made the VAE's current ones first (see ``weights``)."""
         if self.weights is not None and self.weights.offloaded():
-            return self.weights.run_offloaded(lambda: self._sliced(z, num_frames))
-        if self.weights is not None:
-            self.weights.rebind()
-        return self._sliced(z, num_frames)
+            image = self.weights.run_offloaded(lambda: self._sliced(z, num_frames))
+        else:
+            if self.weights is not None:
+                self.weights.rebind()
+            image = self._sliced(z, num_frames)
+        return DecoderOutput(sample=image) if return_dict else (image,)
 
     def _sliced(self, z: Tensor, num_frames: int | None) -> Tensor:
         """``use_slicing``: one sample at a time, as diffusers' VAEs do (per-frame video latents are whole clips,
@@ -243,6 +241,4 @@ def _input_map(config: dict, decoder: Decoder) -> tuple[list[float] | None, list
     identity = all(abs(a - 1.0) <= 1e-12 for a in scale) and all(
         abs(b) <= 1e-12 * (1 + abs(m)) for b, m in zip(offset, mean, strict=True)
     )
-    if identity:
-        return None, None
-    return scale, offset
+    return (None, None) if identity else (scale, offset)

@@ -67,10 +67,7 @@ def swap_vae(pipe, decoder, force_upcast: bool | None = None) -> FastdecVAE:
             "pipe.unload_lora_weights()), then swap"
         )
     device, dtype = _place_of(vae)
-    if isinstance(decoder, Decoder):
-        decoder = decoder.to(device=device, dtype=dtype)
-    else:
-        decoder = load(decoder, device=device, dtype=dtype)
+    decoder = load(decoder, device=device, dtype=dtype)  # a Decoder: moved and cast in place
     adapter = FastdecVAE(vae, decoder, force_upcast)
     expected, factor = _expected_upsampling(pipe, vae), adapter.upsampling
     if factor != expected:
