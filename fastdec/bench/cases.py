@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,18 +46,6 @@ class Variant:
     peak_memory_bytes: int | None = None
     output: Tensor | None = None
     extra: dict = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def _variants(contender: Contender, model: Decoder, twin: nn.Module | None, latents: Tensor,
@@ -133,11 +121,6 @@ def _cuda_graph_call(module: Callable[[Tensor], Tensor], latents: Tensor, extra:
     return run
 
 
-def _failed(variant: Variant, error: Exception) -> None:
-    variant.status, variant.fn = "error", None
-    variant.reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-
-
 class Case:
     """One decoder at one size and batch, ready to run: its latents, fastdec's model and the diffusers twin on the
     device, and every variant (built, not yet called). ``fastdec bench`` times them; ``python -m
@@ -153,8 +136,14 @@ class Case:
         self.model = prepare(copy.deepcopy(contender.model), device, dtype, self.channels_last)
         self.twin = None
         if contender.diffusers is not None:
-            with _quiet_diffusers():  # .to(dtype) logs a notice about from_pretrained(torch_dtype=...), not our case
+            from diffusers.utils import logging as diffusers_logging
+
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # .to(dtype) logs a notice about from_pretrained(torch_dtype=...)
+            try:
                 self.twin = prepare(copy.deepcopy(contender.diffusers), device, dtype, False)
+            finally:
+                diffusers_logging.set_verbosity(level)
         if settings.compile:
             torch._dynamo.reset()  # fresh compile caches per case: under dynamo's recompile limit, no fallback
         self.variants = _variants(contender, self.model, self.twin, self.latents, settings)
@@ -197,7 +186,9 @@ def bench_decoder(contender: Contender, side: int, batch: int, settings: Setting
                 variant.peak_memory_bytes = variant.extra.get("capture_peak_memory_bytes", variant.peak_memory_bytes)
                 variant.calls = calls_per_round(variant.fn, device)
             except Exception as error:  # an OOM or a compile failure is a result row, not the end of the run
-                _failed(variant, error)
+                variant.status, variant.fn = "error", None
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                variant.reason = f"{type(error).__name__}: {first_line}"
                 if cuda:
                     torch.cuda.empty_cache()
 
