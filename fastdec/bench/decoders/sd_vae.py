@@ -8,16 +8,12 @@ from fastdec.bench.spec import GIB, BenchDecoder, Goal, empty_diffusers_module
 from fastdec.models.base import Decoder
 
 
-def build() -> Decoder:
-    from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
+def _preset(name: str):
+    def build() -> Decoder:
+        from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 
-    return AutoencoderKLDecoder.from_preset("sd")
-
-
-def build_flux1() -> Decoder:
-    from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
-
-    return AutoencoderKLDecoder.from_preset("flux")
+        return AutoencoderKLDecoder.from_preset(name)
+    return build
 
 
 def autoencoder_twin(model: Decoder, cls: type, **class_config) -> nn.Module:
@@ -50,7 +46,7 @@ def twin(model: Decoder) -> tuple[nn.Module, None]:
 
 ENTRIES = (
     BenchDecoder(
-        "sd-vae", build, "AutoencoderKLDecoder", twin, order=10, quick=True, kind="exact image VAE",
+        "sd-vae", _preset("sd"), "AutoencoderKLDecoder", twin, order=10, quick=True, kind="exact image VAE",
         goals=(
             Goal("SD-VAE decode 512x512, exact fast path", "sd-vae", "fastdec", 512, 1, "median_ms", 5.5,
                  "diffusers eager 22.2 ms, torch.compile 8.9 ms (H200)"),
@@ -62,6 +58,6 @@ ENTRIES = (
     ),
     # FLUX.1's VAE: the SD architecture with 16 latent channels and no post_quant_conv (issue 21: a goal size of the
     # one-call GPU run, bench/gpu_run.sh); not in the default list, whose CPU run already covers the architecture.
-    BenchDecoder("flux1", build_flux1, "AutoencoderKLDecoder", twin, order=11, default=False,
+    BenchDecoder("flux1", _preset("flux"), "AutoencoderKLDecoder", twin, order=11, default=False,
                  kind="exact image VAE"),
 )
