@@ -19,7 +19,6 @@ VARIANT_LABELS = {
     "fastdec-cudagraph": "fastdec in a CUDA graph",
 }
 
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PIPELINE_STEPS = (1, 4, 20, 50)
 TEXT_TOKENS = 77  # CLIP's context length, the encoder_hidden_states of SD1.5's UNet
