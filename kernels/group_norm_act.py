@@ -41,13 +41,7 @@ import torch.nn.functional as F
 
 from fastdec.kernels.support.cases import CompileCase, GpuCase, cuda_empty, shape_label
 from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, device_kernel, register_backward
-from fastdec.kernels.support.group_norm_plan import (  # noqa: F401 (plan_launch, LaunchPlan: the launch planner)
-    COMBINE_CHUNKS,
-    COMBINE_GROUPS,
-    LaunchPlan,
-    plan_launch,
-    program_target,
-)
+from fastdec.kernels.support.group_norm_plan import COMBINE_CHUNKS, COMBINE_GROUPS, plan_launch, program_target
 from fastdec.kernels.support.norm import (  # noqa: F401 (ACTIVATIONS: the acts this op takes)
     ACTIVATIONS,
     TILE_ELEMENTS,
