@@ -39,12 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdec.kernels.support import attention_config as _config
-from fastdec.kernels.support.attention_config import (  # noqa: F401 (MAX_HEAD_DIM, SUPPORTED_DTYPES: the op's limits)
-    MAX_HEAD_DIM,
-    SUPPORTED_DTYPES,
-    AttentionConfig,
-    check_attention,
-)
+from fastdec.kernels.support.attention_config import AttentionConfig, check_attention
 from fastdec.kernels.support.attention_table import TABLE
 from fastdec.kernels.support.cases import DTYPES, CompileCase, GpuCase, cuda_empty, shape_label
 from fastdec.kernels.support.dispatch import cpu_kernel, cuda_kernel, register_backward
