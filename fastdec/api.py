@@ -116,7 +116,14 @@ def load(source, device=None, dtype=None, **config_overrides) -> Decoder:
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_folder(shipped[name], device, dtype)
     if name in registry.presets():
-        return _random_preset(name, device, dtype, config_overrides)
+        model = build_preset(name, device, dtype, **config_overrides)
+        warnings.warn(
+            f"{wording.loading(name)} built a {type(model).__name__} with random weights: it decodes noise until "
+            f"trained. Load trained weights with {wording.loading('<folder written by save_pretrained>')}.",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+        return model
     if name in registry.named():
         _refuse_overrides(config_overrides, f"the trained decoder {name!r}")
         return _from_name(name, device, dtype)
@@ -296,17 +303,6 @@ def _refuse_overrides(config_overrides: dict, what: str) -> None:
         )
 
 
-def _random_preset(name: str, device, dtype, config_overrides: dict) -> Decoder:
-    model = build_preset(name, device, dtype, **config_overrides)
-    warnings.warn(
-        f"{wording.loading(name)} built a {type(model).__name__} with random weights: it decodes noise until "
-        f"trained. Load trained weights with {wording.loading('<folder written by save_pretrained>')}.",
-        RandomWeightsWarning,
-        stacklevel=3,
-    )
-    return model
-
-
 def build_preset(name: str, device=None, dtype=None, **config_overrides) -> Decoder:
     """The architecture ``name`` (a random preset of the registry) with fresh random weights, in eval mode. Unlike
     ``load(name)`` it never reads a path of that name and does not warn: for code that trains it (fastdec train)."""
@@ -433,13 +429,6 @@ def _from_hub_id(hub_id: str, device, dtype) -> Decoder:
     return _from_folder(folder, device, dtype, None)
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path, also: str = "") -> Path:
     """Fetches (or finds in the Hub cache) config.json and the safetensors weights; returns their folder. ``also``:
     another place the error can suggest."""
@@ -450,9 +439,11 @@ def _hub_folder(name: str, repo: str, subfolder: str | None, home: Path, also: s
             f"{wording.loading(name)} needs huggingface_hub to fetch {repo} (pip install huggingface_hub), or put "
             f"config.json and {DIFFUSERS_WEIGHTS} in {home / name}/"
         ) from error
+    from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
 
-    offline = _hub_offline()
+    # HF_HUB_OFFLINE read now: huggingface_hub reads it once, at import
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
         paths = [
             hf_hub_download(repo, filename, subfolder=subfolder, local_files_only=offline, library_name="fastdec")
