@@ -48,8 +48,6 @@ from fastdec.kernels.support.triton_import import TRITON_IMPORT_ERROR, triton, t
 # Each op file's compile_cases(quick): launcher calls at decoder shapes (kernels/<op>.py, "the calls its checks make").
 KERNEL_MODULES = tuple(module for module in ops.OP_MODULES.values() if hasattr(module, "compile_cases"))
 DEFAULT_MAX_SPILL = 256  # bytes of spill stores or loads per thread
-
-
 _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 _DIVISIBILITY = [["tt.divisibility", 16]]
