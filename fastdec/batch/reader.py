@@ -187,7 +187,6 @@ def _read_parquet(source: Source, batch_size: int) -> list[Unit]:
         table = pq.ParquetFile(source.path).read_row_group(source.row_group, columns=list(PARQUET_COLUMNS))
     except Exception as error:  # noqa: BLE001 - pyarrow raises many types for a damaged file
         return [Unit([source.name], error=f"could not read {source.name} ({type(error).__name__}: {error})")]
-    rows = table.to_pylist()
     units: list[Unit] = []
     run: list[tuple[str, Tensor]] = []
 
@@ -196,7 +195,7 @@ def _read_parquet(source: Source, batch_size: int) -> list[Unit]:
             units.append(Unit([item_id for item_id, _ in run], torch.stack([latent for _, latent in run])))
             run.clear()
 
-    for row in rows:
+    for row in table.to_pylist():
         item_id = row["id"]
         try:
             latent = _latent_of_row(row)
