@@ -414,8 +414,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint (steps a killed run logged after its last checkpoint)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
