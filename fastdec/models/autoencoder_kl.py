@@ -217,11 +217,7 @@ class AutoencoderKLDecoder(Decoder):
 
     def forward(self, z: Tensor) -> Tensor:
         """Latents in the VAE's own space (B, latent_channels, h, w) -> images (B, 3, 8h, 8w) in ~[-1, 1]."""
-        if z.dim() != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"expected latents of shape (B, {self.latent_channels}, h, w), got {tuple(z.shape)}; "
-                "check that the latents come from this VAE (SD/SDXL: 4 channels, SD3/FLUX: 16)"
-            )
+        self.check_input(z, "; check that the latents come from this VAE (SD/SDXL: 4 channels, SD3/FLUX: 16)")
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

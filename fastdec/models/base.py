@@ -117,6 +117,11 @@ class Decoder(nn.Module):
             progress(latents.shape[2], latents.shape[2])
         yield frames
 
+    def check_input(self, z: Tensor, hint: str = "") -> None:
+        """forward's check of an image decoder's input: (B, latent_channels, h, w), else a ValueError + ``hint``."""
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"expected latents of shape (B, {self.latent_channels}, h, w), got {tuple(z.shape)}{hint}")
+
     def to_decoder_space(self, latents: Tensor) -> Tensor:
         """Diffusion latents -> the decoder's own space: ``latents / scaling_factor + shift_factor``."""
         return latents / self.scaling_factor + self.shift_factor

@@ -285,8 +285,7 @@ class DCAEDecoder(Decoder):
 
     def forward(self, z: Tensor) -> Tensor:
         """Latents in the decoder's own space (B, latent_channels, h, w) -> images, ~[-1, 1]."""
-        if z.dim() != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"expected latents of shape (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
+        self.check_input(z)
         return self.decoder(z)
 
     def decode_checked(self, latents: Tensor) -> Tensor:

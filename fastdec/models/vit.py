@@ -145,10 +145,7 @@ class ViTDecoder(Decoder):
     def forward(self, z: Tensor) -> Tensor:
         """Latents in the decoder's own space (B, latent_channels, h, w) -> images (B, 3, f*h, f*w), ~[-1, 1],
         f = spatial_factor (8 for the presets)."""
-        if z.dim() != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"expected latents of shape (B, {self.latent_channels}, h, w), got {tuple(z.shape)}"
-            )
+        self.check_input(z)
         height, width = z.shape[-2:]
         q = self.latent_patch
         if height % q or width % q:
