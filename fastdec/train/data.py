@@ -79,8 +79,7 @@ class Sample:
 
     def to(self, device: torch.device) -> Sample:
         """The sample with its tensors on ``device`` (on a GPU: crops are cut there, no copy per step)."""
-        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
-        return Sample(**moved)
+        return Sample(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()})
 
 
 @dataclass
