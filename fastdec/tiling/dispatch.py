@@ -85,11 +85,8 @@ class TiledRun(TorchDispatchMode):
         h = self.latent_rows
         if rows % h and h % rows:
             return None
-        bounds = tuple(round(b * rows / h / align) * align for b in self.latent_bounds)
-        bounds = bounds[:-1] + (rows,)
-        if any(lo >= hi for lo, hi in pairwise(bounds)):
-            return None
-        return bounds
+        bounds = (*(round(b * rows / h / align) * align for b in self.latent_bounds[:-1]), rows)
+        return None if any(lo >= hi for lo, hi in pairwise(bounds)) else bounds
 
     def as_slab(self, x, hdim: int, align: int = 1):
         """x itself if it is a slab; a whole tensor split like the latents when its height allows, else None."""

@@ -90,7 +90,6 @@ class HostTiles(Executor):
         return held
 
     def settle(self) -> None:
-        """Waits for the device-to-host copies in flight, before host code reads held slabs."""
         if self.copies_in_flight:
             torch.cuda.current_stream(self.device).synchronize()
             self.copies_in_flight = False

@@ -63,9 +63,7 @@ def zeros_rows(like: Tensor, hdim: int, count: int) -> Tensor:
 
 def meta_like(x):
     """An empty meta tensor shaped like x (other values as they are)."""
-    if isinstance(x, Tensor):
-        return torch.empty(x.shape, dtype=x.dtype, device="meta")
-    return x
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, Tensor) else x
 
 
 def meta_run(func, args, kwargs):

@@ -125,9 +125,7 @@ def _new_tensor_rule(run, func, args, kwargs):
         return func(*args, **kwargs)
     out = func(torch.empty(0, dtype=x.dtype, device=run.executor.device), *args[1:], **kwargs)
     bounds = run.bounds_for(out.shape[-2]) if out.dim() >= 4 else None
-    if bounds is None:
-        return out
-    return run.scatter(out, bounds, out.dim() - 2)
+    return out if bounds is None else run.scatter(out, bounds, out.dim() - 2)
 
 
 def _bilinear_rule(run, func, args, kwargs):
