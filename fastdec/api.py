@@ -234,15 +234,12 @@ def decode(
         images = tiling.decode(decoder, batch.to(weights_dtype), tile_size, check_finite=False)  # checked above
     if latents.dim() == 5:
         return _frames_as(images, output)
-    if output == "tensor":
-        return images[0] if unbatched else images
-    pixels = to_uint8_hwc(images)
-    if output == "uint8":
-        return pixels[0] if unbatched else pixels
-    from PIL import Image
+    result = images if output == "tensor" else to_uint8_hwc(images)
+    if output == "pil":
+        from PIL import Image
 
-    pil_images = [Image.fromarray(array) for array in pixels.cpu().numpy()]
-    return pil_images[0] if unbatched else pil_images
+        result = [Image.fromarray(array) for array in result.cpu().numpy()]
+    return result[0] if unbatched else result
 
 
 # --- decode() helpers ----------------------------------------------------------------------------------------------
