@@ -33,9 +33,7 @@ def weights_device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dty
 def finite_check_enabled(check_finite: bool | None = None) -> bool:
     """Whether the NaN/Inf check runs now: ``check_finite`` (None: the process default, on unless
     FASTDEC_CHECK_FINITE=0), and never under torch.compile or CUDA-graph capture."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+    if torch.compiler.is_compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
         return False
     if check_finite is None:
         return os.environ.get(CHECK_FINITE_ENV, "1") != "0"
