@@ -45,14 +45,13 @@ def local_op(run, func, args, kwargs):
         return (isinstance(a, Tensor) and not is_slab(a) and a.dim() >= tail and a.shape[a.dim() - tail] == total
                 and total > 1)
 
-    def probe(rows: int):
-        return tree_unflatten([
+    def probe(rows: int):  # the op's output on meta tensors whose height axis has ``rows`` rows
+        meta_args, meta_kwargs = tree_unflatten([
             zeros_rows(meta_like(a), a.dim() - tail, rows) if is_slab(a) or spans(a) else meta_like(a)
             for a in flat], spec)
+        return func(*meta_args, **meta_kwargs)
 
-    base_args, base_kwargs = probe(total)
-    grown_args, grown_kwargs = probe(total + 1)
-    base, grown = func(*base_args, **base_kwargs), func(*grown_args, **grown_kwargs)
+    base, grown = probe(total), probe(total + 1)
     base_flat, out_spec = tree_flatten(base)
     grown_flat, _ = tree_flatten(grown)
     out_hdims = []
