@@ -274,8 +274,7 @@ def _decoder_for(latents: Tensor, decoder) -> Decoder:
     if isinstance(decoder, Decoder):
         return decoder
     if decoder is None:
-        video = latents.dim() == 5
-        decoder = (default_video_decoder_name if video else default_decoder_name)(latents.shape[1])
+        decoder = (default_video_decoder_name if latents.dim() == 5 else default_decoder_name)(latents.shape[1])
     if isinstance(decoder, str) and not Path(decoder).expanduser().exists():
         return _cached_decoder(decoder.lower(), latents.device, default_dtype(latents.device))
     return load(decoder, device=latents.device, dtype=default_dtype(latents.device))
