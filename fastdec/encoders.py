@@ -137,6 +137,7 @@ def _frozen(module: nn.Module, channels: int, downscale: int, description: str, 
 
 _cached_encoder = functools.lru_cache(maxsize=4)(load_encoder)  # called with the source and device as strings
 
+
 def encode(images, encoder: str | Path | nn.Module | FrozenEncoder, device: torch.device | str | None = None) -> Tensor:
     """Images -> diffusion latents (B, C, H/8, W/8), what ``fastdec.decode`` takes back.
 
