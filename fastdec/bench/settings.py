@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastdec.batch.work import resolve_device
 from fastdec.bench.decoders import DECODERS, DEFAULT_DECODERS, ENTRIES, QUICK_DECODERS
 
 VARIANTS = ("fastdec", "fastdec-reference", "diffusers", "diffusers-compile", "fastdec-compile", "fastdec-cudagraph")
@@ -135,14 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Validated settings with the device-dependent defaults filled in (ValueError on bad input)."""
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r} is not a device ({error}); use cuda or cpu") from error
+    device = resolve_device(args.device)  # the default, 'not a device' and 'CUDA is not available' errors
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"--device {args.device!r}: use cuda or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here; use --device cpu")
     cuda = device.type == "cuda"
     if args.all and args.decoders is not None:
         raise ValueError("--all and --decoders both choose the decoders: give one of them")
