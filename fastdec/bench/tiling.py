@@ -277,12 +277,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_from_bench_args(args: argparse.Namespace) -> int:
     """``fastdec bench --tiling``: --resolution are the SD-VAE sizes, --device, --dtype and --out apply."""
     argv = ["--sizes", ",".join(str(r) for r in (args.resolution or (512, 1024, 2048, 4096)))]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.dtype:
-        argv += ["--dtype", args.dtype]
-    if args.out:
-        argv += ["--out", args.out]
+    for option in ("device", "dtype", "out"):
+        if getattr(args, option):
+            argv += [f"--{option}", getattr(args, option)]
     return main(argv)
 
 
