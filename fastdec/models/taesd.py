@@ -199,20 +199,8 @@ class TAESDDecoder(Decoder, nn.Sequential):
         cls, vae_or_folder: nn.Module | str | Path, variant: str, device: Device = None, dtype: DType = None
     ) -> TAESDDecoder:
         """A diffusers AutoencoderTiny (instance, or a folder saved by save_pretrained): its ``decoder.*`` weights."""
-        config, state, source = _diffusers_part(vae_or_folder, "decoder")
-        preset = preset_of(variant)
-        widths = config.get("decoder_block_out_channels", (64,) * 4)
         expected = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2, "out_channels": 3}
-        _check_diffusers_config(config, expected, widths, source)
-        factors = (config.get("scaling_factor", 1.0), config.get("shift_factor", 0.0) or 0.0)
-        if factors != (preset.scaling_factor, preset.shift_factor):
-            raise ValueError(
-                f"{source} scales latents by (scaling_factor, shift_factor) = {factors}, variant {variant!r} by "
-                f"{(preset.scaling_factor, preset.shift_factor)}: pick the variant of this latent space"
-            )
-        latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
-        model = cls(variant, latent_channels, widths[0], config.get("num_decoder_blocks", DECODER_BLOCKS))
-        return load_weights(model, state, source, device, dtype)
+        return _from_diffusers(cls, vae_or_folder, variant, "decoder", expected, DECODER_BLOCKS, device, dtype)
 
 
 class TAESDEncoder(nn.Sequential):
@@ -264,12 +252,8 @@ class TAESDEncoder(nn.Sequential):
         cls, vae_or_folder: nn.Module | str | Path, variant: str, device: Device = None, dtype: DType = None
     ) -> TAESDEncoder:
         """A diffusers AutoencoderTiny (instance, or a folder saved by save_pretrained): its ``encoder.*`` weights."""
-        config, state, source = _diffusers_part(vae_or_folder, "encoder")
-        widths = config.get("encoder_block_out_channels", (ENCODER_WIDTH,) * 4)
-        _check_diffusers_config(config, {"act_fn": "relu", "in_channels": 3}, widths, source)
-        latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
-        model = cls(variant, latent_channels, widths[0], config.get("num_encoder_blocks", ENCODER_BLOCKS))
-        return load_weights(model, state, source, device, dtype)
+        expected = {"act_fn": "relu", "in_channels": 3}
+        return _from_diffusers(cls, vae_or_folder, variant, "encoder", expected, ENCODER_BLOCKS, device, dtype)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -315,14 +299,28 @@ def _diffusers_decoder_key(name: str) -> str:
     return f"decoder.layers.{int(index) - _DIFFUSERS_INDEX_SHIFT['decoder']}.{rest}"
 
 
-def _check_diffusers_config(config: dict, expected: dict, widths: Sequence[int], source: str) -> None:
-    """AutoencoderTiny options outside the TAESD design (other activations, upsampling, per-stage widths) raise."""
+def _from_diffusers(cls, vae_or_folder, variant: str, part: str, expected: dict, blocks: tuple[int, ...], device,
+                    dtype):
+    """``cls.from_diffusers`` for the AutoencoderTiny's ``part``; options outside the TAESD design (``expected``,
+    per-stage widths) raise, and so does a decoder's latent scaling other than the variant's."""
+    config, state, source = _diffusers_part(vae_or_folder, part)
+    preset = preset_of(variant)
+    widths = config.get(f"{part}_block_out_channels", (64,) * 4)
     differs = {key: config[key] for key, value in expected.items() if config.get(key, value) != value}
     if differs or len(set(widths)) != 1:
         raise ValueError(
             f"{source}: TAESD layers need {expected} and one block width for all stages; this AutoencoderTiny has "
             f"{differs or 'those'}, widths {list(widths)}"
         )
+    factors = (config.get("scaling_factor", 1.0), config.get("shift_factor", 0.0) or 0.0)
+    if part == "decoder" and factors != (preset.scaling_factor, preset.shift_factor):
+        raise ValueError(
+            f"{source} scales latents by (scaling_factor, shift_factor) = {factors}, variant {variant!r} by "
+            f"{(preset.scaling_factor, preset.shift_factor)}: pick the variant of this latent space"
+        )
+    latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
+    model = cls(variant, latent_channels, widths[0], config.get(f"num_{part}_blocks", blocks))
+    return load_weights(model, state, source, device, dtype)
 
 
 # --- which variant a file or folder holds --------------------------------------------------------------------------
