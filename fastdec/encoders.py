@@ -57,12 +57,11 @@ class _KLEncode(nn.Module):
 
 def taesd_variant_of_encoder(path: Path, latent_channels: int) -> str:
     """The TAESD variant a file name starts with (taef2_encoder.pth), else the one for its channel count."""
-    from fastdec.models.taesd import DEFAULTS, VARIANTS
+    from fastdec.models.taesd import DEFAULTS, variant_of_name
 
-    stem = path.stem.lower()
-    for variant in sorted(VARIANTS, key=len, reverse=True):
-        if stem == variant or stem.startswith((f"{variant}_", f"{variant}-")):
-            return variant
+    named = variant_of_name(path.stem)
+    if named is not None:
+        return named
     if latent_channels not in DEFAULTS:
         raise ValueError(
             f"{path}: no TAESD variant has {latent_channels} latent channels; name the file <variant>_encoder.pth"
