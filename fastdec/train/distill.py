@@ -75,6 +75,9 @@ def student_width(teacher: Decoder, width: int | list[int] | None, speedup: floa
     most 1/speedup of a TAESD-family teacher's (cost grows with the square of the width)."""
     if width is not None and speedup is not None:
         raise ValueError("give --width or --speedup, not both")
+    speedup = 2.0 if speedup is None else speedup
+    if not speedup > 1:
+        raise ValueError(f"--speedup must be above 1, got {speedup}")
     if isinstance(teacher, AutoencoderKLDecoder):
         return _block_widths(teacher, width, speedup)
     if width is not None:
@@ -87,13 +90,10 @@ def student_width(teacher: Decoder, width: int | list[int] | None, speedup: floa
             f"--speedup sizes a pruned TAESD-family teacher; a {type(teacher).__name__} teacher gets a TAESD-"
             "architecture student: pass its --width (e.g. 64)"
         )
-    speedup = 2.0 if speedup is None else speedup
-    if not speedup > 1:
-        raise ValueError(f"--speedup must be above 1, got {speedup}")
     return max(4, int(teacher.config["width"] / math.sqrt(speedup)) // 4 * 4)
 
 
-def _block_widths(teacher: AutoencoderKLDecoder, width: int | list[int] | None, speedup: float | None) -> list[int]:
+def _block_widths(teacher: AutoencoderKLDecoder, width: int | list[int] | None, speedup: float) -> list[int]:
     """An AutoencoderKL teacher's student: its block_out_channels, given, or each of the teacher's divided by
     sqrt(speedup) and rounded down to a multiple of the norm groups (FLUX.2's small decoder is [128, 256, 512,
     512] at 0.75: [96, 192, 384, 384])."""
@@ -105,9 +105,6 @@ def _block_widths(teacher: AutoencoderKLDecoder, width: int | list[int] | None, 
         )
     if width is not None:
         return width
-    speedup = 2.0 if speedup is None else speedup
-    if not speedup > 1:
-        raise ValueError(f"--speedup must be above 1, got {speedup}")
     return [max(groups, int(w / math.sqrt(speedup)) // groups * groups) for w in full]
 
 
