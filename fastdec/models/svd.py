@@ -96,9 +96,7 @@ class SpatioTemporalResBlock(nn.Module):
         return [functools.partial(self.spatial, num_frames=num_frames), self.temporal]
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        for layer in self.layers(num_frames):
-            x = layer(x)
-        return x
+        return self.temporal(self.spatial(x, num_frames))
 
 
 class TemporalMidBlock(nn.Module):
