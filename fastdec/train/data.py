@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastdec.files import write_atomically
+from fastdec.latents_io import read_latents
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CACHE_FORMAT = 1
@@ -174,7 +175,7 @@ def load_samples(
             tensors = {"image": _to_uint8(image)}
             with torch.no_grad():
                 if latents_folder is not None:
-                    tensors["latents"] = _read_latents_for(path, folder, Path(latents_folder), image, downscale)
+                    tensors["latents"] = _read_latents_for(path, folder, Path(latents_folder))
                 else:
                     pair = encode(torch.stack([image, image.flip(-1)]) if flips else image[None])
                     tensors["latents"] = pair[0].float()
@@ -217,24 +218,15 @@ def load_samples(
     return samples, skips
 
 
-def _read_latents_for(path: Path, folder: Path, latents_folder: Path, image: Tensor, downscale: int) -> Tensor:
+def _read_latents_for(path: Path, folder: Path, latents_folder: Path) -> Tensor:
     relative = path.relative_to(folder).with_suffix("")
     candidates = [latents_folder / f"{relative}{suffix}" for suffix in (".safetensors", ".pt", ".pth")]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise FileNotFoundError(f"no precomputed latents for {path}: expected one of {[str(c) for c in candidates]}")
-    if found.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        content = load_file(str(found))
-    else:
-        content = torch.load(found, map_location="cpu", weights_only=True)
-    if isinstance(content, dict):
-        if len(content) != 1:
-            raise ValueError(f"{found} holds {len(content)} tensors {sorted(content)}: store one latent tensor a file")
-        content = next(iter(content.values()))
-    if not isinstance(content, Tensor) or content.dim() not in (3, 4) or (content.dim() == 4 and len(content) != 1):
-        raise ValueError(f"{found} must hold one latent tensor (C, h, w), got {getattr(content, 'shape', content)}")
+    content = read_latents(found, several="store one latent tensor a file")
+    if content.dim() not in (3, 4) or (content.dim() == 4 and len(content) != 1):
+        raise ValueError(f"{found} must hold one latent tensor (C, h, w), got {content.shape}")
     return content.reshape(content.shape[-3:]).float()
 
 
