@@ -169,9 +169,7 @@ class SharedWeights:
     def rebind(self) -> None:
         """The decoder's shared entries := the VAE's current tensor objects."""
         for mine, theirs in self.shared:
-            tensor = _table(theirs)[theirs[1]]
-            if _table(mine)[mine[1]] is not tensor:
-                _table(mine)[mine[1]] = tensor
+            _table(mine)[mine[1]] = _table(theirs)[theirs[1]]
 
     def apply_own(self, convert: Callable[[Tensor], Tensor]) -> None:
         """``convert`` (a ``Module._apply`` function: .to(), .half(), ...) on the decoder's own tensors; Parameters
