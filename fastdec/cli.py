@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -46,17 +47,12 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-class _ProgressBar:
-    """A one-line progress bar on stderr: ``bar(done, total)``."""
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def __call__(self, done: int, total: int) -> None:
-        filled = 30 * done // max(total, 1)
-        end = "\n" if done >= total else ""
-        print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} latent frames", end=end,
-              file=sys.stderr, flush=True)
+def _progress_bar(label: str, done: int, total: int) -> None:
+    """A one-line progress bar on stderr; ``functools.partial(_progress_bar, label)`` is a decode_stream progress."""
+    filled = 30 * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} latent frames", end=end, file=sys.stderr,
+          flush=True)
 
 
 def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch.device, dtype) -> list[Path]:
@@ -80,7 +76,7 @@ def _decode_video(args: argparse.Namespace, latents: torch.Tensor, device: torch
     paths = []
     for index in range(latents.shape[0]):
         name = f"{stem}.mp4" if latents.shape[0] == 1 else f"{stem}_{index:03d}.mp4"
-        bar = None if args.no_progress else _ProgressBar(name)
+        bar = None if args.no_progress else functools.partial(_progress_bar, name)
         frames = decoder.decode_stream(latents[index:index + 1].to(dtype), check_finite=False, progress=bar,
                                        **chunking)
         paths.append(save_video(frames, output_dir / name, fps=args.fps))
