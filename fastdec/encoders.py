@@ -55,24 +55,10 @@ class _KLEncode(nn.Module):
         return (z - self.shift) * self.scale
 
 
-def taesd_variant_of_encoder(path: Path, latent_channels: int) -> str:
-    """The TAESD variant a file name starts with (taef2_encoder.pth), else the one for its channel count."""
-    from fastdec.models.taesd import DEFAULTS, variant_of_name
-
-    named = variant_of_name(path.stem)
-    if named is not None:
-        return named
-    if latent_channels not in DEFAULTS:
-        raise ValueError(
-            f"{path}: no TAESD variant has {latent_channels} latent channels; name the file <variant>_encoder.pth"
-        )
-    return DEFAULTS[latent_channels]
-
-
 def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
     """A TAESD encoder .pth, a diffusers AutoencoderKL / AutoencoderTiny (instance, folder, or Hub id), frozen,
     fp32, in eval mode."""
-    from fastdec.models.taesd import TAESDEncoder, read_pth
+    from fastdec.models.taesd import DEFAULTS, TAESDEncoder, read_pth, variant_of_name
 
     if isinstance(source, nn.Module):
         return _from_diffusers_module(source, type(source).__name__, device)
@@ -84,7 +70,13 @@ def load_encoder(source, device: torch.device | str = "cpu") -> FrozenEncoder:
         if "0.weight" not in state:
             raise ValueError(f"{path} is not a TAESD encoder state dict (no '0.weight'); a decoder file?")
         last = max(int(k.partition(".")[0]) for k in state if k.partition(".")[0].isdigit())
-        variant = taesd_variant_of_encoder(path, state[f"{last}.weight"].shape[0])
+        latent_channels = state[f"{last}.weight"].shape[0]
+        # the variant the file name starts with (taef2_encoder.pth), else the one for its channel count
+        variant = variant_of_name(path.stem) or DEFAULTS.get(latent_channels)
+        if variant is None:
+            raise ValueError(
+                f"{path}: no TAESD variant has {latent_channels} latent channels; name the file <variant>_encoder.pth"
+            )
         encoder = TAESDEncoder.from_pth(path, variant)
         description = f"TAESD encoder {variant} ({path.name})"
         return _frozen(_TAESDEncode(encoder), encoder.latent_channels, 8, description, device)
