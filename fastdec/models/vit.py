@@ -90,14 +90,6 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def init_transformer_weights(module: nn.Module) -> None:
-    """ViT's initialisation: truncated-normal (std 0.02) linear weights, zero biases."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            nn.init.trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
-
-
 class ViTDecoder(Decoder):
     """Latents -> images (B, 3, spatial_factor*h, spatial_factor*w) in ~[-1, 1]; h and w multiples of the
     latent patch."""
@@ -138,7 +130,10 @@ class ViTDecoder(Decoder):
         self.norm = nn.LayerNorm(dim, eps=NORM_EPS)
         self.head = nn.Linear(dim, self.pixel_patch**2 * 3)
 
-        init_transformer_weights(self)
+        for layer in self.modules():  # ViT's initialisation: truncated-normal (std 0.02) linear weights, zero biases
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # as a linear over the patch (MAE)
         nn.init.zeros_(self.patch_embed.bias)
 
