@@ -176,7 +176,6 @@ def distill(config: DistillConfig) -> dict:
     if not config.eval_data:
         raise ValueError("--eval-data is needed: the student is measured against the teacher on held-out images")
     output = Path(config.output).expanduser()
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.threads:
         torch.set_num_threads(config.threads)
     teacher = fastdec.load(config.teacher, device="cpu", dtype=torch.float32).eval()
@@ -208,7 +207,7 @@ def distill(config: DistillConfig) -> dict:
     student = output / "finetune" / "decoder"
     return evaluate({f"student (width {width})": str(student)}, config.eval_data, config.encoder,
                     preview_data=config.data, reference=config.teacher, images=config.eval_images,
-                    output=output / "eval", cache_dir=config.cache_dir, device=str(device), threads=config.threads)
+                    output=output / "eval", cache_dir=config.cache_dir, device=config.device, threads=config.threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
