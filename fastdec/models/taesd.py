@@ -371,10 +371,6 @@ def variant_of_folder(folder: Path) -> str:
     return variant_for_channels(config.get("latent_channels", 4), str(folder))
 
 
-def _read_file(path: Path, name: str | None) -> TAESDDecoder:
-    return TAESDDecoder.from_pth(path, name if name in TRAINED else variant_of_file(path))
-
-
 def _read_diffusers(vae_or_folder, name: str | None) -> TAESDDecoder:
     """An AutoencoderTiny, as the variant ``name`` when loaded by name, else the one its folder or channels say."""
     if name in TRAINED:
@@ -391,7 +387,8 @@ register(Family(
     names={name: Weights(hub=None if name in PTH_ONLY else (f"madebyollin/{name}", None),
                          files=(f"{name}_decoder.pth",), github=GITHUB) for name in TRAINED},
     diffusers={"AutoencoderTiny": _read_diffusers},
-    weights_file=lambda path: path.suffix in (".pth", ".pt"), read_file=_read_file,
+    weights_file=lambda path: path.suffix in (".pth", ".pt"),
+    read_file=lambda path, name: TAESDDecoder.from_pth(path, name if name in TRAINED else variant_of_file(path)),
     presets={"tae-192": (TAESDDecoder, dict(variant="tae-192"))},  # the paper's TAE-192, random weights
     vae_keys={"AutoencoderTiny": _diffusers_decoder_key},
     image_defaults=DEFAULTS,
