@@ -117,11 +117,10 @@ class MultiscaleLinearAttention(nn.Module):
         if channels % head_dim:
             raise ValueError(f"EfficientViT block width {channels} is not a multiple of attention_head_dim {head_dim}")
         self.head_dim = head_dim
-        heads = channels // head_dim
-        inner = heads * head_dim
-        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, inner, bias=False) for _ in range(3))
-        self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * inner, heads, k) for k in kernel_sizes)
-        self.to_out = nn.Linear(inner * (1 + len(kernel_sizes)), channels, bias=False)
+        heads = channels // head_dim  # of head_dim each: together as wide as the block
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels, bias=False) for _ in range(3))
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * channels, heads, k) for k in kernel_sizes)
+        self.to_out = nn.Linear(channels * (1 + len(kernel_sizes)), channels, bias=False)
         self.norm_out = make_norm(norm_type, channels)
 
     def forward(self, x: Tensor) -> Tensor:
