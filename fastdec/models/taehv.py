@@ -97,8 +97,7 @@ class MemBlock(nn.Module):
     def forward(self, x: Tensor, before: Tensor | None = None) -> Tensor:
         """x: frames (B, T, C, H, W); before: the frame (B, 1, C, H, W) that precedes x[:, 0], None at a clip start."""
         first = self.conv[0]
-        n_in = x.shape[2]
-        weight_x, weight_past = first.weight[:, :n_in], first.weight[:, n_in:]
+        weight_x, weight_past = first.weight.chunk(2, dim=1)
         h = _apply_2d(lambda f: F.conv2d(f, weight_x, first.bias, padding=1), x)
         if x.shape[1] > 1:  # conv_b over the run, one frame later
             h[:, 1:] += _apply_2d(lambda f: F.conv2d(f, weight_past, padding=1), x[:, :-1])
