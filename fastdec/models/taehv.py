@@ -242,9 +242,11 @@ class TAEHVDecoder(Decoder, nn.Sequential):
         frames_in, chunk_frames = latents.shape[2], options.get("chunk_frames")
         chunk = (min(self.auto_chunk_frames(latents), max(1, -(-frames_in // 10))) if chunk_frames is None
                  else checked_chunk(chunk_frames))
-        z = self.to_decoder_space(latents.to(self[1].weight.dtype))  # as push() converts each chunk
-        for frames in self._chunks(z, chunk, progress):
-            yield frames.clamp(0, 1)
+        stream = self.stream(trim_start=self.frames_out(frames_in) < self.t_upscale * frames_in)
+        for start in range(0, frames_in, chunk):
+            yield stream.push(latents[:, :, start:start + chunk], check_finite=False)
+            if progress is not None:
+                progress(min(start + chunk, frames_in), frames_in)
 
     def _frames(self, z: Tensor, chunk_frames: int | None, progress: Progress | None = None) -> Tensor:
         frames_in = z.shape[2]
@@ -255,16 +257,12 @@ class TAEHVDecoder(Decoder, nn.Sequential):
             if progress is not None:
                 progress(frames_in, frames_in)
             return frames
-        return torch.cat(list(self._chunks(z, chunk_frames, progress)), 1)
-
-    def _chunks(self, z: Tensor, chunk_frames: int, progress: Progress | None) -> Iterator[Tensor]:
-        """The frames of each chunk of latent frames of z (decoder space) in turn, the state carried by a stream."""
-        frames_in = z.shape[2]
-        stream = self.stream(trim_start=self.frames_out(frames_in) < self.t_upscale * frames_in)
+        stream, parts = self.stream(trim_start=self.frames_out(frames_in) < self.t_upscale * frames_in), []
         for start in range(0, frames_in, chunk_frames):
-            yield stream.advance(z[:, :, start:start + chunk_frames])
+            parts.append(stream.advance(z[:, :, start:start + chunk_frames]))
             if progress is not None:
                 progress(min(start + chunk_frames, frames_in), frames_in)
+        return torch.cat(parts, 1)
 
     def auto_chunk_frames(self, latents: Tensor) -> int:
         """The chunk size decode() picks: the whole clip if it fits the budget, else as many latent frames as do."""
