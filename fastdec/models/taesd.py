@@ -273,23 +273,6 @@ def read_pth(path: str | Path, part: str) -> dict[str, Tensor]:
     return read_state_dict(path, f"the file is truncated or not a TAESD {part} checkpoint; download it again")
 
 
-def _diffusers_part(vae_or_folder: nn.Module | str | Path, part: str) -> tuple[dict, dict[str, Tensor], str]:
-    """(config, state keyed by madebyollin's indices, source name) of an AutoencoderTiny's encoder or decoder.
-
-    Every ``<part>.*`` key must be a ``<part>.layers.N.*`` key; the strict load then checks none is missing.
-    """
-    config, state, source = read_diffusers_vae(vae_or_folder, "AutoencoderTiny")
-    prefix, shift, mapped = f"{part}.layers.", _DIFFUSERS_INDEX_SHIFT[part], {}
-    for key, value in state.items():
-        if not key.startswith(f"{part}."):
-            continue
-        index, dot, rest = key.removeprefix(prefix).partition(".")
-        if not key.startswith(prefix) or not index.isdigit() or not dot:
-            raise ValueError(f"{source}: key {key!r} is not an AutoencoderTiny {part} key ({prefix}N.<param>)")
-        mapped[f"{int(index) + shift}.{rest}"] = value
-    return config, mapped, source
-
-
 def _diffusers_decoder_key(name: str) -> str:
     """A TAESDDecoder tensor name (madebyollin's ``N.rest``) -> its AutoencoderTiny name ``decoder.layers.{N-1}.rest``
     (DecoderTiny has no Clamp module, hence the shift)."""
@@ -301,9 +284,19 @@ def _diffusers_decoder_key(name: str) -> str:
 
 def _from_diffusers(cls, vae_or_folder, variant: str, part: str, expected: dict, blocks: tuple[int, ...], device,
                     dtype):
-    """``cls.from_diffusers`` for the AutoencoderTiny's ``part``; options outside the TAESD design (``expected``,
-    per-stage widths) raise, and so does a decoder's latent scaling other than the variant's."""
-    config, state, source = _diffusers_part(vae_or_folder, part)
+    """``cls.from_diffusers`` for the AutoencoderTiny's ``part``, its keys mapped to madebyollin's indices: every
+    ``<part>.*`` key must be a ``<part>.layers.N.*`` key (the strict load then checks none is missing). Options
+    outside the TAESD design (``expected``, per-stage widths) raise, and so does a decoder's latent scaling other than
+    the variant's."""
+    config, state, source = read_diffusers_vae(vae_or_folder, "AutoencoderTiny")
+    prefix, shift, mapped = f"{part}.layers.", _DIFFUSERS_INDEX_SHIFT[part], {}
+    for key, value in state.items():
+        if not key.startswith(f"{part}."):
+            continue
+        index, dot, rest = key.removeprefix(prefix).partition(".")
+        if not key.startswith(prefix) or not index.isdigit() or not dot:
+            raise ValueError(f"{source}: key {key!r} is not an AutoencoderTiny {part} key ({prefix}N.<param>)")
+        mapped[f"{int(index) + shift}.{rest}"] = value
     preset = preset_of(variant)
     widths = config.get(f"{part}_block_out_channels", (64,) * 4)
     differs = {key: config[key] for key, value in expected.items() if config.get(key, value) != value}
@@ -320,7 +313,7 @@ def _from_diffusers(cls, vae_or_folder, variant: str, part: str, expected: dict,
         )
     latent_channels = _latent_channels(variant, config.get("latent_channels", 4), source)
     model = cls(variant, latent_channels, widths[0], config.get(f"num_{part}_blocks", blocks))
-    return load_weights(model, state, source, device, dtype)
+    return load_weights(model, mapped, source, device, dtype)
 
 
 # --- which variant a file or folder holds --------------------------------------------------------------------------
