@@ -366,12 +366,15 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
 
 
-@torch.library.custom_op("fastdec::attention", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("fastdec::attention", mutates_args=(), device_types="cpu")
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for (B, H, N, D) tensors, head_dim up to 512; scale defaults to D ** -0.5."""
-    if q.is_cuda:
-        return cuda_kernel(attention_triton, attention_reference)(q, k, v, scale)
     return cpu_kernel(attention_triton, attention_reference)(q, k, v, scale)
+
+
+@attention.register_kernel("cuda")
+def _(q, k, v, scale=None):
+    return cuda_kernel(attention_triton, attention_reference)(q, k, v, scale)
 
 
 @attention.register_fake

@@ -389,13 +389,16 @@ def group_norm_act_given_stats(x, num_groups, weight, bias, eps, act, mean, var)
 FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
 
 
-@torch.library.custom_op("fastdec::group_norm_act", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("fastdec::group_norm_act", mutates_args=(), device_types="cpu")
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float = 1e-6, act: str = "none") -> torch.Tensor:
     """act(group_norm(x)) for 4-D (N,C,H,W) or 5-D (N,C,T,H,W) x; act in {"none", "silu", "relu"}."""
-    if x.is_cuda:
-        return cuda_kernel(group_norm_act_triton, group_norm_act_reference)(x, num_groups, weight, bias, eps, act)
     return cpu_kernel(group_norm_act_triton, group_norm_act_reference)(x, num_groups, weight, bias, eps, act)
+
+
+@group_norm_act.register_kernel("cuda")
+def _(x, num_groups, weight, bias, eps=1e-6, act="none"):
+    return cuda_kernel(group_norm_act_triton, group_norm_act_reference)(x, num_groups, weight, bias, eps, act)
 
 
 @group_norm_act.register_fake

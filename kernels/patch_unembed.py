@@ -290,7 +290,7 @@ def patch_unembed_backward(
 FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
 
 
-@torch.library.custom_op("fastdec::patch_unembed", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("fastdec::patch_unembed", mutates_args=(), device_types="cpu")
 def patch_unembed(
     tokens: Tensor,
     patch: int,
@@ -301,10 +301,13 @@ def patch_unembed(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """(B, grid_h*grid_w, p*p*C) tokens -> (B, C, grid_h*p, grid_w*p) image; see the module docstring."""
-    if tokens.is_cuda:
-        fn = cuda_kernel(patch_unembed_triton, patch_unembed_reference)
-    else:
-        fn = cpu_kernel(patch_unembed_triton, patch_unembed_reference)
+    fn = cpu_kernel(patch_unembed_triton, patch_unembed_reference)
+    return fn(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
+
+
+@patch_unembed.register_kernel("cuda")
+def _(tokens, patch, grid_h, grid_w, bias=None, out="identity", out_dtype=None):
+    fn = cuda_kernel(patch_unembed_triton, patch_unembed_reference)
     return fn(tokens, patch, grid_h, grid_w, bias, out, out_dtype)
 
 

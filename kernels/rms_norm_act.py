@@ -250,7 +250,7 @@ def rms_norm_act_triton(
 FUSED = "triton"  # what runs the fused path; fastdec.ops.backends() says where it runs, and why not
 
 
-@torch.library.custom_op("fastdec::rms_norm_act", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("fastdec::rms_norm_act", mutates_args=(), device_types="cpu")
 def rms_norm_act(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -261,9 +261,12 @@ def rms_norm_act(
 ) -> torch.Tensor:
     """act(x / rms_c(x) * weight + bias), channel RMS per position of 4-D/5-D x; eps_mode "add" (RMSNorm,
     rsqrt(ms + eps)) or "clamp" (Wan, 1 / max(rms, eps)); see the module docstring."""
-    if x.is_cuda:
-        return cuda_kernel(rms_norm_act_triton, rms_norm_act_reference)(x, weight, bias, eps, act, eps_mode)
     return cpu_kernel(rms_norm_act_triton, rms_norm_act_reference)(x, weight, bias, eps, act, eps_mode)
+
+
+@rms_norm_act.register_kernel("cuda")
+def _(x, weight, bias, eps=1e-6, act="none", eps_mode="add"):
+    return cuda_kernel(rms_norm_act_triton, rms_norm_act_reference)(x, weight, bias, eps, act, eps_mode)
 
 
 @rms_norm_act.register_fake
