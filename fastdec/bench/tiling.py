@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from fastdec.bench.settings import DTYPES, dtype_name
-from fastdec.bench.timing import call_peak_memory
+from fastdec.bench.timing import call_peak_memory, synchronize
 from fastdec.machine import device_name
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (results go to bench/results, TAEF2 is in ../shared)
@@ -126,6 +126,7 @@ def worker(spec: dict) -> dict:
         warm = latents[..., :8, :8]  # first-call work (lazy init, folded-kernel caches) is not the decode's
         (vae.decode(warm / scale) if spec["mode"].startswith("diffusers") else decoder.decode(warm))
         if device.type == "cuda":
+            synchronize(device)  # the warm-up's kernels finish before the clock starts
             start = time.perf_counter()
             image, peak = call_peak_memory(decode, device)
         else:
