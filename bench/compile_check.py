@@ -128,7 +128,7 @@ class Result:
     wgmma: int | None = None  # wgmma.mma_async instructions in the PTX (sm_90)
     mma_sync: int | None = None
     seconds: float = 0.0
-    key: str = ""  # what identifies the compile (compile_all) (a committed report is checked against the plans)
+    key: str = ""  # what identifies the compile, see compile_all (a committed report is checked against the plans)
 
     @property
     def spill(self) -> int:
