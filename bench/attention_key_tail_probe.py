@@ -4,9 +4,10 @@
 Runs the kernel itself (``attention.launch_with_config``, no routing to the reference) for the calls that failed there,
 across key counts (with and without a key tail), tiles (warps, stages, block_n, block_m, whole or chunked output D), D
 split in two parts or padded to one power of two, and the key tail peeled after the loop or masked in every step (is the
-peeled step after a pipelined loop what goes wrong? the third H200 session's rows suggest it). It prints one JSON line
-per launch with its error against float64 SDPA. Each launch runs in a process of its own: the second H200 run hit an
-illegal memory access, after which every later launch in the same process failed too.
+peeled step what goes wrong? the third H200 session's rows suggest it; a race with the loop's prefetches is ruled out,
+tests/test_attention_gpu_findings.py). It prints one JSON line per launch with its error against float64 SDPA. Each
+launch runs in a process of its own: the second H200 run hit an illegal memory access, after which every later launch in
+the same process failed too.
 
     python bench/attention_key_tail_probe.py [--out probe.json] [--workers 8]
 """

@@ -3,10 +3,14 @@ bench/results/2026-12-04-gpu-run-h200/), kept as tests so that the next GPU run 
 
 With D split into D_MAIN + D_TAIL (head_dim 96 = 64 + 32, Wan's 384 = 256 + 128) and q resident, the masked key-tail
 step gave outputs far off SDPA, while Triton's interpreter runs the same tiles right (checked on CPU with these
-configs) and the same head_dims without a key tail passed. The cause is not found. The second H200 session
-(bench/results/2026-12-04-gpu-run-h200-call5-7/) found D padded to one power of two right in each of these calls, so
-fastdec launches them padded (kernels/support/attention_config.py ``key_tail_unverified``; the routing is tested on
-CPU in tests/test_attention_dispatch.py, the result here). An XPASS of the split launch means it may take them again.
+configs) and the same head_dims without a key tail passed. The cause is not found. Three failing launches (96 at
+(128, 64, 8 warps, 3 stages) and (128, 64, 4, 2), Wan's 384 at (64, 32, 8, 2)), compiled with triton 3.6.0 for sm_90
+on a CPU (2026-12-05), rule three causes out: in the peeled step no two live shared-memory buffers overlap, every
+shared store follows a barrier, and the loop's async prefetches are drained before it (Wan's strided launch issues
+no async copies at all). The second H200 session (bench/results/2026-12-04-gpu-run-h200-call5-7/) found D padded to
+one power of two right in each of these calls, so fastdec launches them padded (kernels/support/attention_config.py
+``key_tail_unverified``; the routing is tested on CPU in tests/test_attention_dispatch.py, the result here). An
+XPASS of the split launch means it may take them again.
 """
 
 from __future__ import annotations
