@@ -78,9 +78,10 @@ def norm_act_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor, act: str) -> T
 
 def chunked(x: Tensor, nbytes: int) -> bool:
     """Whether a layer making ``nbytes`` from ``x`` runs in row chunks: not for the tensor subclasses of tiling and
-    FakeTensorMode (whole tensors only), nor where autograd or torch.compile would have to see through the chunks."""
-    return (type(x) is Tensor and x.dim() == 4 and nbytes >= CHUNKED_BYTES and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+    FakeTensorMode (whole tensors only), nor where autograd or torch.compile would have to see through the chunks,
+    nor on the meta device (no memory to save; tiling's planner runs whole decodes there)."""
+    return (type(x) is Tensor and x.dim() == 4 and nbytes >= CHUNKED_BYTES and x.device.type != "meta"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def row_chunks(rows: int, nbytes: int) -> list[tuple[int, int, int, int]]:
