@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_distill import config, space  # noqa: F401 (the module fixture: images, an encoder, a TAESD teacher)
 
+from fastdec import ops
 from fastdec.models.autoencoder_kl import AutoencoderKLDecoder
 from fastdec.models.flux2 import Flux2VAEDecoder
 from fastdec.train import prune_kl
@@ -79,7 +80,8 @@ def test_distill_prunes_an_autoencoder_kl_teacher(space, tmp_path):  # noqa: F81
         folder)
     out = tmp_path / "run"
     widths = [8, 8, 24, 24]
-    report = distill(config(space, out, teacher=str(folder), width=widths, distill_steps=2, finetune_steps=1))
+    with ops.reference_ops():  # pruning and distillation are under test here, not the kernels (28 s interpreted)
+        report = distill(config(space, out, teacher=str(folder), width=widths, distill_steps=2, finetune_steps=1))
     student = json.loads((out / "student" / "config.json").read_text())
     assert student["class"] == "AutoencoderKLDecoder" and student["block_out_channels"] == widths
     assert [row["decoder"] for row in report["rows"]][-1] == f"student (width {widths})"
