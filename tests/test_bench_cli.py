@@ -186,7 +186,8 @@ def test_compile_variants_report_compile_time(tmp_path):
 def test_pipeline_share_fractions(tmp_path):
     out = tmp_path / "share"
     args = [*TINY, "--decoders", "sd-vae,taesd", "--no-compile", "--pipeline-share", "--out", str(out)]
-    assert bench.main(args) == 0
+    with ops.reference_ops():  # the shares are under test here, not the kernels (interpreted: 16 s)
+        assert bench.main(args) == 0
     (share,) = json.loads((out / "bench.json").read_text())["pipeline_share"]
     assert share["unet_config"]["name"] == "tiny" and "NOT the SD1.5-size UNet" in share["unet_label"]
     assert share["unet_config"]["cfg_batch"] == 2 and share["unet_step"]["median_ms"] > 0
