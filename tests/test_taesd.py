@@ -120,11 +120,12 @@ def test_taef2_psnr_reference_ops(taef2, name):
 
 @needs_taef2
 @needs_interpreter("group_norm_act")
-@pytest.mark.parametrize("name", list(TAEF2_PSNR))
+@pytest.mark.parametrize("name", ["chelsea"])
 @torch.no_grad()
 def test_taef2_psnr_fused(taef2, name, monkeypatch):
     """Encoder and decoder on the fused path (Triton group_norm_act through the interpreter, folded upsamplers,
-    C++ pixel shuffle) with the real weights; the reference GroupNorm must not run."""
+    C++ pixel shuffle) with the real weights; the reference GroupNorm must not run. The smallest image only: every
+    image is checked on the reference ops above, and the four interpreted took 26 s of CI."""
     monkeypatch.setattr(group_norm_act_kernels, "group_norm_act_reference", _must_not_run)
     encoder, decoder, _ = taef2
     image = skimage_image(name)
