@@ -298,7 +298,7 @@ def _from_diffusers(cls, vae_or_folder, variant: str, part: str, expected: dict,
             raise ValueError(f"{source}: key {key!r} is not an AutoencoderTiny {part} key ({prefix}N.<param>)")
         mapped[f"{int(index) + shift}.{rest}"] = value
     preset = preset_of(variant)
-    widths = config.get(f"{part}_block_out_channels", (64,) * 4)
+    widths = config.get(f"{part}_block_out_channels", (64,) * 4)  # AutoencoderTiny's default for either part
     differs = {key: config[key] for key, value in expected.items() if config.get(key, value) != value}
     if differs or len(set(widths)) != 1:
         raise ValueError(
